@@ -1,0 +1,30 @@
+"""flaxvision: build, import, fine-tune, evaluate and ship image classifiers with JAX and Flax NNX.
+
+    >>> import flaxvision
+    >>> model = flaxvision.create_model("vit_base_patch16_224", num_classes=20)
+    >>> flaxvision.list_models("vit_*")
+"""
+
+from flaxvision.errors import ConfigError, FlaxvisionError
+from flaxvision.models import (
+    CNN,
+    CNNConfig,
+    Classifier,
+    ResNet,
+    ResNetConfig,
+    ViT,
+    ViTConfig,
+    build_model,
+    create_model,
+    list_models,
+    model_config,
+    model_info,
+    register_model,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CNN", "CNNConfig", "Classifier", "ConfigError", "FlaxvisionError", "ResNet", "ResNetConfig", "ViT",
+    "ViTConfig", "build_model", "create_model", "list_models", "model_config", "model_info", "register_model",
+]  # fmt: skip

@@ -1,0 +1,71 @@
+"""The classic MNIST CNN of the Flax NNX tutorial, for any input size and channel count.
+
+Conv(in -> 32, 3x3) ReLU AvgPool(2) Conv(32 -> 64, 3x3) ReLU AvgPool(2) flatten Dense(-> 256) ReLU Dense(-> classes).
+At 28 x 28 x 1 the flattened features are 7 * 7 * 64 = 3136, as in the tutorial.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flaxvision.errors import ConfigError
+from flaxvision.models.base import Classifier, check_common, compute_dtype
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CNNConfig:
+    num_classes: int = 10
+    img_size: int = 28
+    in_chans: int = 1
+    features: tuple[int, int] = (32, 64)
+    hidden: int = 256
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        check_common(self)
+        if self.img_size < 4:
+            raise ConfigError(f"CNNConfig: img_size must be >= 4 (two 2x2 poolings), got {self.img_size}")
+        if len(self.features) != 2 or min(self.features) < 1 or self.hidden < 1:
+            raise ConfigError(f"CNNConfig: features must be two positive widths and hidden >= 1, got {self.features}, {self.hidden}")
+
+    @property
+    def pooled_size(self) -> int:
+        return self.img_size // 4
+
+    def param_count(self) -> int:
+        (c1, c2), h = self.features, self.hidden
+        flat = self.pooled_size**2 * c2
+        return 9 * self.in_chans * c1 + c1 + 9 * c1 * c2 + c2 + flat * h + h + h * self.num_classes + self.num_classes
+
+    def forward_flops(self) -> int:
+        s, (c1, c2) = self.img_size, self.features
+        flat = self.pooled_size**2 * c2
+        macs = s * s * 9 * self.in_chans * c1 + (s // 2) ** 2 * 9 * c1 * c2 + flat * self.hidden
+        return 2 * (macs + self.hidden * self.num_classes)
+
+
+class CNN(Classifier):
+    family: ClassVar[str] = "cnn"
+
+    def __init__(self, config: CNNConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        dtype = compute_dtype(config.dtype)
+        c1, c2 = config.features
+        self.conv1 = nnx.Conv(config.in_chans, c1, (3, 3), dtype=dtype, rngs=rngs)
+        self.conv2 = nnx.Conv(c1, c2, (3, 3), dtype=dtype, rngs=rngs)
+        self.fc1 = nnx.Linear(config.pooled_size**2 * c2, config.hidden, dtype=dtype, rngs=rngs)
+        self.head = nnx.Linear(config.hidden, config.num_classes, dtype=dtype, rngs=rngs)
+
+    def features(self, x: jax.Array) -> jax.Array:
+        self.check_input(x)
+        x = nnx.avg_pool(jax.nn.relu(self.conv1(x)), (2, 2), strides=(2, 2))
+        x = nnx.avg_pool(jax.nn.relu(self.conv2(x)), (2, 2), strides=(2, 2))
+        return jax.nn.relu(self.fc1(x.reshape(x.shape[0], -1)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.head(self.features(x)).astype(jnp.float32)

@@ -1,0 +1,290 @@
+"""Model zoo tests, parametrized over the registry: a newly registered model is tested for free."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import flaxvision
+from flaxvision.models import ViTConfig, abstract_model, build_model, model_config
+
+# Parameter counts the reference implementations report (timm / torchvision / transformers, 1000 classes
+# unless the model's default says otherwise). vit_tiny_patch32_224 has no timm counterpart: computed by hand.
+DOCUMENTED_PARAMS = {
+    "vit_tiny_patch16_224": 5_717_416,
+    "vit_tiny_patch32_224": 6_131_560,
+    "vit_small_patch16_224": 22_050_664,
+    "vit_small_patch32_224": 22_878_952,
+    "vit_base_patch16_224": 86_567_656,  # = google/vit-base-patch16-224
+    "vit_base_patch32_224": 88_224_232,
+    "vit_large_patch16_224": 304_326_632,
+    "vit_large_patch32_224": 306_535_400,
+    "resnet18": 11_689_512,
+    "resnet18_cifar": 11_173_962,  # 10 classes
+    "cnn": 824_458,  # 10 classes, 28 x 28 x 1
+}
+
+ALL_MODELS = flaxvision.list_models()
+
+
+def small_variant(name: str, **kw):
+    """The registered model at its real width, made cheap for CPU tests: small images, shallow ViTs."""
+    config = model_config(name, **kw)
+    if isinstance(config, ViTConfig):
+        return dataclasses.replace(config, img_size=2 * config.patch_size, depth=2)
+    if config.img_size > 64:
+        return dataclasses.replace(config, img_size=64)
+    return config
+
+
+def images(config, batch=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(rng.standard_normal((batch, config.img_size, config.img_size, config.in_chans)), jnp.float32)
+
+
+def test_registry_has_every_family():
+    names = set(ALL_MODELS)
+    for size in ("tiny", "small", "base", "large"):
+        for patch in (16, 32):
+            assert f"vit_{size}_patch{patch}_224" in names
+    assert {"resnet18", "resnet18_cifar", "cnn"} <= names
+    assert flaxvision.list_models("vit_*_patch32_*") == [n for n in ALL_MODELS if n.startswith("vit") and "patch32" in n]
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_parameter_count(name):
+    config = model_config(name)
+    built = abstract_model(config).num_params()  # real module, shape-only weights
+    assert config.param_count() == built
+    if name in DOCUMENTED_PARAMS:
+        assert built == DOCUMENTED_PARAMS[name]
+    assert flaxvision.model_info(name)["params"] == built
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_forward_shape_dtype_finite(name):
+    config = small_variant(name, num_classes=7)
+    model = build_model(config)
+    model.eval()
+    logits = nnx.jit(lambda m, x: m(x))(model, images(config))
+    assert logits.shape == (4, 7)
+    assert logits.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(logits)))
+    assert float(jnp.std(logits)) > 0  # not a constant function of the input
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_a_few_steps_reduce_the_loss(name):
+    config = small_variant(name, num_classes=4)
+    model = build_model(config, seed=1)
+    x, y = images(config, batch=8, seed=1), jnp.arange(8) % 4
+    optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer):
+        def loss_fn(model):
+            return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    losses = [float(step(model, optimizer)) for _ in range(8)]
+    assert all(np.isfinite(losses))
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def _forward_twice(model, x):
+    f = nnx.jit(lambda m, x: m(x))
+    return f(model, x), f(model, x)
+
+
+def test_vit_dropout_and_drop_path_follow_mode():
+    config = dataclasses.replace(small_variant("vit_tiny_patch16_224"), dropout_rate=0.1, drop_path_rate=0.2)
+    model, x = build_model(config), images(config)
+    train_a, train_b = _forward_twice(model, x)
+    assert not np.allclose(train_a, train_b)  # fresh dropout masks each call
+    model.eval()
+    eval_a, eval_b = _forward_twice(model, x)
+    np.testing.assert_array_equal(eval_a, eval_b)
+    assert not np.allclose(train_a, eval_a)
+
+
+def test_vit_without_dropout_is_deterministic_in_train_mode():
+    config = small_variant("vit_tiny_patch16_224")
+    model, x = build_model(config), images(config)
+    train_a, _ = _forward_twice(model, x)
+    model.eval()
+    eval_a, _ = _forward_twice(model, x)
+    np.testing.assert_allclose(train_a, eval_a, rtol=1e-6, atol=1e-6)
+
+
+def test_resnet_batchnorm_follows_mode():
+    config = small_variant("resnet18_cifar")
+    model, x = build_model(config), images(config)
+    stats_before = jax.tree.map(np.array, nnx.state(model, nnx.BatchStat))
+    train_logits = nnx.jit(lambda m, x: m(x))(model, x)
+    stats_after = nnx.state(model, nnx.BatchStat)
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: not np.allclose(a, b), stats_before, stats_after))
+    assert all(moved)  # every running mean/var was updated in train mode
+    model.eval()
+    eval_a, eval_b = _forward_twice(model, x)
+    np.testing.assert_array_equal(eval_a, eval_b)
+    assert not np.allclose(train_logits, eval_a)  # batch statistics vs running statistics
+    frozen = jax.tree.map(np.array, nnx.state(model, nnx.BatchStat))
+    jax.tree.map(np.testing.assert_array_equal, frozen, jax.tree.map(np.array, nnx.state(model, nnx.BatchStat)))
+
+
+def test_cnn_has_no_mode_dependence():
+    model = flaxvision.create_model("cnn")
+    x = images(model.config)
+    train_a, _ = _forward_twice(model, x)
+    model.eval()
+    eval_a, _ = _forward_twice(model, x)
+    np.testing.assert_array_equal(train_a, eval_a)
+
+
+def test_drop_path_drops_whole_samples():
+    from flaxvision.models.vit import Block
+
+    cfg = ViTConfig.tiny(img_size=32)
+    block = Block(cfg, drop_path_rate=0.5, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    block.attn.eval()  # only stochastic depth stays random
+    block.mlp.eval()
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((64, 5, cfg.width)), jnp.float32)
+    attn_branch = block.attn(block.norm1(x))
+    h = x + block.drop_path1(attn_branch)
+    delta = np.asarray(h - x)
+    # Each sample's branch is either dropped entirely or kept entirely, scaled by 1 / keep_prob.
+    dropped = np.all(delta == 0, axis=(1, 2))
+    kept = np.all(np.isclose(delta, 2 * np.asarray(attn_branch), atol=1e-6), axis=(1, 2))
+    assert np.all(dropped | kept)
+    assert 10 < dropped.sum() < 54
+
+
+def test_patch_embedding_equals_strided_convolution():
+    from flaxvision.models.vit import PatchEmbed
+
+    embed = PatchEmbed(4, 3, 8, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 16, 12, 3)), jnp.float32)
+    conv = jax.lax.conv_general_dilated(
+        x, embed.kernel[...], window_strides=(4, 4), padding="VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    expected = (conv + embed.bias[...][None, None, None, :]).reshape(2, 12, 8)
+    np.testing.assert_allclose(embed(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "resnet18", "cnn"])
+def test_flop_count_matches_xla(name):
+    """The analytic count agrees with XLA's own count of the compiled forward (which adds elementwise ops)."""
+    # XLA counts only the multiply-adds that do not touch convolution padding; at these sizes that is a few %.
+    config = dataclasses.replace(small_variant(name, num_classes=10), img_size={"resnet18": 224, "cnn": 56}.get(name, 64))
+    model = build_model(config)
+    model.eval()
+    graphdef, state = nnx.split(model)
+    lowered = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, images(config, batch=1))
+    xla_flops = lowered.cost_analysis()["flops"]
+    assert 0.9 * xla_flops <= config.forward_flops() <= 1.08 * xla_flops
+
+
+def test_bfloat16_computes_in_bf16_with_float32_params():
+    config = small_variant("vit_tiny_patch16_224", dtype="bfloat16")
+    model = build_model(config)
+    model.eval()
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    logits = model(images(config))
+    assert logits.dtype == jnp.float32
+    features = model.features(images(config))
+    assert features.dtype == jnp.bfloat16
+    model32 = build_model(dataclasses.replace(config, dtype="float32"))
+    model32.eval()
+    np.testing.assert_allclose(logits, model32(images(config)), atol=0.15)  # same weights, bf16 rounding only
+
+
+def test_gelu_is_exact_erf():
+    from flaxvision.models.vit import ACTIVATIONS
+
+    x = jnp.linspace(-4, 4, 101)
+    exact = 0.5 * x * (1 + jax.scipy.special.erf(x / np.sqrt(2)))
+    np.testing.assert_allclose(ACTIVATIONS["gelu"](x), exact, atol=1e-6)
+
+
+def test_avg_pool_head_uses_fc_norm_like_timm():
+    config = small_variant("vit_tiny_patch16_224", global_pool="avg")
+    assert config.use_fc_norm
+    model = build_model(config)
+    model.eval()
+    x = images(config)
+    tokens = model.tokens(x)  # no final norm before pooling when fc_norm
+    expected = model.norm(tokens[:, 1:].mean(axis=1))
+    np.testing.assert_allclose(model.features(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_seed_controls_initialisation():
+    a = flaxvision.create_model("cnn", seed=0)
+    b = flaxvision.create_model("cnn", seed=0)
+    c = flaxvision.create_model("cnn", seed=1)
+    np.testing.assert_array_equal(a.conv1.kernel[...], b.conv1.kernel[...])
+    assert not np.allclose(a.conv1.kernel[...], c.conv1.kernel[...])
+
+
+def test_any_image_size_divisible_by_patch():
+    model = flaxvision.create_model("vit_tiny_patch16_224", img_size=48, depth=1, num_classes=3)
+    assert model.pos_embed.shape == (1, 10, 192)
+    assert model(jnp.zeros((1, 48, 48, 3))).shape == (1, 3)
+
+
+def test_one_channel_models():
+    for name, size in (("vit_tiny_patch16_224", 32), ("resnet18_cifar", 32), ("cnn", 20)):
+        model = flaxvision.create_model(name, in_chans=1, img_size=size, num_classes=2, **({"depth": 1} if "vit" in name else {}))
+        model.eval()
+        assert model(jnp.zeros((2, size, size, 1))).shape == (2, 2)
+
+
+# ---- bad input: a clear error before any compute ------------------------------------------------------------
+
+
+def test_unknown_model_suggests_close_names():
+    with pytest.raises(flaxvision.FlaxvisionError, match=r"unknown model 'vit_bse_patch16_224'.*vit_base_patch16_224"):
+        flaxvision.create_model("vit_bse_patch16_224")
+    assert issubclass(flaxvision.FlaxvisionError, ValueError)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"img_size": 100}, r"img_size 100 is not divisible by patch_size 16.*96"),
+        ({"num_classes": 0}, r"num_classes must be an integer >= 1, got 0"),
+        ({"in_chans": 0}, r"in_chans must be an integer from 1 to 64.*got 0"),
+        ({"dtype": "int8"}, r"dtype must be one of .*'int8'"),
+        ({"global_pool": "max"}, r"global_pool must be one of token, avg, got 'max'"),
+        ({"drop_path_rate": 1.5}, r"drop_path_rate must be in \[0, 1\)"),
+        ({"depthh": 2}, r"no option 'depthh'.*did you mean depth"),
+    ],
+)
+def test_bad_vit_config_is_a_clear_error(kwargs, message, monkeypatch):
+    def no_build(*a, **k):
+        raise AssertionError("the model must not be built for an invalid config")
+
+    monkeypatch.setattr("flaxvision.models.registry.build_model", no_build)
+    with pytest.raises(flaxvision.ConfigError, match=message):
+        flaxvision.create_model("vit_base_patch16_224", **kwargs)
+
+
+def test_bad_resnet_and_cnn_configs():
+    with pytest.raises(flaxvision.ConfigError, match="img_size 8 is smaller than the network's total stride 16"):
+        flaxvision.create_model("resnet18_cifar", img_size=8)
+    with pytest.raises(flaxvision.ConfigError, match="stem must be one of"):
+        flaxvision.create_model("resnet18", stem="tiny")
+    with pytest.raises(flaxvision.ConfigError, match="num_classes"):
+        flaxvision.create_model("cnn", num_classes=-3)
+
+
+def test_wrong_input_shape_is_a_clear_error():
+    model = flaxvision.create_model("cnn")
+    with pytest.raises(flaxvision.ConfigError, match=r"expects images of shape \(batch, 28, 28, 1\).*got \(2, 32, 32, 1\)"):
+        model(jnp.zeros((2, 32, 32, 1)))
