@@ -6,6 +6,7 @@
 """
 
 from flaxvision.errors import ConfigError, FlaxvisionError
+from flaxvision.preprocessing import Preprocessing
 from flaxvision.models import (
     CNN,
     CNNConfig,
@@ -25,6 +26,6 @@ from flaxvision.models import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "CNN", "CNNConfig", "Classifier", "ConfigError", "FlaxvisionError", "ResNet", "ResNetConfig", "ViT",
+    "CNN", "CNNConfig", "Classifier", "ConfigError", "FlaxvisionError", "Preprocessing", "ResNet", "ResNetConfig", "ViT",
     "ViTConfig", "build_model", "create_model", "list_models", "model_config", "model_info", "register_model",
 ]  # fmt: skip

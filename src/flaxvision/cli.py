@@ -6,31 +6,14 @@ Exit codes: 0 success, 1 a check that ran and failed, 2 bad input (unknown model
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 
 from flaxvision import __version__
+from flaxvision.commands import COMMANDS
 from flaxvision.errors import FlaxvisionError
 
 EXIT_BAD_INPUT = 2
-
-
-def _cmd_models(args: argparse.Namespace) -> int:
-    from flaxvision.models import list_models, model_info
-
-    rows = [model_info(name) for name in list_models(args.pattern)]
-    if args.pattern and not rows:
-        raise FlaxvisionError(f"no model matches {args.pattern!r}; run `flaxvision models` to list them all")
-    if args.json:
-        print(json.dumps([{k: r[k] for k in ("name", "params", "gflops", "img_size")} for r in rows], indent=2))
-        return 0
-    header = f"{'name':<24} {'params (M)':>10} {'GFLOPs':>8} {'img_size':>8}  description"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(f"{r['name']:<24} {r['params'] / 1e6:>10.2f} {r['gflops']:>8.3f} {r['img_size']:>8}  {r['description']}")
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,23 +25,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"flaxvision {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    models = sub.add_parser(
-        "models",
-        help="list the model zoo",
-        description="List registered models: parameters, forward GFLOPs at the default size, default image size.",
-        epilog="examples:\n  flaxvision models\n  flaxvision models 'vit_*_patch16_*'\n  flaxvision models --json",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    models.add_argument("pattern", nargs="?", help="shell-style wildcard on the name, e.g. 'vit_*'")
-    models.add_argument("--json", action="store_true", help="print a JSON list of {name, params, gflops, img_size}")
-    models.set_defaults(func=_cmd_models)
+    for command in COMMANDS:
+        command.add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, not only before the subcommand
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args([a for a in argv if a != "--debug"])
+    args.debug = debug
     if args.command is None:
         parser.print_help()
         return EXIT_BAD_INPUT

@@ -6,6 +6,7 @@ from flaxvision.models.registry import (
     abstract_model,
     build_model,
     create_model,
+    default_preprocessing,
     get_model_spec,
     list_models,
     model_config,
@@ -17,6 +18,6 @@ from flaxvision.models.vit import ViT, ViTConfig
 
 __all__ = [
     "CNN", "CNNConfig", "Classifier", "ResNet", "ResNetConfig", "ViT", "ViTConfig",
-    "abstract_model", "build_model", "create_model", "get_model_spec", "list_models", "model_config",
+    "abstract_model", "build_model", "create_model", "default_preprocessing", "get_model_spec", "list_models", "model_config",
     "model_info", "register_model",
 ]  # fmt: skip

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flaxvision.errors import ConfigError
+from flaxvision.preprocessing import Preprocessing
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -40,6 +41,9 @@ class Classifier(nnx.Module):
 
     config: Any
     family: ClassVar[str] = ""
+    # Set by build_model / the weight loaders (static metadata, not parameters):
+    preprocessing: Preprocessing  # how images become inputs; travels with the weights
+    label_names: tuple[str, ...] | None = None  # class names in label order, when known
 
     def num_params(self) -> int:
         """Number of trainable parameters (nnx.Param leaves), e.g. 86,567,656 for ViT-B/16 with 1000 classes."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+from collections.abc import Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -18,8 +19,14 @@ from flaxvision.models.base import Classifier
 from flaxvision.models.cnn import CNN, CNNConfig
 from flaxvision.models.resnet import ResNet, ResNetConfig
 from flaxvision.models.vit import ViT, ViTConfig
+from flaxvision.preprocessing import HALF, IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 MODEL_CLASSES: dict[type, type[Classifier]] = {ViTConfig: ViT, ResNetConfig: ResNet, CNNConfig: CNN}
+_DEFAULT_NORMALISATION = {
+    ViTConfig: (HALF, HALF),  # google/vit-* and the ViT tutorial
+    ResNetConfig: (IMAGENET_MEAN, IMAGENET_STD),  # torchvision, and the CIFAR-10 ResNet-18 tutorial
+    CNNConfig: ((0.0,), (1.0,)),  # the MNIST tutorial: pixels / 255
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,13 +108,30 @@ def model_config(
     return dataclasses.replace(config, **changes, **overrides)
 
 
-def build_model(config: Any, *, seed: int = 0) -> Classifier:
+def default_preprocessing(config: Any) -> Preprocessing:
+    """Normalisation a model trained from scratch uses: the tutorials' choices for each family."""
+    mean, std = _DEFAULT_NORMALISATION[type(config)]
+    return Preprocessing(img_size=config.img_size, mean=mean, std=std).for_channels(config.in_chans)
+
+
+def build_model(
+    config: Any,
+    *,
+    seed: int = 0,
+    preprocessing: Preprocessing | None = None,
+    label_names: Sequence[str] | None = None,
+) -> Classifier:
     """Instantiate the model for a config with fresh weights drawn from `seed`."""
     try:
         cls = MODEL_CLASSES[type(config)]
     except KeyError:
         raise ConfigError(f"no flaxvision model takes a {type(config).__name__}") from None
-    return cls(config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+    if label_names is not None and len(label_names) != config.num_classes:
+        raise ConfigError(f"{len(label_names)} label names for a model with num_classes={config.num_classes}")
+    model = cls(config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+    model.preprocessing = preprocessing or default_preprocessing(config)
+    model.label_names = tuple(label_names) if label_names is not None else None
+    return model
 
 
 def create_model(

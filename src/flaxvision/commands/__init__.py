@@ -1,0 +1,9 @@
+"""One module per `flaxvision` subcommand. Each has `add_parser(subparsers)`, which sets `func` to its runner.
+
+Runners import the heavy parts of the library (jax, datasets, ...) lazily, so `flaxvision --help` stays fast.
+"""
+
+from flaxvision.commands import models
+
+# Order = order in `flaxvision --help`.
+COMMANDS = [models]
