@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Set up the test environment (once; reused while pyproject.toml is unchanged) and run the whole test suite.
+#   bash scripts/test.sh              # everything
+#   bash scripts/test.sh -k weights   # extra arguments go to pytest
+# The environment lives outside the repository (FLAXVISION_TEST_VENV, default ~/.cache/flaxvision/test-venv)
+# because the reference implementations (torch, transformers, timm) are large and slow to install.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python=${PYTHON:-python3}
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "flaxvision needs Python >= 3.11; set PYTHON=/path/to/python3.11" >&2
+  exit 2
+fi
+
+venv=${FLAXVISION_TEST_VENV:-$HOME/.cache/flaxvision/test-venv}
+stamp="$venv/.flaxvision-deps"
+want="$("$python" --version 2>&1) $(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "== setting up the test environment in $venv (first run only)"
+  start=$SECONDS
+  rm -rf "$venv"
+  "$python" -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --upgrade pip
+  "$venv/bin/python" -m pip install --quiet -e '.[test]'
+  echo "$want" > "$stamp"
+  echo "== environment ready in $((SECONDS - start)) s"
+else
+  # Same dependencies: only point the editable install at this checkout.
+  "$venv/bin/python" -m pip install --quiet --no-deps -e .
+fi
+
+exec "$venv/bin/python" -m pytest "$@"
