@@ -14,6 +14,8 @@ from collections.abc import Iterable
 class FlaxvisionError(ValueError):
     """A problem with the user's input (model name, config value, file, dataset ...)."""
 
+    exit_code = 2  # what the CLI exits with; subclasses for runs that stopped (diverged, interrupted) differ
+
 
 class ConfigError(FlaxvisionError):
     """A configuration value that the model or recipe cannot use."""

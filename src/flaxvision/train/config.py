@@ -1,0 +1,135 @@
+"""TrainConfig: everything a run needs, flat so that every field is a command-line override (`--lr 3e-4`).
+
+A preset is a TrainConfig; `config.json` in the run directory is `TrainConfig.to_dict()`, and
+`TrainConfig.from_dict(json.load(...))` re-creates the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from typing import Any
+
+from flaxvision.errors import ConfigError, did_you_mean
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    # --- model ---------------------------------------------------------------------------------------------
+    model: str = "vit_tiny_patch16_224"
+    pretrained: str | None = None  # Hub id, directory or file (see flaxvision.load_pretrained)
+    img_size: int | None = None  # None: the model's (or checkpoint's) default
+    model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {"depth": 6}
+    dtype: str = "float32"  # compute dtype; "bfloat16" keeps float32 master weights and float32 loss
+    head_init: str = "zeros"  # a replaced pretrained head: "zeros" (ViT transfer recipe) or "random"
+    # --- data ----------------------------------------------------------------------------------------------
+    dataset: str | None = None  # see flaxvision.data: Hub id, save_to_disk dir, parquet, image folder
+    train_split: str = "train"
+    val_split: str | None = None  # None: "validation", else "test", else a held-out fraction of train
+    classes: str | None = None  # "20" = first 20 class ids, "apple_pie,ramen" = named classes
+    max_train_samples: int | None = None
+    max_val_samples: int | None = None
+    augment: str = "rrc"  # "rrc" (RandomResizedCrop + flip + colour jitter), "cifar" (pad-crop + flip), "none"
+    rrc_scale_min: float = 0.7
+    color_jitter: float = 0.2
+    workers: int = 0  # grain worker processes (0: decode in the main process)
+    # --- optimisation --------------------------------------------------------------------------------------
+    epochs: int = 3
+    batch_size: int = 32  # global batch; must divide by the device count
+    eval_batch_size: int | None = None  # None: 2 x batch_size
+    optimizer: str = "sgd"
+    lr: float = 1e-3
+    schedule: str = "linear"  # after warmup: "linear" decay to end_lr, "cosine" decay, or "constant"
+    warmup_steps: int = 0
+    end_lr: float = 0.0
+    momentum: float = 0.9  # SGD
+    nesterov: bool = False  # SGD
+    b1: float = 0.9  # AdamW
+    b2: float = 0.999  # AdamW
+    weight_decay: float = 0.0  # AdamW, decoupled; never on biases, norms, position embeddings, CLS token
+    clip_grad_norm: float | None = None
+    accumulate_steps: int = 1  # split each batch into this many micro-batches (same update, less memory)
+    label_smoothing: float = 0.0
+    layer_decay: float | None = None  # ViT layer-wise learning-rate decay, e.g. 0.75
+    # --- freezing ------------------------------------------------------------------------------------------
+    train_only: str | None = None  # None (train all), "head", "last:K" (last K blocks + final norm + head)
+    freeze: str | None = None  # regex on parameter paths ("blocks.0.attn.qkv.kernel"): matches are frozen
+    # --- run -----------------------------------------------------------------------------------------------
+    seed: int = 0
+    log_every: int = 10  # read metrics from the device every N steps (never every step)
+    eval_every: int | None = None  # also evaluate every N steps (always at each epoch end)
+    checkpoint_every: int | None = None  # also checkpoint every N steps (always at each epoch end)
+    keep_checkpoints: int = 2  # the last K are kept, plus the best by val top-1
+    progress: bool = True  # tqdm bar per epoch
+
+    def __post_init__(self) -> None:
+        def bad(field: str, why: str) -> ConfigError:
+            return ConfigError(f"{field}={getattr(self, field)!r}: {why}")
+
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", f"use one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise bad("schedule", f"use one of {', '.join(SCHEDULES)}")
+        if self.augment not in ("rrc", "cifar", "none"):
+            raise bad("augment", "use rrc, cifar or none")
+        if self.head_init not in ("zeros", "random"):
+            raise bad("head_init", "use zeros or random")
+        for field in ("epochs", "batch_size", "accumulate_steps", "log_every", "keep_checkpoints"):
+            if getattr(self, field) < 1:
+                raise bad(field, "must be >= 1")
+        if self.batch_size % self.accumulate_steps:
+            raise bad("accumulate_steps", f"must divide batch_size {self.batch_size}")
+        if self.lr <= 0:
+            raise bad("lr", "must be > 0")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise bad("label_smoothing", "must be in [0, 1)")
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            raise bad("layer_decay", "must be in (0, 1]")
+        if self.train_only is not None and not (self.train_only == "head" or _last_k(self.train_only) is not None):
+            raise bad("train_only", 'use "head" or "last:K" (e.g. last:2)')
+        if not 0.1 <= self.rrc_scale_min <= 1.0:
+            raise bad("rrc_scale_min", "must be in [0.1, 1]")
+
+    @property
+    def global_eval_batch_size(self) -> int:
+        return self.eval_batch_size or 2 * self.batch_size
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        unknown = sorted(set(changes) - set(field_types()))
+        if unknown:
+            raise ConfigError(f"unknown training option {unknown[0]!r}{did_you_mean(unknown[0], field_types())}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return cls().replace(**data)
+
+
+def _last_k(value: str) -> int | None:
+    if value.startswith("last:") and value[5:].isdigit() and int(value[5:]) >= 1:
+        return int(value[5:])
+    return None
+
+
+def field_types() -> dict[str, Any]:
+    """Field name -> the plain type a command-line value is parsed to (int, float, str, bool, dict)."""
+    hints = typing.get_type_hints(TrainConfig)
+    result = {}
+    for name, hint in hints.items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        origin = typing.get_origin(hint)
+        if origin in (typing.Union, types.UnionType):
+            hint = args[0]
+        result[name] = typing.get_origin(hint) or hint
+    return result
