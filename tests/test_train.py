@@ -1,0 +1,280 @@
+"""Training engine: learning, exact resume after SIGKILL, freezing, accumulation, bf16, devices, NaN stop."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file
+
+import flaxvision
+from flaxvision.train import Checkpointer, TrainConfig, Trainer, TrainingDiverged, fit, learning_rate_schedule
+from flaxvision.train.optim import _decay_mask, _layer_scales, trainable_predicate
+from flaxvision.train.step import cross_entropy
+from tests.trainer_utils import TINY_VIT, batches, colour_data, tiny_vit
+
+HERE = Path(__file__).parent
+
+
+def small_config(**kw) -> TrainConfig:
+    base = dict(model="vit_tiny_patch16_224", epochs=1, batch_size=32, optimizer="adamw", lr=3e-3, log_every=2,
+                progress=False, model_overrides=dict(TINY_VIT))  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def flat_params(model) -> dict[str, np.ndarray]:
+    return {".".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def test_learnable_task_reaches_high_accuracy(tmp_path):
+    xt, yt = colour_data(512, 0)
+    xv, yv = colour_data(200, 1)
+    result = fit(
+        small_config(epochs=3, warmup_steps=5, schedule="cosine", weight_decay=0.05), run_dir=tmp_path,
+        model=tiny_vit(), train_data=batches(xt, yt, 32), val_data=batches(xv, yv, 64),
+        class_names=["red", "green", "blue", "grey"],
+    )  # fmt: skip
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary == json.loads(json.dumps(result.summary))
+    # Chance is 0.25; the colour task is solved well inside 48 steps.
+    assert summary["final_val_accuracy"] >= 0.9
+    assert summary["best_val_accuracy"] >= summary["final_val_accuracy"] - 1e-9
+    assert set(summary) >= {"best_val_accuracy", "final_val_accuracy", "final_val_loss", "epochs", "steps",
+                            "wall_seconds", "train_images_per_second"}  # fmt: skip
+    assert summary["steps"] == 48 and summary["epochs"] == 3
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["type"] == "train"]
+    evals = [r for r in records if r["type"] == "eval"]
+    assert [r["step"] for r in evals] == [16, 32, 48] and all(r["val_count"] == 200 for r in evals)
+    assert train[-1]["loss"] < 0.5 * train[0]["loss"]
+    assert {"loss", "accuracy", "lr", "images_per_second", "step", "epoch"} <= set(train[0])
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert TrainConfig.from_dict(config["train_config"]) == small_config(epochs=3, warmup_steps=5, schedule="cosine", weight_decay=0.05)
+    assert config["class_names"] == ["red", "green", "blue", "grey"]
+    # The final model is exported with its label names and reloads to the same predictions.
+    assert (tmp_path / "model").is_dir() and any((tmp_path / "model").iterdir())
+    assert result.model.label_names == ("red", "green", "blue", "grey")
+
+
+def run_child(run_dir, steps, mode, delay=0.0, **popen):
+    cmd = [sys.executable, str(HERE / "trainer_utils.py"), str(run_dir), str(steps), mode, str(delay)]
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen)
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    child = run_child(straight, 24, "fresh")
+    out, err = child.communicate(timeout=300)
+    assert child.returncode == 0, err
+
+    # Kill a paced run (0.15 s per batch) with SIGKILL once it has checkpointed past the middle.
+    child = run_child(killed, 24, "fresh", delay=0.15)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        done = [int(p.name) for p in (killed / "checkpoints").glob("*") if p.name.isdigit()] if (killed / "checkpoints").exists() else []
+        if done and max(done) >= 12:
+            break
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.communicate(timeout=60)
+    assert child.returncode == -signal.SIGKILL
+    assert not (killed / "summary.json").exists()
+
+    # A write that was cut off (what a kill during a save leaves): a later step's temporary directory.
+    latest = max(int(p.name) for p in (killed / "checkpoints").glob("*") if p.name.isdigit())
+    partial = killed / "checkpoints" / f"{latest + 1}.orbax-checkpoint-tmp-1234567"
+    shutil.copytree(killed / "checkpoints" / str(latest), partial)
+    for f in partial.rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+    child = run_child(killed, 24, "resume")
+    out, err = child.communicate(timeout=300)
+    assert child.returncode == 0, err
+    assert f"resumed from step {latest}" in out
+
+    a, b = load_file(str(straight / "model" / "model.safetensors")), load_file(str(killed / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)  # bitwise on CPU
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "images_per_second"} for r in recs]  # noqa: E731
+    recs = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert strip(recs(straight)) == strip(recs(killed))
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    xt, yt = colour_data(64, 0)
+    fit(small_config(), run_dir=tmp_path, model=tiny_vit(), train_data=batches(xt, yt, 32))
+    with pytest.raises(flaxvision.FlaxvisionError, match="already holds a run; pass --resume .* or --overwrite"):
+        fit(small_config(), run_dir=tmp_path, model=tiny_vit(), train_data=batches(xt, yt, 32))
+    result = fit(small_config(lr=1e-3), run_dir=tmp_path, model=tiny_vit(), train_data=batches(xt, yt, 32), overwrite=True)
+    assert result.summary["steps"] == 2
+
+
+def test_frozen_parameters_are_bit_identical_and_have_no_optimizer_state(tmp_path):
+    xt, yt = colour_data(128, 0)
+    model = tiny_vit()
+    before = flat_params(model)
+    result = fit(small_config(train_only="last:1", freeze=r"blocks\.1\.mlp"), run_dir=tmp_path, model=model,
+                 train_data=batches(xt, yt, 32))  # fmt: skip
+    after = flat_params(result.model)
+    trained = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert trained and all(k.startswith(("head.", "norm.", "blocks.1.")) for k in trained)
+    assert not any(k.startswith("blocks.1.mlp") for k in trained)
+    for k in before:
+        if k.startswith(("patch_embed", "pos_embed", "cls_token", "blocks.0", "blocks.1.mlp")):
+            np.testing.assert_array_equal(before[k], after[k])
+    # AdamW keeps two moments per trained parameter, none for frozen ones.
+    state = result.trainer.state
+    n_trained = sum(x.size for x in jax.tree.leaves(state.params))
+    n_opt = sum(x.size for x in jax.tree.leaves(state.opt_state))
+    assert n_trained < 0.5 * sum(v.size for v in before.values())
+    assert n_opt <= 2 * n_trained + 16
+
+
+def test_accumulation_equals_one_big_batch():
+    xt, yt = colour_data(32, 0)
+    batch = {"image": xt, "label": yt}
+    params = []
+    for k in (1, 4):
+        trainer = Trainer(small_config(optimizer="sgd", lr=0.1, momentum=0.9, accumulate_steps=k), tiny_vit(), steps_per_epoch=2)
+        for _ in range(2):
+            trainer.state = trainer.train_step(trainer.state, trainer.to_device(batch))
+        params.append(jax.device_get(trainer.state.params))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6), *params)
+
+
+def test_bfloat16_trains_with_float32_master_weights():
+    xt, yt = colour_data(64, 0)
+    trainer = Trainer(small_config(dtype="bfloat16"), tiny_vit(dtype="bfloat16"), steps_per_epoch=10)
+    losses = []
+    for i in range(10):
+        trainer.state = trainer.train_step(trainer.state, trainer.to_device({"image": xt[:32], "label": yt[:32]}))
+        losses.append(trainer.read_train_metrics()["loss"])
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(trainer.state.params))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(trainer.state.opt_state) if x.dtype.kind == "f")
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_eight_devices_match_one_device(cpu_devices):
+    xt, yt = colour_data(96, 0)
+    trajectories = []
+    for devices in (cpu_devices[:1], cpu_devices):
+        trainer = Trainer(small_config(optimizer="sgd", lr=0.05, momentum=0.9), tiny_vit(), steps_per_epoch=3, devices=devices)
+        losses = []
+        for i in range(3):
+            b = {"image": xt[32 * i : 32 * i + 32], "label": yt[32 * i : 32 * i + 32]}
+            trainer.state = trainer.train_step(trainer.state, trainer.to_device(b))
+            losses.append(trainer.read_train_metrics()["loss"])
+        trajectories.append(losses)
+        assert trainer.state.params["head"]["kernel"][...].sharding.is_fully_replicated
+    np.testing.assert_allclose(trajectories[0], trajectories[1], atol=1e-5)
+
+
+def test_global_batch_must_divide_by_devices(cpu_devices):
+    with pytest.raises(flaxvision.FlaxvisionError, match="batch_size 12 does not divide by the 8 devices; use a multiple of 8 such as 8"):
+        Trainer(small_config(batch_size=12, eval_batch_size=16), tiny_vit(), steps_per_epoch=1, devices=cpu_devices)
+
+
+class PoisonedSecondEpoch(list):
+    """Batches whose second epoch carries NaN pixels (float images pass through unnormalised)."""
+
+    epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        for b in super().__iter__():
+            image = b["image"].astype(np.float32)
+            yield {"image": image * np.nan if self.epoch == 1 else image / 255.0, "label": b["label"]}
+
+
+def test_nan_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+    xt, yt = colour_data(256, 0)
+    config = small_config(epochs=3, log_every=4)
+    data = PoisonedSecondEpoch(batches(xt, yt, 32))
+    with pytest.raises(TrainingDiverged, match=r"NaN or Inf at step 9; the run stopped. Last good checkpoint: .*/checkpoints/8 \(intact\)"):
+        fit(config, run_dir=tmp_path, model=tiny_vit(), train_data=data)
+    assert not (tmp_path / "summary.json").exists()
+    checkpointer = Checkpointer(tmp_path / "checkpoints")
+    assert checkpointer.all_steps() == [8]
+    trainer = Trainer(config, tiny_vit(), steps_per_epoch=8)
+    state, meta = checkpointer.restore(8, trainer.state)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state.params))
+    assert meta["epoch"] == 1
+
+
+def test_eval_covers_every_example_once_with_padding():
+    xv, yv = colour_data(45, 2)
+    trainer = Trainer(small_config(eval_batch_size=16), tiny_vit(), steps_per_epoch=1)
+    result = trainer.evaluate(batches(xv, yv, 16))  # 16 + 16 + 13
+    assert result["val_count"] == 45
+    assert np.asarray(result["confusion"]).sum() == 45
+    np.testing.assert_array_equal(np.asarray(result["confusion"]).sum(1), np.bincount(yv, minlength=4))
+    assert 0.0 <= result["val_accuracy"] <= result["val_top5_accuracy"] == 1.0  # 4 classes: top-5 always right
+
+
+# ---- optimisers and schedules ----------------------------------------------------------------------------------
+
+
+def test_schedules():
+    sgd = learning_rate_schedule(TrainConfig(lr=1e-3, schedule="linear"), 100)
+    assert float(sgd(0)) == pytest.approx(1e-3) and float(sgd(50)) == pytest.approx(5e-4) and float(sgd(100)) == 0
+    adamw = learning_rate_schedule(TrainConfig(optimizer="adamw", lr=3e-5, warmup_steps=500, schedule="cosine"), 2000)
+    assert float(adamw(0)) == 0 and float(adamw(250)) == pytest.approx(1.5e-5) and float(adamw(500)) == pytest.approx(3e-5)
+    assert float(adamw(1250)) == pytest.approx(1.5e-5, rel=1e-3) and float(adamw(2000)) == pytest.approx(0, abs=1e-12)
+
+
+def test_weight_decay_skips_biases_norms_positions_and_cls():
+    model = tiny_vit()
+    mask = {".".join(map(str, k)): bool(v.get_value()) for k, v in nnx.to_flat_state(_decay_mask(nnx.state(model, nnx.Param)))}
+    assert mask["blocks.0.attn.qkv.kernel"] and mask["head.kernel"] and mask["patch_embed.kernel"]
+    for k in ("pos_embed", "cls_token", "blocks.0.attn.qkv.bias", "blocks.0.norm1.scale", "norm.bias", "head.bias"):
+        assert not mask[k], k
+
+
+def test_layer_decay_scales_by_depth():
+    model = tiny_vit()
+    scales = {".".join(map(str, k)): float(v.get_value()) for k, v in nnx.to_flat_state(_layer_scales(nnx.state(model, nnx.Param), model.config, 0.5))}
+    assert scales["head.kernel"] == 1.0 and scales["blocks.1.mlp.fc1.kernel"] == 0.5
+    assert scales["blocks.0.attn.qkv.kernel"] == 0.25 and scales["pos_embed"] == 0.125
+
+
+def test_trainable_predicates():
+    cfg = tiny_vit().config
+    head = trainable_predicate(TrainConfig(train_only="head"), cfg)
+    assert head(("head", "kernel")) and not head(("blocks", 1, "mlp", "fc1", "kernel"))
+    with pytest.raises(flaxvision.ConfigError, match="only 2 blocks"):
+        trainable_predicate(TrainConfig(train_only="last:3"), cfg)
+    with pytest.raises(flaxvision.ConfigError, match="not a valid regular expression"):
+        trainable_predicate(TrainConfig(freeze="blocks.("), cfg)
+
+
+def test_label_smoothing_loss():
+    logits = jnp.asarray([[2.0, 0.0, -1.0]])
+    smoothed = cross_entropy(logits, jnp.asarray([0]), 0.1)
+    target = np.asarray([[1 - 0.1 + 0.1 / 3, 0.1 / 3, 0.1 / 3]])
+    expected = -(target * jax.nn.log_softmax(logits)).sum()
+    assert float(smoothed[0]) == pytest.approx(float(expected), rel=1e-6)
+    assert float(cross_entropy(logits, jnp.asarray([0]))[0]) == pytest.approx(float(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray([0]))[0]))
+
+
+def test_bad_training_options():
+    with pytest.raises(flaxvision.ConfigError, match="optimizer='lamb': use one of sgd, adamw"):
+        TrainConfig(optimizer="lamb")
+    with pytest.raises(flaxvision.ConfigError, match="accumulate_steps=3: must divide batch_size 32"):
+        TrainConfig(accumulate_steps=3)
+    with pytest.raises(flaxvision.ConfigError, match="unknown training option 'learning_rate'"):
+        TrainConfig().replace(learning_rate=1.0)
