@@ -36,6 +36,7 @@ class TrainConfig:
     max_val_samples: int | None = None
     augment: str = "rrc"  # "rrc" (RandomResizedCrop + flip + colour jitter), "cifar" (pad-crop + flip), "none"
     rrc_scale_min: float = 0.7
+    hflip: bool = True
     color_jitter: float = 0.2
     workers: int = 0  # grain worker processes (0: decode in the main process)
     # --- optimisation --------------------------------------------------------------------------------------

@@ -313,7 +313,8 @@ def fit(
     _check_run_dir(run_dir, resume, overwrite)
 
     if train_data is None:
-        train_data, val_data, class_names, model = _data_from_config(config, model)
+        train_data, val_data, class_names, model, data_preprocess = data_from_config(config, model)
+        preprocess = preprocess or data_preprocess
     class_names = class_names or getattr(train_data, "class_names", None)
     if steps_per_epoch is None:
         try:
@@ -489,8 +490,39 @@ def _build_model(config: TrainConfig, *, num_classes: int | None, in_chans: int 
     return create_model(config.model, in_chans=in_chans, **kwargs, **config.model_overrides)
 
 
-def _data_from_config(config: TrainConfig, model: Any) -> tuple:
-    raise FlaxvisionError("no dataset given: pass --dataset (a Hub id, a directory or parquet files)")
+def data_from_config(config: TrainConfig, model: Any = None) -> tuple[Any, Any, list[str], Any, Callable]:
+    """Open `config.dataset` and build (train loader, val loader, class names, model, device preprocess)."""
+    from flaxvision import data
+
+    if not config.dataset:
+        raise FlaxvisionError("no dataset given: pass --dataset (a Hub id, a save_to_disk directory, parquet files or an image folder)")
+    classes: Any = config.classes
+    if isinstance(classes, str) and classes.isdigit():
+        classes = int(classes)
+    splits = data.load(
+        config.dataset, train_split=config.train_split, val_split=config.val_split, classes=classes,
+        max_train_samples=config.max_train_samples, max_val_samples=config.max_val_samples, seed=config.seed,
+    )  # fmt: skip
+    class_names = list(splits.class_names)
+    if model is None:
+        model = _build_model(config, num_classes=len(class_names), in_chans=splits.train.num_channels)
+    if model.config.num_classes != len(class_names):
+        raise FlaxvisionError(
+            f"the model has {model.config.num_classes} classes but {config.dataset!r} has {len(class_names)}; "
+            "build the model with num_classes matching the data"
+        )
+    augment = {
+        "rrc": data.AugmentConfig(scale=(config.rrc_scale_min, 1.0), hflip=config.hflip, brightness=config.color_jitter,
+                                  contrast=config.color_jitter, saturation=config.color_jitter),
+        "cifar": data.AugmentConfig(crop="pad_crop", hflip=config.hflip, brightness=0.0, contrast=0.0, saturation=0.0),
+        "none": data.AugmentConfig(crop="resize", hflip=False, brightness=0.0, contrast=0.0, saturation=0.0),
+    }[config.augment]  # fmt: skip
+    per_process = lambda size: size // jax.process_count()  # noqa: E731
+    common = dict(preprocessing=model.preprocessing, seed=config.seed, workers=config.workers, to_device=False)
+    train = data.make_loader(splits.train, batch_size=per_process(config.batch_size), train=True, augment=augment, **common)
+    val = data.make_loader(splits.val, batch_size=per_process(config.global_eval_batch_size), train=False, **common)
+    dtype = jnp.dtype(model.config.dtype)
+    return train, val, class_names, model, lambda images, key: train.device_preprocess(images, key, dtype)
 
 
 def _export(model: Any, directory: Path) -> None:

@@ -1,0 +1,104 @@
+"""`flaxvision train`: a preset (or the built-in offline default) with any field overridden on the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from flaxvision.errors import ConfigError
+
+EPILOG = """examples:
+  flaxvision train                                        # the offline default run
+  flaxvision train --preset food101-vit-b16-sgd           # the ViT tutorial's recipe
+  flaxvision train --preset food101-vit-b16-sgd --epochs 1 --lr 3e-4 --batch-size 64
+  flaxvision train --preset mnist-cnn --run-dir runs/mnist --resume
+  flaxvision train --model resnet18_cifar --dataset uoft-cs/cifar10 --val-split test --augment cifar
+  flaxvision train --dataset ./my_images --model vit_small_patch16_224 --pretrained timm/vit_small_patch16_224.augreg_in21k_ft_in1k --train-only head
+
+Every field of the recipe is an option (--lr, --batch-size, --warmup-steps, --freeze REGEX, --dtype bfloat16, ...);
+`flaxvision presets` lists the presets with the results their sources report."""
+
+
+def _parse_none(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        if text.lower() in ("none", "null"):
+            return None
+        if kind is dict:
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"depth\": 6}}', got {text!r}") from None
+            if not isinstance(value, dict):
+                raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+            return value
+        return kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from flaxvision.train.config import TrainConfig, field_types
+
+    parser = sub.add_parser(
+        "train", help="train or fine-tune a model (no arguments: the built-in offline default)",
+        description="Train with a preset recipe, overriding any of its fields.", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("--preset", help="a recipe from `flaxvision presets` (default: the offline default run)")
+    parser.add_argument("--run-dir", type=Path, help="run directory (default: runs/<preset>-<date>-<time>)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="discard what --run-dir holds and start afresh")
+    parser.add_argument("--from-config", type=Path, metavar="CONFIG_JSON", help="re-run the recipe of a run's config.json")
+    recipe = parser.add_argument_group("recipe fields (override the preset)")
+    defaults = TrainConfig()
+    for name, kind in field_types().items():
+        flag = "--" + name.replace("_", "-")
+        # SUPPRESS: a field is an override exactly when it was typed (even as "none").
+        if kind is bool:
+            recipe.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=f"(default {getattr(defaults, name)})")  # fmt: skip
+        else:
+            recipe.add_argument(flag, dest=name, type=_parse_none(kind), default=argparse.SUPPRESS,
+                                metavar=kind.__name__.upper(), help=f"(default {getattr(defaults, name)!r})")  # fmt: skip
+    parser.set_defaults(func=run)
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[str, Any]:
+    """(run name, TrainConfig) from --preset / --from-config and the field overrides."""
+    from flaxvision.presets import DEFAULT_PRESET, get_preset
+    from flaxvision.train.config import TrainConfig, field_types
+
+    if args.from_config:
+        try:
+            record = json.loads(args.from_config.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(f"cannot read the run config {str(args.from_config)!r}: {err}") from None
+        name, config = args.from_config.parent.name, TrainConfig.from_dict(record.get("train_config", record))
+    else:
+        name = args.preset or DEFAULT_PRESET
+        config = get_preset(name)
+    overrides = {k: getattr(args, k) for k in field_types() if hasattr(args, k)}
+    return name, config.replace(**overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    from flaxvision.train import fit
+
+    name, config = resolve_config(args)
+    if args.resume and args.run_dir is None:
+        raise ConfigError("--resume needs --run-dir, the directory of the run to continue")
+    run_dir = args.run_dir or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"flaxvision: training {config.model} -> {run_dir}")
+    result = fit(config, run_dir=run_dir, resume=args.resume, overwrite=args.overwrite)
+    s = result.summary
+    acc = s["final_val_accuracy"]
+    print(
+        f"flaxvision: done in {s['wall_seconds']:.0f} s: {s['steps']} steps, "
+        + (f"val top-1 {acc:.4f} (best {s['best_val_accuracy']:.4f}), " if acc is not None else "")
+        + f"{s['train_images_per_second']:.0f} train images/s; run directory {run_dir}"
+    )
+    return 0
