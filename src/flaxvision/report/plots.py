@@ -1,0 +1,120 @@
+"""The run's pictures, each a function from plain data to a PNG file (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+GREEN, RED = "#1a7f37", "#cf222e"
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def lr_schedule(steps: np.ndarray, lrs: np.ndarray, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(steps, lrs, color="#0969da")
+    ax.set(xlabel="step", ylabel="learning rate", title="Learning-rate schedule")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def train_loss(steps: Sequence[int], losses: Sequence[float], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(steps, losses, color="#8250df", marker="." if len(steps) < 40 else None)
+    ax.set(xlabel="step", ylabel="training loss", title="Training loss")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def val_curves(epochs: Sequence[float], losses: Sequence[float], accuracies: Sequence[float], path: Path) -> Path:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    left.plot(epochs, losses, marker="o", color="#bf3989")
+    left.set(xlabel="epoch", ylabel="validation loss", title="Validation loss")
+    right.plot(epochs, np.asarray(accuracies) * 100, marker="o", color=GREEN)
+    right.set(xlabel="epoch", ylabel="top-1 (%)", title="Validation accuracy")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def confusion_matrix(confusion: np.ndarray, class_names: Sequence[str], path: Path) -> Path:
+    confusion = np.asarray(confusion)
+    n = len(confusion)
+    rows = confusion.sum(axis=1, keepdims=True)
+    normalised = np.divide(confusion, rows, out=np.zeros_like(confusion, dtype=float), where=rows > 0)
+    side = min(2.5 + 0.35 * n, 16)
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    image = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true class")
+    names = [str(c)[:18] for c in class_names] if len(class_names) == n else [str(i) for i in range(n)]
+    ax.set_xticks(range(n), names, rotation=90 if n > 6 else 0, fontsize=8)
+    ax.set_yticks(range(n), names, fontsize=8)
+    ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix (validation)")
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                if confusion[i, j]:
+                    color = "white" if normalised[i, j] > 0.5 else "black"
+                    ax.text(j, i, str(int(confusion[i, j])), ha="center", va="center", fontsize=7, color=color)
+    return _save(fig, path)
+
+
+def _grid_shape(count: int) -> tuple[int, int]:
+    cols = min(count, 8)
+    return int(np.ceil(count / cols)), cols
+
+
+def _show(ax, image: np.ndarray) -> None:
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255)
+    else:
+        ax.imshow(image)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def image_grid(images: np.ndarray, titles: Sequence[str], title: str, path: Path) -> Path:
+    """uint8 images (N, H, W, C) with a caption each."""
+    rows, cols = _grid_shape(len(images))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, caption in zip(axes.flat, images, titles):
+        ax.axis("on")
+        _show(ax, image)
+        ax.set_title(caption[:20], fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def prediction_grid(
+    images: np.ndarray, true: Sequence[str], predicted: Sequence[str], probabilities: Sequence[float], path: Path
+) -> Path:
+    """Validation images captioned expected vs predicted with probability; green when right, red when wrong."""
+    rows, cols = _grid_shape(len(images))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.5 * rows + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, t, p, prob in zip(axes.flat, images, true, predicted, probabilities):
+        ax.axis("on")
+        _show(ax, image)
+        right = t == p
+        ax.set_title(f"true: {t[:14]}\npred: {p[:14]} ({prob:.0%})", fontsize=7, color=GREEN if right else RED)
+        for spine in ax.spines.values():
+            spine.set_edgecolor(GREEN if right else RED)
+            spine.set_linewidth(2.5)
+    fig.suptitle("Predictions on validation images (green: right, red: wrong)")
+    return _save(fig, path)
