@@ -67,6 +67,7 @@ class TrainConfig:
     checkpoint_every: int | None = None  # also checkpoint every N steps (always at each epoch end)
     keep_checkpoints: int = 2  # the last K are kept, plus the best by val top-1
     progress: bool = True  # tqdm bar per epoch
+    report: bool = True  # plots + report.html in the run directory at the end
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> ConfigError:

@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
@@ -150,6 +151,69 @@ def _pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]
     return {"image": pad(batch["image"]), "label": pad(batch["label"]), "mask": pad(mask)}
 
 
+def prefetch_to_device(items: Iterable[tuple[dict, Any]], to_device: Callable, size: int = 2) -> Iterator[tuple[dict, Any]]:
+    """Put the next batches on the devices while the current step runs (device_put is asynchronous).
+
+    Items are (batch, tag) pairs; the tag (e.g. the data position after the batch) travels with its batch.
+    """
+    queue: list = []
+    for batch, tag in items:
+        queue.append((to_device(batch), tag))
+        if len(queue) >= size:
+            yield queue.pop(0)
+    yield from queue
+
+
+def run_evaluation(eval_step: Callable, state: Any, batches: Iterable, batch_size: int, prefetch: Callable) -> dict[str, Any]:
+    """Sum `eval_step` over every (padded) batch on the device; read the totals once at the end."""
+    totals = None
+    for batch, _ in prefetch((_pad_batch(_as_dict(b), batch_size), None) for b in batches):
+        sums = eval_step(state, batch)
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    if totals is None:
+        raise FlaxvisionError("the validation data yielded no batches")
+    t = jax.device_get(totals)
+    count = int(t["count"])
+    confusion = np.asarray(t["confusion"])
+    support = confusion.sum(1)
+    per_class = np.divide(np.diag(confusion), support, out=np.full(len(confusion), np.nan), where=support > 0)
+    return {
+        "val_loss": float(t["loss_sum"]) / count,
+        "val_accuracy": int(t["correct"]) / count,
+        "val_top5_accuracy": int(t["correct5"]) / count,
+        "val_count": count,
+        "per_class_accuracy": per_class.tolist(),
+        "confusion": confusion.tolist(),
+    }
+
+
+class Evaluator:
+    """Evaluation alone (no optimizer): the eval step of a trained model, sharded over the local devices."""
+
+    def __init__(self, model: Any, *, batch_size: int, preprocess: Callable | None = None, devices: list | None = None):
+        devices = devices or jax.devices()
+        if batch_size % len(devices):
+            raise FlaxvisionError(f"batch size {batch_size} does not divide by the {len(devices)} devices")
+        self.batch_size = batch_size
+        mesh = Mesh(np.asarray(devices), ("data",))
+        self.batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+        parts, state = split_model(model, nnx.Param)
+        self.state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+        pre = model.preprocessing
+        dtype = jnp.dtype(model.config.dtype)
+        eval_pre = preprocess or (lambda images: normalize(images, pre.mean, pre.std, dtype))
+        self.eval_step = jax.jit(make_eval_step(parts, preprocess=eval_pre, num_classes=model.config.num_classes))
+
+    def prefetch(self, items: Iterable, size: int = 2) -> Iterator:
+        return prefetch_to_device(items, self.to_device, size)
+
+    def to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in batch.items()}
+
+    def evaluate(self, batches: Iterable) -> dict[str, Any]:
+        return run_evaluation(self.eval_step, self.state, batches, self.batch_size, self.prefetch)
+
+
 class Trainer:
     """Holds the compiled steps and the sharded state of one run. `fit()` is the usual entry point."""
 
@@ -218,16 +282,7 @@ class Trainer:
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in batch.items()}
 
     def prefetch(self, items: Iterable[tuple[dict[str, np.ndarray], Any]], size: int = 2) -> Iterator[tuple[dict, Any]]:
-        """Put the next batches on the devices while the current step runs (device_put is asynchronous).
-
-        Items are (batch, tag) pairs; the tag (e.g. the data position after the batch) travels with its batch.
-        """
-        queue: list = []
-        for batch, tag in items:
-            queue.append((self.to_device(batch), tag))
-            if len(queue) >= size:
-                yield queue.pop(0)
-        yield from queue
+        return prefetch_to_device(items, self.to_device, size)
 
     # ---- metrics ---------------------------------------------------------------------------------------------
     def read_train_metrics(self) -> dict[str, float]:
@@ -243,25 +298,7 @@ class Trainer:
         }
 
     def evaluate(self, batches: Iterable) -> dict[str, Any]:
-        size = self.config.global_eval_batch_size
-        totals = None
-        for batch, _ in self.prefetch((_pad_batch(_as_dict(b), size), None) for b in batches):
-            sums = self.eval_step(self.state, batch)
-            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-        if totals is None:
-            raise FlaxvisionError("the validation data yielded no batches")
-        t = jax.device_get(totals)
-        count = int(t["count"])
-        confusion = np.asarray(t["confusion"])
-        per_class = np.divide(np.diag(confusion), confusion.sum(1), out=np.full(len(confusion), np.nan), where=confusion.sum(1) > 0)
-        return {
-            "val_loss": float(t["loss_sum"]) / count,
-            "val_accuracy": int(t["correct"]) / count,
-            "val_top5_accuracy": int(t["correct5"]) / count,
-            "val_count": count,
-            "per_class_accuracy": per_class.tolist(),
-            "confusion": confusion.tolist(),
-        }
+        return run_evaluation(self.eval_step, self.state, batches, self.config.global_eval_batch_size, self.prefetch)
 
     def current_model(self) -> Any:
         """The model with the current weights, in eval mode (a fresh module; the trainer's state is untouched)."""
@@ -427,6 +464,10 @@ def fit(
                 print(f"epoch {epoch}/{config.epochs}: val loss {result['val_loss']:.4f}, "
                       f"top-1 {result['val_accuracy']:.4f}, top-5 {result['val_top5_accuracy']:.4f}")  # fmt: skip
             save(result["val_accuracy"] if result else None)
+            skipped = getattr(train_data, "skipped", None)
+            if skipped is not None and skipped.epochs.get(epoch - 1) and is_main:
+                print(f"epoch {epoch}: skipped {len(skipped.epochs[epoch - 1])} unusable images "
+                      f"(ids {skipped.epochs[epoch - 1][:10]}{' ...' if len(skipped.epochs[epoch - 1]) > 10 else ''})")  # fmt: skip
             images_since_log, time_since_log = 0, time.perf_counter()
             if on_epoch_end is not None:
                 on_epoch_end(trainer, result or {})
@@ -464,6 +505,14 @@ def fit(
             eval_record = {"class_names": list(final_model.label_names or []), **last_eval}
             (run_dir / "eval.json").write_text(json.dumps(eval_record))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if hasattr(train_data, "write_report"):  # unusable images met (flaxvision.data loaders)
+            train_data.write_report(run_dir)
+        if hasattr(val_data, "skipped"):
+            (run_dir / "skipped_images_val.json").write_text(json.dumps(val_data.skipped.to_dict(), indent=2))
+        if config.report:
+            from flaxvision.report import write_report
+
+            write_report(run_dir, model=final_model, train_data=train_data, val_data=val_data)
     return FitResult(summary=summary, model=final_model, run_dir=run_dir, trainer=trainer)
 
 

@@ -1,0 +1,26 @@
+"""What several subcommands share: finding the model of a run directory or a model directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flaxvision.errors import FlaxvisionError
+
+
+def load_model(source: str) -> Any:
+    """A run directory (its model/), a model directory, a weights file or a Hub id -> a model in eval mode."""
+    from flaxvision.weights import load_pretrained
+
+    path = Path(source)
+    if path.is_dir() and (path / "model").is_dir():
+        path = path / "model"
+    elif not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") != 1):
+        raise FlaxvisionError(f"{source!r} is not a run directory, a model directory or a Hub id; check the path")
+    model = load_pretrained(str(path) if path.exists() else source)
+    model.eval()
+    return model
+
+
+def class_names_of(model: Any) -> list[str]:
+    return list(model.label_names) if model.label_names else [str(i) for i in range(model.config.num_classes)]

@@ -1,0 +1,63 @@
+"""`flaxvision evaluate`: loss, top-1, top-5, per-class accuracy and the confusion matrix of a model on a split."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from flaxvision.errors import FlaxvisionError
+
+EPILOG = """examples:
+  flaxvision evaluate runs/digits-vit-20261122-101500 --dataset builtin:digits
+  flaxvision evaluate runs/food --dataset ethz/food101 --split validation --classes 20 --json
+  flaxvision evaluate google/vit-base-patch16-224 --dataset ./imagenet_val_folder --split val"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "evaluate", help="evaluate a trained model on a dataset split", epilog=EPILOG,
+        description="Loss, top-1, top-5, per-class accuracy and confusion matrix of a model on one split.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("model", metavar="RUN_OR_MODEL_DIR", help="a run directory, a model directory or a Hub id")
+    parser.add_argument("--dataset", required=True, help="Hub id, save_to_disk dir, parquet, image folder, builtin:digits")
+    parser.add_argument("--split", default=None, help="the split to evaluate (default: validation, else test)")
+    parser.add_argument("--classes", default=None, help="the class subset the model was trained on (e.g. 20)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print {accuracy, top5_accuracy, loss, per_class, ...}")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from flaxvision import data
+    from flaxvision.commands.common import class_names_of, load_model
+    from flaxvision.train.loop import Evaluator
+
+    model = load_model(args.model)
+    classes = int(args.classes) if args.classes and args.classes.isdigit() else args.classes
+    split = data.load(args.dataset, val_split=args.split, classes=classes).val
+    names = class_names_of(model)
+    if split.num_classes != model.config.num_classes:
+        raise FlaxvisionError(
+            f"the model predicts {model.config.num_classes} classes but {args.dataset!r} has {split.num_classes}; "
+            "pass --classes to select the classes the model was trained on"
+        )
+    loader = data.make_loader(split, preprocessing=model.preprocessing, batch_size=args.batch_size, train=False,
+                              workers=args.workers, to_device=False)  # fmt: skip
+    result = Evaluator(model, batch_size=args.batch_size).evaluate(loader)
+    per_class = {name: acc for name, acc in zip(split.class_names, result["per_class_accuracy"])}
+    out = {
+        "accuracy": result["val_accuracy"], "top5_accuracy": result["val_top5_accuracy"], "loss": result["val_loss"],
+        "count": result["val_count"], "per_class": per_class, "confusion_matrix": result["confusion"],
+        "class_names": list(split.class_names), "model_class_names": names,
+    }  # fmt: skip
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"{args.model} on {args.dataset} ({result['val_count']} images)")
+    print(f"  top-1 {out['accuracy']:.4f}   top-5 {out['top5_accuracy']:.4f}   loss {out['loss']:.4f}")
+    width = max(len(n) for n in per_class)
+    for name, acc in per_class.items():
+        print(f"  {name:<{width}}  {acc:.4f}" if acc == acc else f"  {name:<{width}}  (no images)")
+    return 0

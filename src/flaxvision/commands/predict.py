@@ -1,0 +1,89 @@
+"""`flaxvision predict`: top-k labels with probabilities for image files; unreadable files are reported, not fatal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from flaxvision.errors import FlaxvisionError
+
+EPILOG = """examples:
+  flaxvision predict runs/digits-vit-20261122-101500 digit0.png digit1.png
+  flaxvision predict runs/food/model photos/ --top-k 3 --json"""
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "predict", help="classify image files", epilog=EPILOG,
+        description="Top-k labels with probabilities for each image (directories are searched for images).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("model", metavar="MODEL_DIR", help="a run directory, a model directory or a Hub id")
+    parser.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--json", action="store_true", help="print [{path, predictions: [{label, probability}]}]")
+    parser.set_defaults(func=run)
+
+
+def _expand(paths: list[str]) -> list[Path]:
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            out.append(p)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    import jax
+    import numpy as np
+
+    from flaxvision.commands.common import class_names_of, load_model
+    from flaxvision.data.transforms import BadImage, ImageOptions, decode_eval
+    from flaxvision.train.step import normalize
+
+    if args.top_k < 1:
+        raise FlaxvisionError(f"--top-k must be >= 1, got {args.top_k}")
+    paths = _expand(args.images)
+    if not paths:
+        raise FlaxvisionError(f"no image files in {' '.join(args.images)}")
+    model = load_model(args.model)
+    names = class_names_of(model)
+    pre = model.preprocessing
+    options = ImageOptions(size=pre.img_size, channels=pre.channels, crop_pct=pre.crop_pct,
+                           resize_mode=pre.resize_mode, interpolation=pre.interpolation)  # fmt: skip
+    forward = jax.jit(lambda x: jax.nn.softmax(model(normalize(x, pre.mean, pre.std)), axis=-1))
+    results: list[dict] = []
+    decoded: list[tuple[int, np.ndarray]] = []
+    for path in paths:
+        try:
+            decoded.append((len(results), decode_eval(str(path), options)))
+            results.append({"path": str(path), "predictions": None})
+        except (BadImage, OSError) as err:
+            results.append({"path": str(path), "error": f"unreadable image: {err}"})
+            print(f"flaxvision: skipped {path}: unreadable image ({err})", file=sys.stderr)
+    k = min(args.top_k, len(names))
+    for start in range(0, len(decoded), args.batch_size):
+        chunk = decoded[start : start + args.batch_size]
+        batch = np.stack([image for _, image in chunk])
+        padded = np.concatenate([batch, np.zeros((args.batch_size - len(batch), *batch.shape[1:]), batch.dtype)])
+        probs = np.asarray(forward(padded))[: len(batch)]
+        for (index, _), p in zip(chunk, probs):
+            top = np.argsort(-p)[:k]
+            results[index]["predictions"] = [{"label": names[i], "probability": float(p[i])} for i in top]
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            if "error" in r:
+                print(f"{r['path']}: {r['error']}")
+                continue
+            shown = ", ".join(f"{p['label']} {p['probability']:.3f}" for p in r["predictions"])
+            print(f"{r['path']}: {shown}")
+    return 0 if decoded else 1
