@@ -1,0 +1,222 @@
+"""The machinery every checkpoint format shares: conversion rules, and the check that names both sides.
+
+A format module describes its layout as a list of `Rule`s, one per flaxvision parameter: which checkpoint key(s)
+hold it and how to transform the arrays each way (PyTorch Linear (out, in) <-> kernel (in, out), conv OIHW <->
+HWIO, separate q/k/v <-> the fused qkv kernel ...). The same rules then serve three purposes:
+  * import:  checkpoint dict -> flaxvision flat dict ("blocks.0.attn.qkv.kernel" -> array);
+  * export:  flaxvision flat dict -> checkpoint dict;
+  * checking: exporting *shape-only* parameters (zero-stride arrays, no memory) gives every key and shape the
+    checkpoint must have, so missing, unexpected and mis-shaped tensors are all reported in one error, in the
+    checkpoint's own names (like big_vision's merge_params), before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from flaxvision.errors import FlaxvisionError
+from flaxvision.preprocessing import Preprocessing
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One flaxvision parameter and the checkpoint tensor(s) it comes from.
+
+    Attributes:
+      ckpt: checkpoint keys, in the order `to_flax` takes them and `to_ckpt` returns them.
+      flax: the flaxvision parameter path, dotted ("blocks.0.norm1.scale").
+      to_flax: checkpoint arrays -> the flaxvision array.
+      to_ckpt: the flaxvision array -> checkpoint arrays.
+    """
+
+    ckpt: tuple[str, ...]
+    flax: str
+    to_flax: Callable[..., np.ndarray]
+    to_ckpt: Callable[[np.ndarray], tuple[np.ndarray, ...]]
+
+
+def copy(ckpt: str, flax: str) -> Rule:
+    return Rule((ckpt,), flax, lambda a: a, lambda a: (a,))
+
+
+def linear(ckpt: str, flax: str) -> Rule:
+    """PyTorch Linear weight (out, in) <-> flax kernel (in, out)."""
+    return Rule((ckpt,), flax, lambda w: w.T, lambda k: (k.T,))
+
+
+def conv(ckpt: str, flax: str) -> Rule:
+    """PyTorch conv weight (O, I, kh, kw) <-> flax HWIO kernel (kh, kw, I, O)."""
+    return Rule((ckpt,), flax, lambda w: w.transpose(2, 3, 1, 0), lambda k: (k.transpose(3, 2, 0, 1),))
+
+
+def fused(ckpts: tuple[str, ...], flax: str, part_to_flax: Callable, part_to_ckpt: Callable, axis: int) -> Rule:
+    """Several checkpoint tensors (q, k, v) concatenated along `axis` into one flaxvision parameter."""
+
+    def to_flax(*parts: np.ndarray) -> np.ndarray:
+        return np.concatenate([part_to_flax(p) for p in parts], axis=axis)
+
+    def to_ckpt(value: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(part_to_ckpt(p) for p in np.split(value, len(ckpts), axis=axis))
+
+    return Rule(tuple(ckpts), flax, to_flax, to_ckpt)
+
+
+# ---- flaxvision side -------------------------------------------------------------------------------------------
+
+
+def path_name(path: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def weight_state(model: nnx.Module) -> dict[str, Any]:
+    """Dotted path -> value of every parameter and batch statistic (what a checkpoint stores)."""
+    state = nnx.state(model, (nnx.Param, nnx.BatchStat))  # one state: either kind
+    return {path_name(path): var.get_value() for path, var in nnx.to_flat_state(state)}
+
+
+def shape_only(shapes: Mapping[str, tuple[int, ...]]) -> Arrays:
+    """Zero-stride stand-ins for parameters: reshaping and slicing them costs no memory."""
+    return {k: np.broadcast_to(np.float32(0), tuple(s)) for k, s in shapes.items()}
+
+
+# ---- applying rules ------------------------------------------------------------------------------------------
+
+
+def export(rules: Iterable[Rule], params: Mapping[str, np.ndarray]) -> Arrays:
+    """flaxvision flat dict -> checkpoint dict."""
+    out: Arrays = {}
+    for rule in rules:
+        for key, value in zip(rule.ckpt, rule.to_ckpt(np.asarray(params[rule.flax])), strict=True):
+            out[key] = value
+    return out
+
+
+def expected_layout(rules: list[Rule], flax_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Every checkpoint key the rules read, with its shape, for a model with these parameter shapes."""
+    return {k: tuple(v.shape) for k, v in export(rules, shape_only(flax_shapes)).items()}
+
+
+def _listing(items: list[str], limit: int = 12) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def check_layout(
+    tensors: Mapping[str, np.ndarray],
+    expected: Mapping[str, tuple[int, ...]],
+    *,
+    what: str,
+    ignored: Iterable[str] = (),
+) -> None:
+    """Raise ONE error listing missing keys, unexpected keys and shape mismatches (checkpoint names), if any."""
+    present = set(tensors) - set(ignored)
+    missing = sorted(set(expected) - present)
+    unexpected = sorted(present - set(expected))
+    mismatched = [
+        f"{k} {tuple(tensors[k].shape)} vs {tuple(expected[k])}"
+        for k in sorted(present & set(expected))
+        if tuple(tensors[k].shape) != tuple(expected[k])
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing from the checkpoint ({len(missing)}): {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected in the checkpoint ({len(unexpected)}): {_listing(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches, checkpoint vs model ({len(mismatched)}): {_listing(mismatched)}")
+    if problems:
+        raise FlaxvisionError(
+            f"{what}: {'; '.join(problems)}; nothing was loaded - pass the matching checkpoint, or fix its config.json"
+        )
+
+
+def import_params(rules: Iterable[Rule], tensors: Mapping[str, np.ndarray]) -> Arrays:
+    """Checkpoint dict (already checked) -> flaxvision flat dict, float32."""
+    return {r.flax: np.asarray(r.to_flax(*(tensors[k] for k in r.ckpt)), dtype=np.float32) for r in rules}
+
+
+# ---- results ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Parsed:
+    """What a format module makes of a checkpoint, before any adaptation to the requested model.
+
+    Attributes:
+      format: "transformers", "timm", "npz" or "flaxvision".
+      tensors: the checkpoint's tensors in the layout the rules read (some formats rename variants first).
+      config: the flaxvision config of the checkpoint as saved (its image size and number of classes).
+      rules: how its tensors map to flaxvision parameters.
+      has_head: whether it has a classifier (transformers' ViTModel checkpoints do not).
+      label_names: class names in label order, when the checkpoint knows them.
+      preprocessing: the checkpoint's eval preprocessing (or the format's documented default).
+      ignored: checkpoint keys deliberately left out (e.g. ViTModel's pooler, unused by a classifier).
+    """
+
+    format: str
+    tensors: dict[str, np.ndarray]
+    config: Any
+    rules: list[Rule]
+    has_head: bool = True
+    label_names: tuple[str, ...] | None = None
+    preprocessing: Preprocessing | None = None
+    ignored: tuple[str, ...] = ()
+
+
+# ---- architecture inference ------------------------------------------------------------------------------------
+
+# Standard ViT widths and their head counts (DeiT/ViT papers; huge and giant use 16 heads of 80/88).
+HEADS_BY_WIDTH = {192: 3, 384: 6, 512: 8, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1664: 16}
+
+
+def default_num_heads(width: int) -> int:
+    """Head count for a width when the checkpoint does not say (bare files): the standard ViT sizes, else 64-d heads."""
+    return HEADS_BY_WIDTH.get(width, max(1, width // 64))
+
+
+def square(value: Any, field: str, what: str) -> int:
+    """An int from an int or an [h, w] pair that must be square (flaxvision ViTs take square inputs)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise FlaxvisionError(f"{what}: {field}={list(value)} is not square; flaxvision ViTs take square images and patches")
+        value = value[0]
+    if not isinstance(value, int):
+        raise FlaxvisionError(f"{what}: {field}={value!r} is not an integer")
+    return value
+
+
+def grid_of(pos_embed: np.ndarray, prefix_tokens: int, what: str) -> int:
+    """Patches per side from a (1, prefix + g*g, D) position embedding."""
+    tokens = pos_embed.shape[-2] - prefix_tokens
+    grid = int(round(tokens**0.5))
+    if grid * grid != tokens:
+        raise FlaxvisionError(f"{what}: position embedding of {pos_embed.shape[-2]} tokens is not a square grid plus a CLS token")
+    return grid
+
+
+def block_count(keys: Iterable[str], prefix: str) -> int:
+    """1 + the largest i of keys '<prefix><i>.'."""
+    found = [int(k[len(prefix):].split(".", 1)[0]) for k in keys if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0].isdigit()]
+    return max(found) + 1 if found else 0
+
+
+@functools.lru_cache(maxsize=8)
+def abstract_split(config: Any) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, shape-only state) of the model for `config`, built once per config with nnx.eval_shape."""
+    from flaxvision.models.registry import abstract_model
+
+    return nnx.split(abstract_model(config))
+
+
+def param_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+    """Dotted path -> shape of every parameter and batch statistic of the model for `config` (no memory used)."""
+    graphdef, state = abstract_split(config)
+    return {k: tuple(v.shape) for k, v in weight_state(nnx.merge(graphdef, state)).items()}

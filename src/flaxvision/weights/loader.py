@@ -1,0 +1,275 @@
+"""`load_pretrained`: any supported checkpoint -> a flaxvision model, with its labels and preprocessing.
+
+    >>> model = flaxvision.load_pretrained("google/vit-base-patch16-224")               # Hub, transformers format
+    >>> model = flaxvision.load_pretrained("ckpt/model.safetensors", num_classes=20)    # new zero-initialised head
+    >>> model = flaxvision.create_model("vit_base_patch16_224", pretrained="timm/vit_base_patch16_224.augreg2_in21k_ft_in1k", img_size=384)
+
+Steps: read the files (weights.hub) -> detect the format and read the architecture (weights.transformers / timm /
+npz / native) -> check every checkpoint key and shape against that architecture (one error naming all problems)
+-> convert to flaxvision names -> adapt (new head, resampled position embedding) -> set the arrays into a
+shape-only model built with nnx.eval_shape -> merge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flaxvision.errors import ConfigError, FlaxvisionError
+from flaxvision.models.base import Classifier
+from flaxvision.models.registry import _dtype_name, default_preprocessing, list_models, model_config
+from flaxvision.models.vit import ViTConfig
+from flaxvision.weights import native, npz, timm, transformers
+from flaxvision.weights.convert import (
+    Parsed,
+    abstract_split,
+    check_layout,
+    expected_layout,
+    import_params,
+    param_shapes,
+    path_name,
+)
+from flaxvision.weights.hub import Checkpoint, read_checkpoint
+from flaxvision.weights.posembed import resample_pos_embed
+
+logger = logging.getLogger(__name__)
+
+FORMATS = "transformers ViT (config.json model_type 'vit'), timm ViT, big_vision/vision_transformer .npz, flaxvision"
+HEAD_INITS = ("zeros", "random")
+# Config fields that describe how a model is trained or run, not which weights it has: callers may change them.
+TUNABLE = ("dropout_rate", "attention_dropout_rate", "drop_path_rate", "bn_momentum")
+# Fields a registry name may differ in from the checkpoint (the checkpoint's values win).
+NOT_ARCHITECTURE = {"num_classes", "img_size", "dtype", "layer_norm_eps", "act", "bn_eps", "fc_norm", *TUNABLE}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadReport:
+    """What `load_pretrained` did.
+
+    Attributes:
+      source: what was passed; format: "transformers", "timm", "npz" or "flaxvision"; files: weight files read.
+      config: the config of the returned model.
+      checkpoint_num_classes: classes of the checkpoint's head (None: it had none).
+      head_replaced: the head was re-initialised (`head_init`) because num_classes differed or it had none.
+      pos_embed_resampled: (checkpoint grid, model grid) when the position embedding was resampled.
+      ignored_keys: checkpoint tensors deliberately not loaded (e.g. transformers ViTModel's pooler).
+    """
+
+    source: str
+    format: str
+    files: tuple[str, ...]
+    config: Any
+    checkpoint_num_classes: int | None
+    head_replaced: bool = False
+    head_init: str | None = None
+    pos_embed_resampled: tuple[int, int] | None = None
+    ignored_keys: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        lines = [f"loaded {self.format} checkpoint {self.source} ({len(self.files)} file(s))"]
+        if self.head_replaced:
+            lines.append(
+                f"head replaced: {self.checkpoint_num_classes} -> {self.config.num_classes} classes, {self.head_init}-initialised"
+            )
+        if self.pos_embed_resampled:
+            old, new = self.pos_embed_resampled
+            lines.append(f"position embedding resampled: {old}x{old} -> {new}x{new} patches (bicubic, antialiased, as timm)")
+        if self.ignored_keys:
+            lines.append(f"not loaded (unused by a classifier): {', '.join(self.ignored_keys)}")
+        return "\n".join(lines)
+
+
+def parse_checkpoint(ckpt: Checkpoint) -> Parsed:
+    """Detect the format of a checkpoint (config first, then tensor names) and read its architecture."""
+    config = ckpt.config or {}
+    if native.is_native(ckpt):
+        return native.parse(ckpt)
+    if "model_type" in config:
+        return transformers.parse(ckpt)
+    if "architecture" in config:
+        return timm.parse(ckpt)
+    keys = ckpt.tensors.keys()
+    for module in (transformers, timm, npz):
+        if module.is_layout(keys):
+            return module.parse(ckpt)
+    sample = ", ".join(sorted(keys)[:4])
+    raise FlaxvisionError(f"cannot tell the format of '{ckpt.origin}' (tensors like {sample}); flaxvision reads {FORMATS}")
+
+
+def check_architecture(name: str, config: Any, origin: str) -> None:
+    """Raise when a registry name's architecture differs from the checkpoint's, listing the fields."""
+    named = model_config(name)
+    if type(named) is not type(config):
+        raise FlaxvisionError(
+            f"'{origin}' holds a {type(config).__name__.removesuffix('Config')}, not a {name}; "
+            f"use create_model(None, pretrained=...) to build what the checkpoint holds"
+        )
+    fields = [f.name for f in dataclasses.fields(config) if f.name not in NOT_ARCHITECTURE]
+    diffs = [f"{f} {getattr(config, f)!r} (checkpoint) vs {getattr(named, f)!r}" for f in fields if getattr(config, f) != getattr(named, f)]
+    if diffs:
+        same = [n for n in list_models() if _same_architecture(model_config(n), config, fields)]
+        hint = f"use {same[0]!r} or None" if same else "use name=None"
+        raise FlaxvisionError(f"'{origin}' is not a {name}: {'; '.join(diffs)}; {hint} to build what the checkpoint holds")
+
+
+def _same_architecture(a: Any, b: Any, fields: list[str]) -> bool:
+    return type(a) is type(b) and all(getattr(a, f) == getattr(b, f) for f in fields)
+
+
+def _target_config(parsed: Parsed, num_classes: int | None, img_size: int | None, dtype: Any, overrides: dict[str, Any]) -> Any:
+    config = parsed.config
+    fields = {f.name for f in dataclasses.fields(config)}
+    bad = sorted(k for k in overrides if k not in TUNABLE or k not in fields)
+    if bad:
+        allowed = ", ".join(k for k in TUNABLE if k in fields)
+        raise ConfigError(
+            f"{bad[0]}={overrides[bad[0]]!r} would change the architecture of a pretrained model; options: num_classes, "
+            f"img_size, dtype, {allowed}"
+        )
+    changes = dict(overrides)
+    if num_classes is not None:
+        changes["num_classes"] = num_classes
+    if img_size is not None:
+        changes["img_size"] = img_size
+    if dtype is not None:
+        changes["dtype"] = _dtype_name(dtype)
+    return dataclasses.replace(config, **changes)
+
+
+def _adapt(params: dict[str, np.ndarray], parsed: Parsed, target: Any, head_init: str, seed: int) -> tuple[bool, tuple[int, int] | None]:
+    """Resample the position embedding and replace the head in place, as the target needs. Returns what changed."""
+    resampled = None
+    if isinstance(target, ViTConfig) and target.grid_size != parsed.config.grid_size:
+        params["pos_embed"] = resample_pos_embed(params["pos_embed"], target.grid_size)
+        resampled = (parsed.config.grid_size, target.grid_size)
+    replace = not parsed.has_head or target.num_classes != parsed.config.num_classes
+    if replace:
+        shapes = param_shapes(target)
+        kernel_shape = shapes["head.kernel"]
+        if head_init == "zeros":  # the ViT transfer recipe: start from a zero head, predictions start uniform
+            params["head.kernel"] = np.zeros(kernel_shape, np.float32)
+        else:
+            draw = nnx.initializers.truncated_normal(stddev=0.02)
+            params["head.kernel"] = np.asarray(draw(jax.random.key(seed), kernel_shape, jnp.float32))
+        params["head.bias"] = np.zeros(shapes["head.bias"], np.float32)
+    return replace, resampled
+
+
+def materialise(config: Any, params: dict[str, np.ndarray], *, seed: int = 0, what: str = "checkpoint") -> Classifier:
+    """The model for `config` with exactly these parameters and batch statistics (all of them, right shapes)."""
+    graphdef, state = abstract_split(config)
+    flat, problems = [], []
+    base_key = jax.random.key(seed)
+    seen = set()
+    for index, (path, variable) in enumerate(nnx.to_flat_state(state)):
+        name, abstract = path_name(path), variable.get_value()
+        if isinstance(variable, (nnx.Param, nnx.BatchStat)):
+            seen.add(name)
+            value = params.get(name)
+            if value is None:
+                problems.append(f"{name} missing")
+                continue
+            if tuple(value.shape) != tuple(abstract.shape):
+                problems.append(f"{name} {tuple(value.shape)} vs {tuple(abstract.shape)}")
+                continue
+            new = jnp.asarray(value, dtype=abstract.dtype)
+        elif isinstance(variable, nnx.RngKey):  # dropout streams: fresh, distinct per layer
+            new = jax.random.fold_in(base_key, index)
+        else:
+            new = jnp.zeros(abstract.shape, abstract.dtype)
+        flat.append((path, variable.replace(value=new)))
+    problems += [f"{name} unexpected" for name in sorted(set(params) - seen)]
+    if problems:
+        raise FlaxvisionError(
+            f"{what} cannot be loaded into a model with img_size={config.img_size}, num_classes={config.num_classes}: "
+            f"{', '.join(problems[:8])}; load it at its own size"
+        )
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def load_pretrained(
+    source: str | Path,
+    *,
+    num_classes: int | None = None,
+    img_size: int | None = None,
+    dtype: Any = None,
+    allow_pickle: bool = False,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | Path | None = None,
+    head_init: str = "zeros",
+    label_names: Sequence[str] | None = None,
+    name: str | None = None,
+    seed: int = 0,
+    return_report: bool = False,
+    **overrides: Any,
+) -> Classifier | tuple[Classifier, LoadReport]:
+    """Build a flaxvision model from pretrained weights.
+
+    Args:
+      source: a Hub repo id ("google/vit-base-patch16-224", "org/name@revision"), a local directory, or a
+        .safetensors / .safetensors.index.json / .npz file.
+      num_classes: classes of the returned model; a different number than the checkpoint's replaces the head.
+      img_size: input size of the returned model; a ViT's position embedding is resampled (bicubic, as timm).
+      dtype: compute dtype ("float32", "bfloat16"); parameters stay float32.
+      allow_pickle: read pickled PyTorch .bin/.pth files (torch.load runs code from the file: trusted files only).
+      revision, token, cache_dir: for Hub sources, as in huggingface_hub.
+      head_init: "zeros" (the ViT transfer recipe) or "random" (truncated normal, std 0.02) for a replaced head.
+      label_names: class names of the new head (default: the checkpoint's when its head is kept).
+      name: a registry name the checkpoint must match (e.g. "vit_base_patch16_224"); None accepts any.
+      seed: seeds a random head and the dropout streams.
+      return_report: return (model, LoadReport) instead of the model.
+      **overrides: training-time config fields: dropout_rate, attention_dropout_rate, drop_path_rate, bn_momentum.
+
+    Example: `load_pretrained("google/vit-base-patch16-224", num_classes=20)`.
+    """
+    if head_init not in HEAD_INITS:
+        raise ConfigError(f"head_init must be one of {', '.join(HEAD_INITS)}, got {head_init!r}")
+    ckpt = read_checkpoint(source, allow_pickle=allow_pickle, revision=revision, token=token, cache_dir=cache_dir)
+    parsed = parse_checkpoint(ckpt)
+    what = f"{parsed.format} checkpoint '{source}'"
+    if name is not None:
+        check_architecture(name, parsed.config, str(source))
+    check_layout(parsed.tensors, expected_layout(parsed.rules, param_shapes(parsed.config)), what=what, ignored=parsed.ignored)
+    params = import_params(parsed.rules, parsed.tensors)
+    if not parsed.has_head and num_classes is None:
+        raise FlaxvisionError(f"{what} has no classifier head (a backbone-only checkpoint); pass num_classes= to add one")
+    target = _target_config(parsed, num_classes, img_size, dtype, overrides)
+    head_replaced, resampled = _adapt(params, parsed, target, head_init, seed)
+    model = materialise(target, params, seed=seed, what=what)
+
+    if head_replaced:
+        labels = tuple(label_names) if label_names is not None else None
+        logger.warning(
+            "%s: head replaced (%s -> %d classes, %s-initialised); fine-tune it before use",
+            what, parsed.config.num_classes if parsed.has_head else "none", target.num_classes, head_init,
+        )  # fmt: skip
+    else:
+        labels = tuple(label_names) if label_names is not None else parsed.label_names
+    if labels is not None and len(labels) != target.num_classes:
+        raise ConfigError(f"{len(labels)} label names for a model with num_classes={target.num_classes}")
+    prep = parsed.preprocessing or default_preprocessing(target)
+    model.preprocessing = dataclasses.replace(prep, img_size=target.img_size)
+    model.label_names = labels
+    if resampled:
+        logger.info("%s: position embedding resampled from a %d to a %d patch grid", what, *resampled)
+    report = LoadReport(
+        source=str(source),
+        format=parsed.format,
+        files=tuple(str(p) for p in ckpt.files),
+        config=target,
+        checkpoint_num_classes=parsed.config.num_classes if parsed.has_head else None,
+        head_replaced=head_replaced,
+        head_init=head_init if head_replaced else None,
+        pos_embed_resampled=resampled,
+        ignored_keys=parsed.ignored,
+    )
+    return (model, report) if return_report else model

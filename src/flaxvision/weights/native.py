@@ -1,0 +1,78 @@
+"""flaxvision's own checkpoint format, for every model family (ViT, ResNet, CNN): model.safetensors + config.json.
+
+    config.json        {"format": "flaxvision", "flaxvision_version": ..., "config_class": "ResNetConfig",
+                        "config": {...the config dataclass...}, "preprocessing": {...}, "label_names": [...] | null}
+    model.safetensors  one float32 tensor per parameter and batch statistic, keyed by its dotted module path
+                       ("blocks.0.attn.qkv.kernel", "stages.0.0.bn1.mean"); its header metadata repeats config.json,
+                       so the file alone is self-describing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from flaxvision.errors import FlaxvisionError
+from flaxvision.models.registry import MODEL_CLASSES, default_preprocessing
+from flaxvision.preprocessing import Preprocessing
+from flaxvision.weights.convert import Parsed, copy, param_shapes
+from flaxvision.weights.hub import Checkpoint
+
+FORMAT = "flaxvision"
+CONFIG_CLASSES = {cls.__name__: cls for cls in MODEL_CLASSES}
+METADATA_KEY = "flaxvision"
+
+
+def is_native(ckpt: Checkpoint) -> bool:
+    return (ckpt.config or {}).get("format") == FORMAT or ckpt.metadata.get("format") == FORMAT
+
+
+def describe(config: Any, preprocessing: Preprocessing, label_names: tuple[str, ...] | None) -> dict[str, Any]:
+    """The config.json of a model."""
+    from flaxvision import __version__
+
+    return {
+        "format": FORMAT,
+        "flaxvision_version": __version__,
+        "config_class": type(config).__name__,
+        "config": dataclasses.asdict(config),
+        "preprocessing": preprocessing.to_dict(),
+        "label_names": list(label_names) if label_names is not None else None,
+    }
+
+
+def config_from_dict(info: dict[str, Any], what: str) -> Any:
+    """Rebuild the config dataclass named in a config.json (lists back to tuples)."""
+    name = info.get("config_class")
+    if name not in CONFIG_CLASSES:
+        raise FlaxvisionError(f"{what}: config_class {name!r} is unknown; this flaxvision knows {', '.join(CONFIG_CLASSES)}")
+    cls = CONFIG_CLASSES[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = info.get("config") or {}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise FlaxvisionError(f"{what}: {name} has no field(s) {', '.join(unknown)}; was it saved by a newer flaxvision?")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def parse(ckpt: Checkpoint) -> Parsed:
+    """Config, identity rules and metadata of a flaxvision checkpoint."""
+    what = f"flaxvision checkpoint '{ckpt.origin}'"
+    info = ckpt.config if (ckpt.config or {}).get("format") == FORMAT else None
+    if info is None:
+        try:
+            info = json.loads(ckpt.metadata[METADATA_KEY])
+        except (KeyError, json.JSONDecodeError):
+            raise FlaxvisionError(f"{what}: no config.json and no config in the safetensors header; save it with save_pretrained") from None
+    config = config_from_dict(info, what)
+    prep = Preprocessing.from_dict(info["preprocessing"]) if info.get("preprocessing") else default_preprocessing(config)
+    labels = info.get("label_names")
+    return Parsed(
+        format=FORMAT,
+        tensors=ckpt.tensors,
+        config=config,
+        rules=[copy(k, k) for k in param_shapes(config)],
+        label_names=tuple(labels) if labels is not None else None,
+        preprocessing=prep,
+    )

@@ -1,0 +1,252 @@
+"""transformers' ViT checkpoints (ViTForImageClassification, ViTModel): config.json + model.safetensors.
+
+Reading: the architecture comes from config.json (hidden_size, num_hidden_layers, num_attention_heads,
+intermediate_size, patch_size, image_size, num_channels, layer_norm_eps, qkv_bias, hidden_act, id2label) and the
+preprocessing from preprocessor_config.json, else ViTImageProcessor's defaults (224 x 224 squash, bilinear,
+mean = std = 0.5). A bare model.safetensors is read from its tensor shapes, with transformers' defaults for what
+shapes cannot tell (layer_norm_eps 1e-12, exact GELU, standard head counts).
+Writing: the same files, loadable by `ViTForImageClassification.from_pretrained(dir)`.
+
+Layout: q, k and v are separate Linear layers here; flaxvision fuses them into one (D, 3D) kernel [q | k | v],
+heads major, which is also the order transformers splits heads in, so fusing is a concatenation.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+
+from flaxvision.errors import FlaxvisionError
+from flaxvision.models.vit import ViTConfig
+from flaxvision.preprocessing import HALF, Preprocessing
+from flaxvision.weights.convert import (
+    Parsed,
+    Rule,
+    block_count,
+    conv,
+    copy,
+    default_num_heads,
+    export,
+    fused,
+    grid_of,
+    import_params,
+    linear,
+    square,
+)
+from flaxvision.weights.hub import Checkpoint
+
+MODEL_TYPES = ("vit",)
+# transformers hidden_act -> flaxvision act. gelu_new / gelu_pytorch_tanh / gelu_fast are all the tanh form.
+ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+               "quick_gelu": "quick_gelu", "relu": "relu"}  # fmt: skip
+ACTIVATION_NAMES = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu", "relu": "relu"}
+PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL.Image.Resampling values
+POOLER = ("pooler.dense.weight", "pooler.dense.bias")  # ViTModel's tanh pooler: not part of a classifier
+_DEFAULT_LABEL = re.compile(r"LABEL_\d+")
+
+
+def is_layout(keys: Any) -> bool:
+    return any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in keys)
+
+
+def rules(config: ViTConfig, *, prefix: str = "vit.", head: bool = True) -> list[Rule]:
+    """Checkpoint <-> flaxvision mapping for a ViT; `prefix` is "vit." (classifier) or "" (ViTModel)."""
+    p = prefix
+    out = [
+        copy(f"{p}embeddings.cls_token", "cls_token"),
+        copy(f"{p}embeddings.position_embeddings", "pos_embed"),
+        conv(f"{p}embeddings.patch_embeddings.projection.weight", "patch_embed.kernel"),
+        copy(f"{p}embeddings.patch_embeddings.projection.bias", "patch_embed.bias"),
+    ]
+    for i in range(config.depth):
+        src, dst = f"{p}encoder.layer.{i}.", f"blocks.{i}."
+        qkv = [f"{src}attention.attention.{name}" for name in ("query", "key", "value")]
+        out += [
+            copy(f"{src}layernorm_before.weight", f"{dst}norm1.scale"),
+            copy(f"{src}layernorm_before.bias", f"{dst}norm1.bias"),
+            fused(tuple(f"{k}.weight" for k in qkv), f"{dst}attn.qkv.kernel", lambda w: w.T, lambda k: k.T, axis=1),
+        ]
+        if config.qkv_bias:
+            out.append(fused(tuple(f"{k}.bias" for k in qkv), f"{dst}attn.qkv.bias", lambda b: b, lambda b: b, axis=0))
+        out += [
+            linear(f"{src}attention.output.dense.weight", f"{dst}attn.proj.kernel"),
+            copy(f"{src}attention.output.dense.bias", f"{dst}attn.proj.bias"),
+            copy(f"{src}layernorm_after.weight", f"{dst}norm2.scale"),
+            copy(f"{src}layernorm_after.bias", f"{dst}norm2.bias"),
+            linear(f"{src}intermediate.dense.weight", f"{dst}mlp.fc1.kernel"),
+            copy(f"{src}intermediate.dense.bias", f"{dst}mlp.fc1.bias"),
+            linear(f"{src}output.dense.weight", f"{dst}mlp.fc2.kernel"),
+            copy(f"{src}output.dense.bias", f"{dst}mlp.fc2.bias"),
+        ]
+    out += [copy(f"{p}layernorm.weight", "norm.scale"), copy(f"{p}layernorm.bias", "norm.bias")]
+    if head:
+        out += [linear("classifier.weight", "head.kernel"), copy("classifier.bias", "head.bias")]
+    return out
+
+
+def to_flaxvision(tensors: dict[str, np.ndarray], config: ViTConfig, *, prefix: str = "vit.") -> dict[str, np.ndarray]:
+    """Checkpoint dict -> flaxvision flat dict (keys like "blocks.0.attn.qkv.kernel")."""
+    return import_params(rules(config, prefix=prefix, head="classifier.weight" in tensors), tensors)
+
+
+def from_flaxvision(params: dict[str, np.ndarray], config: ViTConfig) -> dict[str, np.ndarray]:
+    """flaxvision flat dict -> ViTForImageClassification state dict."""
+    return export(rules(config), params)
+
+
+# ---- config.json ------------------------------------------------------------------------------------------------
+
+
+def _config_from_json(cfg: dict[str, Any], what: str) -> dict[str, Any]:
+    model_type = cfg.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise FlaxvisionError(
+            f"{what}: model_type={model_type!r} is not supported; flaxvision reads transformers ViT checkpoints "
+            f"(model_type 'vit'), timm ViTs and big_vision .npz files"
+        )
+    act = cfg.get("hidden_act", "gelu")
+    if act not in ACTIVATIONS:
+        raise FlaxvisionError(f"{what}: hidden_act={act!r} is not supported; flaxvision ViTs use {', '.join(ACTIVATIONS)}")
+    return dict(
+        width=cfg.get("hidden_size", 768),
+        depth=cfg.get("num_hidden_layers", 12),
+        num_heads=cfg.get("num_attention_heads", 12),
+        mlp_dim=cfg.get("intermediate_size", 3072),
+        patch_size=square(cfg.get("patch_size", 16), "patch_size", what),
+        img_size=square(cfg.get("image_size", 224), "image_size", what),
+        in_chans=cfg.get("num_channels", 3),
+        layer_norm_eps=float(cfg.get("layer_norm_eps", 1e-12)),
+        qkv_bias=bool(cfg.get("qkv_bias", True)),
+        act=ACTIVATIONS[act],
+        dropout_rate=float(cfg.get("hidden_dropout_prob", 0.0)),
+        attention_dropout_rate=float(cfg.get("attention_probs_dropout_prob", 0.0)),
+    )
+
+
+def _config_from_shapes(tensors: dict[str, np.ndarray], prefix: str, what: str) -> dict[str, Any]:
+    def get(key: str) -> np.ndarray:
+        if key not in tensors:
+            raise FlaxvisionError(f"{what}: cannot infer the architecture without '{key}'; add the checkpoint's config.json")
+        return tensors[key]
+
+    kernel = get(f"{prefix}embeddings.patch_embeddings.projection.weight")  # (D, C, p, p)
+    width, in_chans, patch = kernel.shape[0], kernel.shape[1], kernel.shape[2]
+    grid = grid_of(get(f"{prefix}embeddings.position_embeddings"), 1, what)
+    return dict(
+        width=width,
+        depth=block_count(tensors, f"{prefix}encoder.layer."),
+        num_heads=default_num_heads(width),
+        mlp_dim=get(f"{prefix}encoder.layer.0.intermediate.dense.weight").shape[0],
+        patch_size=patch,
+        img_size=grid * patch,
+        in_chans=in_chans,
+        layer_norm_eps=1e-12,
+        qkv_bias=f"{prefix}encoder.layer.0.attention.attention.query.bias" in tensors,
+    )
+
+
+def _label_names(cfg: dict[str, Any] | None) -> tuple[str, ...] | None:
+    """id2label in label order, or None when absent or only transformers' placeholders (LABEL_0, ...)."""
+    id2label = (cfg or {}).get("id2label") or {}
+    try:
+        names = tuple(str(id2label[k]) for k in sorted(id2label, key=int))
+    except (TypeError, ValueError):
+        return None
+    return None if not names or all(_DEFAULT_LABEL.fullmatch(n) for n in names) else names
+
+
+def preprocessing(pre: dict[str, Any] | None, img_size: int) -> Preprocessing:
+    """Preprocessing from preprocessor_config.json (ViTImageProcessor's fields), or its defaults when absent."""
+    if pre is None:
+        return Preprocessing(img_size=img_size, mean=HALF, std=HALF, crop_pct=1.0, resize_mode="squash", interpolation="bilinear")
+    normalize = pre.get("do_normalize", True)
+    mean = tuple(pre.get("image_mean", HALF)) if normalize else (0.0, 0.0, 0.0)
+    std = tuple(pre.get("image_std", HALF)) if normalize else (1.0, 1.0, 1.0)
+    resample = pre.get("resample", 2)
+    interpolation = PIL_FILTERS.get(resample, resample if isinstance(resample, str) else "bilinear")
+    size = pre.get("size", {"height": 224, "width": 224})
+    if isinstance(size, int):
+        size = {"height": size, "width": size}
+    crop = pre.get("crop_size") if pre.get("do_center_crop") else None
+    crop = crop.get("height") if isinstance(crop, dict) else crop
+    if "shortest_edge" in size:
+        resize_mode, resized = "shortest", size["shortest_edge"]
+    else:
+        resize_mode, resized = "squash", size.get("height", img_size)
+    crop_pct = min(1.0, crop / resized) if crop and resized else 1.0
+    if interpolation not in PIL_FILTERS.values():
+        interpolation = "bilinear"
+    return Preprocessing(img_size=img_size, mean=mean, std=std, crop_pct=crop_pct, resize_mode=resize_mode, interpolation=interpolation)
+
+
+def parse(ckpt: Checkpoint) -> Parsed:
+    """Architecture, mapping rules and metadata of a transformers ViT checkpoint."""
+    what = f"transformers checkpoint '{ckpt.origin}'"
+    prefix = "vit." if any(k.startswith("vit.") for k in ckpt.tensors) else ""
+    has_head = "classifier.weight" in ckpt.tensors
+    if ckpt.config is not None:
+        fields = _config_from_json(ckpt.config, what)
+        label_names = _label_names(ckpt.config)
+        id2label = ckpt.config.get("id2label") or {}
+        num_classes = len(id2label) or int(ckpt.config.get("num_labels", 2))
+    else:
+        fields = _config_from_shapes(ckpt.tensors, prefix, what)
+        label_names = None
+        num_classes = ckpt.tensors["classifier.weight"].shape[0] if has_head else 1
+    config = ViTConfig(num_classes=num_classes if has_head else 1, **fields)
+    return Parsed(
+        format="transformers",
+        tensors=ckpt.tensors,
+        config=config,
+        rules=rules(config, prefix=prefix, head=has_head),
+        has_head=has_head,
+        label_names=label_names if has_head else None,
+        preprocessing=preprocessing(ckpt.preprocessor, config.img_size),
+        ignored=tuple(k for k in (prefix + POOLER[0], prefix + POOLER[1]) if k in ckpt.tensors),
+    )
+
+
+def config_files(config: ViTConfig, prep: Preprocessing, label_names: tuple[str, ...] | None) -> dict[str, dict[str, Any]]:
+    """config.json and preprocessor_config.json for a ViTForImageClassification with these weights."""
+    if config.global_pool != "token" or config.use_fc_norm:
+        raise FlaxvisionError(
+            f"transformers' ViTForImageClassification has a CLS-token head only, this model has global_pool="
+            f"{config.global_pool!r}; export it with format='timm' or 'flaxvision'"
+        )
+    labels = label_names or tuple(f"LABEL_{i}" for i in range(config.num_classes))
+    model = {
+        "architectures": ["ViTForImageClassification"],
+        "model_type": "vit",
+        "hidden_size": config.width,
+        "num_hidden_layers": config.depth,
+        "num_attention_heads": config.num_heads,
+        "intermediate_size": config.mlp_dim,
+        "hidden_act": ACTIVATION_NAMES[config.act],
+        "hidden_dropout_prob": config.dropout_rate,
+        "attention_probs_dropout_prob": config.attention_dropout_rate,
+        "layer_norm_eps": config.layer_norm_eps,
+        "image_size": config.img_size,
+        "patch_size": config.patch_size,
+        "num_channels": config.in_chans,
+        "qkv_bias": config.qkv_bias,
+        "encoder_stride": config.patch_size,
+        "initializer_range": 0.02,
+        "id2label": {str(i): name for i, name in enumerate(labels)},
+        "label2id": {name: i for i, name in enumerate(labels)},
+        "dtype": "float32",
+    }
+    pil = {name: code for code, name in PIL_FILTERS.items()}
+    processor = {
+        "image_processor_type": "ViTImageProcessor",
+        "do_resize": True,
+        "size": {"height": config.img_size, "width": config.img_size},
+        "resample": pil[prep.interpolation],
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(prep.mean),
+        "image_std": list(prep.std),
+    }
+    return {"config.json": model, "preprocessor_config.json": processor}
