@@ -3,7 +3,11 @@
 Runners import the heavy parts of the library (jax, datasets, ...) lazily, so `flaxvision --help` stays fast.
 """
 
-from flaxvision.commands import models
+from flaxvision.commands import models, verify
+from flaxvision.commands import bench
+
+from flaxvision.commands import evaluate, export, predict, presets, report, train
 
 # Order = order in `flaxvision --help`.
-COMMANDS = [models]
+COMMANDS = [train, evaluate, predict, report, export, presets, models, verify]
+COMMANDS += [bench]
