@@ -7,12 +7,15 @@ mean = std = 0.5). A bare model.safetensors is read from its tensor shapes, with
 shapes cannot tell (layer_norm_eps 1e-12, exact GELU, standard head counts).
 Writing: the same files, loadable by `ViTForImageClassification.from_pretrained(dir)`.
 
-Layout: q, k and v are separate Linear layers here; flaxvision fuses them into one (D, 3D) kernel [q | k | v],
+Layout: files name layers `encoder.layer.{i}.attention.attention.query` etc. (also what transformers v5's
+save_pretrained writes); v5's modules are named `layers.{i}.attention.q_proj` etc., which a plain
+`torch.save(model.state_dict())` stores: both are read. q, k and v are separate Linear layers here; flaxvision fuses them into one (D, 3D) kernel [q | k | v],
 heads major, which is also the order transformers splits heads in, so fusing is a concatenation.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -37,6 +40,8 @@ from flaxvision.weights.convert import (
 )
 from flaxvision.weights.hub import Checkpoint
 
+logger = logging.getLogger(__name__)
+
 MODEL_TYPES = ("vit",)
 # transformers hidden_act -> flaxvision act. gelu_new / gelu_pytorch_tanh / gelu_fast are all the tanh form.
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
@@ -51,7 +56,19 @@ def is_layout(keys: Any) -> bool:
     return any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in keys)
 
 
-def rules(config: ViTConfig, *, prefix: str = "vit.", head: bool = True) -> list[Rule]:
+# Per-layer names: checkpoint files (the Hub, save_pretrained) and transformers v5's module names
+# (what torch.save(model.state_dict()) writes since v5 renamed the modules).
+FILE_NAMES = dict(layer="encoder.layer.{}.", q="attention.attention.query", k="attention.attention.key",
+                  v="attention.attention.value", o="attention.output.dense", fc1="intermediate.dense", fc2="output.dense")  # fmt: skip
+MODULE_NAMES = dict(layer="layers.{}.", q="attention.q_proj", k="attention.k_proj", v="attention.v_proj",
+                    o="attention.o_proj", fc1="mlp.fc1", fc2="mlp.fc2")  # fmt: skip
+
+
+def naming_of(keys: Any, prefix: str) -> dict[str, str]:
+    return MODULE_NAMES if any(k.startswith(f"{prefix}layers.") for k in keys) else FILE_NAMES
+
+
+def rules(config: ViTConfig, *, prefix: str = "vit.", head: bool = True, names: dict[str, str] = FILE_NAMES) -> list[Rule]:
     """Checkpoint <-> flaxvision mapping for a ViT; `prefix` is "vit." (classifier) or "" (ViTModel)."""
     p = prefix
     out = [
@@ -61,8 +78,8 @@ def rules(config: ViTConfig, *, prefix: str = "vit.", head: bool = True) -> list
         copy(f"{p}embeddings.patch_embeddings.projection.bias", "patch_embed.bias"),
     ]
     for i in range(config.depth):
-        src, dst = f"{p}encoder.layer.{i}.", f"blocks.{i}."
-        qkv = [f"{src}attention.attention.{name}" for name in ("query", "key", "value")]
+        src, dst = p + names["layer"].format(i), f"blocks.{i}."
+        qkv = [src + names[n] for n in ("q", "k", "v")]
         out += [
             copy(f"{src}layernorm_before.weight", f"{dst}norm1.scale"),
             copy(f"{src}layernorm_before.bias", f"{dst}norm1.bias"),
@@ -71,14 +88,14 @@ def rules(config: ViTConfig, *, prefix: str = "vit.", head: bool = True) -> list
         if config.qkv_bias:
             out.append(fused(tuple(f"{k}.bias" for k in qkv), f"{dst}attn.qkv.bias", lambda b: b, lambda b: b, axis=0))
         out += [
-            linear(f"{src}attention.output.dense.weight", f"{dst}attn.proj.kernel"),
-            copy(f"{src}attention.output.dense.bias", f"{dst}attn.proj.bias"),
+            linear(f"{src}{names['o']}.weight", f"{dst}attn.proj.kernel"),
+            copy(f"{src}{names['o']}.bias", f"{dst}attn.proj.bias"),
             copy(f"{src}layernorm_after.weight", f"{dst}norm2.scale"),
             copy(f"{src}layernorm_after.bias", f"{dst}norm2.bias"),
-            linear(f"{src}intermediate.dense.weight", f"{dst}mlp.fc1.kernel"),
-            copy(f"{src}intermediate.dense.bias", f"{dst}mlp.fc1.bias"),
-            linear(f"{src}output.dense.weight", f"{dst}mlp.fc2.kernel"),
-            copy(f"{src}output.dense.bias", f"{dst}mlp.fc2.bias"),
+            linear(f"{src}{names['fc1']}.weight", f"{dst}mlp.fc1.kernel"),
+            copy(f"{src}{names['fc1']}.bias", f"{dst}mlp.fc1.bias"),
+            linear(f"{src}{names['fc2']}.weight", f"{dst}mlp.fc2.kernel"),
+            copy(f"{src}{names['fc2']}.bias", f"{dst}mlp.fc2.bias"),
         ]
     out += [copy(f"{p}layernorm.weight", "norm.scale"), copy(f"{p}layernorm.bias", "norm.bias")]
     if head:
@@ -88,7 +105,8 @@ def rules(config: ViTConfig, *, prefix: str = "vit.", head: bool = True) -> list
 
 def to_flaxvision(tensors: dict[str, np.ndarray], config: ViTConfig, *, prefix: str = "vit.") -> dict[str, np.ndarray]:
     """Checkpoint dict -> flaxvision flat dict (keys like "blocks.0.attn.qkv.kernel")."""
-    return import_params(rules(config, prefix=prefix, head="classifier.weight" in tensors), tensors)
+    names = naming_of(tensors, prefix)
+    return import_params(rules(config, prefix=prefix, head="classifier.weight" in tensors, names=names), tensors)
 
 
 def from_flaxvision(params: dict[str, np.ndarray], config: ViTConfig) -> dict[str, np.ndarray]:
@@ -125,7 +143,7 @@ def _config_from_json(cfg: dict[str, Any], what: str) -> dict[str, Any]:
     )
 
 
-def _config_from_shapes(tensors: dict[str, np.ndarray], prefix: str, what: str) -> dict[str, Any]:
+def _config_from_shapes(tensors: dict[str, np.ndarray], prefix: str, names: dict[str, str], what: str) -> dict[str, Any]:
     def get(key: str) -> np.ndarray:
         if key not in tensors:
             raise FlaxvisionError(f"{what}: cannot infer the architecture without '{key}'; add the checkpoint's config.json")
@@ -134,16 +152,17 @@ def _config_from_shapes(tensors: dict[str, np.ndarray], prefix: str, what: str) 
     kernel = get(f"{prefix}embeddings.patch_embeddings.projection.weight")  # (D, C, p, p)
     width, in_chans, patch = kernel.shape[0], kernel.shape[1], kernel.shape[2]
     grid = grid_of(get(f"{prefix}embeddings.position_embeddings"), 1, what)
+    first = prefix + names["layer"].format(0)
     return dict(
         width=width,
-        depth=block_count(tensors, f"{prefix}encoder.layer."),
+        depth=block_count(tensors, prefix + names["layer"].format("")),
         num_heads=default_num_heads(width),
-        mlp_dim=get(f"{prefix}encoder.layer.0.intermediate.dense.weight").shape[0],
+        mlp_dim=get(f"{first}{names['fc1']}.weight").shape[0],
         patch_size=patch,
         img_size=grid * patch,
         in_chans=in_chans,
         layer_norm_eps=1e-12,
-        qkv_bias=f"{prefix}encoder.layer.0.attention.attention.query.bias" in tensors,
+        qkv_bias=f"{first}{names['q']}.bias" in tensors,
     )
 
 
@@ -185,6 +204,7 @@ def parse(ckpt: Checkpoint) -> Parsed:
     """Architecture, mapping rules and metadata of a transformers ViT checkpoint."""
     what = f"transformers checkpoint '{ckpt.origin}'"
     prefix = "vit." if any(k.startswith("vit.") for k in ckpt.tensors) else ""
+    names = naming_of(ckpt.tensors, prefix)
     has_head = "classifier.weight" in ckpt.tensors
     if ckpt.config is not None:
         fields = _config_from_json(ckpt.config, what)
@@ -192,7 +212,7 @@ def parse(ckpt: Checkpoint) -> Parsed:
         id2label = ckpt.config.get("id2label") or {}
         num_classes = len(id2label) or int(ckpt.config.get("num_labels", 2))
     else:
-        fields = _config_from_shapes(ckpt.tensors, prefix, what)
+        fields = _config_from_shapes(ckpt.tensors, prefix, names, what)
         label_names = None
         num_classes = ckpt.tensors["classifier.weight"].shape[0] if has_head else 1
     config = ViTConfig(num_classes=num_classes if has_head else 1, **fields)
@@ -200,7 +220,7 @@ def parse(ckpt: Checkpoint) -> Parsed:
         format="transformers",
         tensors=ckpt.tensors,
         config=config,
-        rules=rules(config, prefix=prefix, head=has_head),
+        rules=rules(config, prefix=prefix, head=has_head, names=names),
         has_head=has_head,
         label_names=label_names if has_head else None,
         preprocessing=preprocessing(ckpt.preprocessor, config.img_size),
@@ -215,6 +235,11 @@ def config_files(config: ViTConfig, prep: Preprocessing, label_names: tuple[str,
             f"transformers' ViTForImageClassification has a CLS-token head only, this model has global_pool="
             f"{config.global_pool!r}; export it with format='timm' or 'flaxvision'"
         )
+    if prep.crop_pct != 1.0 or prep.resize_mode != "squash":
+        logger.warning(
+            "ViTImageProcessor resizes straight to %d px; this model's crop_pct=%g / resize_mode=%r are not stored "
+            "(format='flaxvision' keeps them)", config.img_size, prep.crop_pct, prep.resize_mode,
+        )  # fmt: skip
     labels = label_names or tuple(f"LABEL_{i}" for i in range(config.num_classes))
     model = {
         "architectures": ["ViTForImageClassification"],

@@ -1,0 +1,275 @@
+"""`flaxvision verify SOURCE`: the converted model against the reference PyTorch implementation, on the same inputs.
+
+Both models get the same preprocessed images (the checkpoint's own preprocessing); the command prints the largest
+and mean |logit difference|, top-1 / top-5 agreement and both top-1 predictions, saves a side-by-side figure, and
+exits with 1 when the largest difference exceeds --tolerance. The reference is built by the reference library
+from the checkpoint files wherever it can read them itself (transformers' from_pretrained on a transformers
+directory, timm's state dict or .npz loader); otherwise from flaxvision's export of the weights (e.g. a timm
+checkpoint checked against transformers is exported to transformers' files, which transformers then reads).
+torch, transformers and timm (the optional `verify` extra) are imported here only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flaxvision.errors import FlaxvisionError
+
+REFERENCES = ("transformers", "timm")
+DEFAULT_FIGURE = "flaxvision-verify.png"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "verify",
+        help="compare a converted checkpoint with its PyTorch reference",
+        description="Run the flaxvision model and the reference PyTorch implementation (transformers or timm) on the "
+        "same preprocessed images and compare their logits. Exit code 1 when max |dlogits| > --tolerance.",
+        epilog="examples:\n  flaxvision verify google/vit-base-patch16-224\n"
+        "  flaxvision verify ./my-vit --image cat.jpg --image dog.jpg --figure check.png\n"
+        "  flaxvision verify vit.npz --reference timm --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("source", help="Hub repo id (org/name[@revision]), directory, .safetensors or .npz file")
+    parser.add_argument("--image", action="append", default=[], metavar="PATH", help="an image to compare on (repeatable); default: generated images")
+    parser.add_argument("--reference", choices=REFERENCES, help="reference implementation (default: the checkpoint's own library)")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest acceptable max |dlogits| (default 1e-4)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--figure", default=DEFAULT_FIGURE, help=f"side-by-side figure to write (default {DEFAULT_FIGURE}; '' for none)")
+    parser.add_argument("--allow-pickle", action="store_true", help="read pickled PyTorch .bin/.pth files (trusted files only)")
+    parser.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    parser.set_defaults(func=run)
+
+
+# ---- inputs ------------------------------------------------------------------------------------------------------
+
+
+def synthetic_images(count: int = 4, height: int = 240, width: int = 320, seed: int = 0) -> list[np.ndarray]:
+    """Photograph-like test images (uint8 HWC): smooth colour gradients, soft shapes, texture and sensor noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    u, v = x / width, y / height
+    images = []
+    for _ in range(count):
+        corners = rng.uniform(0, 255, (4, 3))
+        img = ((1 - u) * (1 - v))[..., None] * corners[0] + (u * (1 - v))[..., None] * corners[1]
+        img = img + ((1 - u) * v)[..., None] * corners[2] + (u * v)[..., None] * corners[3]
+        for _ in range(rng.integers(3, 7)):
+            cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+            ry, rx = rng.uniform(15, height / 3), rng.uniform(15, width / 3)
+            edge = np.clip(8 * (((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 - 1), -30, 30)
+            inside = 1 / (1 + np.exp(edge))  # soft-edged ellipse
+            img = img * (1 - inside[..., None]) + inside[..., None] * rng.uniform(0, 255, 3)
+        frequency = rng.uniform(0.02, 0.15)
+        img = img + 12 * np.sin(frequency * x + rng.uniform(0, 6))[..., None] * np.sin(frequency * y)[..., None]
+        img = img + rng.normal(0, 6, img.shape)
+        images.append(np.clip(img, 0, 255).astype(np.uint8))
+    return images
+
+
+def read_images(paths: list[str]) -> list[np.ndarray]:
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                images.append(np.asarray(image.convert("RGB")))
+        except (OSError, UnidentifiedImageError) as err:
+            raise FlaxvisionError(f"cannot read image '{path}': {err}; pass a JPEG/PNG/WebP file") from None
+    return images
+
+
+def preprocess(image: np.ndarray, prep: Any) -> np.ndarray:
+    """One uint8 HWC image -> the model input (img_size, img_size, C) float32, as `prep` describes."""
+    from PIL import Image
+
+    filters = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+               "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}  # fmt: skip
+    pil = Image.fromarray(image).convert("L" if prep.channels == 1 else "RGB")
+    scaled = int(prep.img_size / prep.crop_pct)  # timm's scale_size = floor(img_size / crop_pct)
+    if prep.resize_mode == "squash":
+        size = (scaled, scaled)
+    else:
+        w, h = pil.size
+        size = (scaled, max(1, round(h * scaled / w))) if w <= h else (max(1, round(w * scaled / h)), scaled)
+    pil = pil.resize(size, filters[prep.interpolation])
+    left, top = (pil.size[0] - prep.img_size) // 2, (pil.size[1] - prep.img_size) // 2
+    pil = pil.crop((left, top, left + prep.img_size, top + prep.img_size))
+    pixels = np.asarray(pil, dtype=np.float32).reshape(prep.img_size, prep.img_size, -1) / 255.0
+    return ((pixels - np.asarray(prep.mean, np.float32)) / np.asarray(prep.std, np.float32)).astype(np.float32)
+
+
+# ---- the reference -------------------------------------------------------------------------------------------------
+
+
+def reference_model(kind: str, model: Any, report: Any, *, allow_pickle: bool = False) -> Any:
+    """The PyTorch reference for a loaded checkpoint, in eval mode, float32.
+
+    Args:
+      kind: "transformers" or "timm".
+      model, report: what `load_pretrained(..., return_report=True)` returned.
+    """
+    import torch
+
+    from flaxvision.weights import timm as timm_format
+    from flaxvision.weights.convert import weight_state
+    from flaxvision.weights.hub import read_tensors
+
+    config = model.config
+    files = tuple(Path(f) for f in report.files)
+
+    def flax_params() -> dict[str, np.ndarray]:
+        return {k: np.asarray(v, np.float32) for k, v in weight_state(model).items()}
+
+    def original() -> dict[str, torch.Tensor]:
+        tensors, _ = read_tensors(files, allow_pickle)
+        return {k: torch.tensor(np.asarray(v)) for k, v in tensors.items()}
+
+    if kind == "transformers":
+        import transformers
+
+        directory = files[0].parent
+        if report.format == "transformers" and (directory / "config.json").is_file():
+            reference = transformers.ViTForImageClassification.from_pretrained(directory, dtype=torch.float32)
+        else:
+            from flaxvision.weights.export import save_pretrained
+
+            with tempfile.TemporaryDirectory(prefix="flaxvision-verify-") as exported:
+                save_pretrained(model, exported, format="transformers")  # transformers then reads the files itself
+                reference = transformers.ViTForImageClassification.from_pretrained(exported, dtype=torch.float32)
+        return _unwrap_logits(reference.eval())
+
+    import timm
+
+    reference = timm.create_model(timm_format.architecture_name(config), pretrained=False, **timm_format.model_args(config))
+    if report.format == "npz":
+        from timm.models.vision_transformer import _load_weights
+
+        _load_weights(reference, str(files[0]))  # timm's own reader of Google's .npz layout
+    elif report.format == "timm":
+        reference.load_state_dict(original(), strict=True)
+    else:
+        state = timm_format.from_flaxvision(flax_params(), config)
+        reference.load_state_dict({k: torch.tensor(np.asarray(v)) for k, v in state.items()}, strict=True)
+    return reference.eval()
+
+
+def _unwrap_logits(module: Any) -> Any:
+    def forward(x: Any) -> Any:
+        return module(pixel_values=x).logits
+
+    return forward
+
+
+# ---- comparison --------------------------------------------------------------------------------------------------
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+def compare(model: Any, reference: Any, inputs: np.ndarray) -> dict[str, Any]:
+    """Logits of both models on NHWC `inputs` and the agreement statistics (keys as `--json`)."""
+    import jax.numpy as jnp
+    import torch
+
+    ours = np.asarray(model(jnp.asarray(inputs)), dtype=np.float64)
+    with torch.no_grad():
+        theirs = reference(torch.from_numpy(np.ascontiguousarray(inputs.transpose(0, 3, 1, 2)))).double().numpy()
+    diff = np.abs(ours - theirs)
+    k = min(5, ours.shape[-1])
+    top_ours, top_theirs = np.argsort(-ours, axis=-1)[:, :k], np.argsort(-theirs, axis=-1)[:, :k]
+    return {
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "top1_agree": float(np.mean(top_ours[:, 0] == top_theirs[:, 0])),
+        "top5_agree": float(np.mean([set(a) == set(b) for a, b in zip(top_ours, top_theirs)])),
+        "flaxvision_probs": _softmax(ours),
+        "reference_probs": _softmax(theirs),
+    }
+
+
+def _label(names: tuple[str, ...] | None, index: int) -> str:
+    return names[index] if names else f"class {index}"
+
+
+def save_figure(path: Path, images: list[np.ndarray], rows: list[dict[str, Any]], result: dict[str, Any], reference: str) -> None:
+    """Each image with the flaxvision and the reference top-1 prediction under it (green: same class)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(images), figsize=(3.2 * len(images), 3.8), squeeze=False)
+    for ax, image, row in zip(axes[0], images, rows):
+        ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        same = row["flaxvision"][0] == row["reference"][0]
+        ax.set_title(
+            f"flaxvision: {row['flaxvision'][0]} ({row['flaxvision'][1]:.1%})\n{reference}: {row['reference'][0]} ({row['reference'][1]:.1%})",
+            fontsize=8,
+            color="green" if same else "red",
+        )
+    fig.suptitle(f"max |dlogits| {result['max_abs_diff']:.2e}, top-1 agreement {result['top1_agree']:.0%}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from flaxvision.models.vit import ViTConfig
+    from flaxvision.weights.loader import load_pretrained
+
+    try:
+        import timm  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as err:
+        raise FlaxvisionError(f"verify needs the reference libraries ({err.name} is missing): pip install 'flaxvision[verify]'") from None
+
+    model, report = load_pretrained(args.source, allow_pickle=args.allow_pickle, revision=args.revision, return_report=True)
+    if not isinstance(model.config, ViTConfig):
+        raise FlaxvisionError(f"verify compares Vision Transformers with transformers/timm; '{args.source}' holds a {type(model).__name__}")
+    model.eval()
+    kind = args.reference or ("transformers" if report.format == "transformers" else "timm")
+    if kind == "timm" and model.config.layer_norm_eps != 1e-6:
+        print(f"note: timm's ViT uses LayerNorm eps 1e-6, this checkpoint {model.config.layer_norm_eps:g}: expect small differences", file=sys.stderr)
+    reference = reference_model(kind, model, report, allow_pickle=args.allow_pickle)
+    images = read_images(args.image) if args.image else synthetic_images()
+    inputs = np.stack([preprocess(image, model.preprocessing) for image in images])
+    result = compare(model, reference, inputs)
+
+    rows = []
+    for flax_probs, ref_probs in zip(result.pop("flaxvision_probs"), result.pop("reference_probs")):
+        a, b = int(flax_probs.argmax()), int(ref_probs.argmax())
+        rows.append({"flaxvision": [_label(model.label_names, a), float(flax_probs[a])], "reference": [_label(model.label_names, b), float(ref_probs[b])]})
+    passed = result["max_abs_diff"] <= args.tolerance
+    figure = Path(args.figure) if args.figure else None
+    if figure is not None:
+        save_figure(figure, images, rows, result, kind)
+    summary = {**result, "tolerance": args.tolerance, "passed": passed, "source": str(args.source), "format": report.format,
+               "reference": kind, "num_images": len(images), "figure": str(figure) if figure else None, "predictions": rows}  # fmt: skip
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"{report.format} checkpoint {args.source} vs {kind}, {len(images)} image(s) at {model.config.img_size} px")
+        print(f"max |dlogits| {result['max_abs_diff']:.3e}   mean |dlogits| {result['mean_abs_diff']:.3e}   "
+              f"top-1 agreement {result['top1_agree']:.0%}   top-5 agreement {result['top5_agree']:.0%}")  # fmt: skip
+        for i, row in enumerate(rows):
+            print(f"  image {i}: flaxvision {row['flaxvision'][0]} ({row['flaxvision'][1]:.2%})   "
+                  f"{kind} {row['reference'][0]} ({row['reference'][1]:.2%})")  # fmt: skip
+        if figure:
+            print(f"figure: {figure}")
+        print(("PASS" if passed else "FAIL") + f": max |dlogits| {'<=' if passed else '>'} tolerance {args.tolerance:g}")
+    return 0 if passed else 1
