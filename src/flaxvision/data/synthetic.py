@@ -1,0 +1,96 @@
+"""Small generated image datasets for tests, demos and the input-pipeline benchmark (no download needed).
+
+`photo` draws a cheap photograph-like picture (smooth colour field, a few soft shapes, sensor-like noise), so that
+JPEG sizes and decode times resemble real photos; `write_image_folder` writes a split/class/image tree of them.
+
+    >>> from flaxvision.data.synthetic import write_image_folder
+    >>> root = write_image_folder("/tmp/food101-like", num_classes=101, per_split={"train": 30, "validation": 10})
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+_NOISE_SIDE = 1024
+
+
+def _noise_texture(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.normal(0.0, 10.0, (_NOISE_SIDE, _NOISE_SIDE, 1)).astype(np.int16)
+
+
+def photo(rng: np.random.Generator, width: int, height: int, noise: np.ndarray | None = None) -> Image.Image:
+    """A photograph-like RGB picture of width x height (at most 1024 x 1024 when `noise` is given)."""
+    base = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
+    draw = ImageDraw.Draw(base)
+    for _ in range(int(rng.integers(3, 7))):
+        x0, y0 = int(rng.integers(-width // 4, width)), int(rng.integers(-height // 4, height))
+        x1, y1 = x0 + int(rng.integers(width // 8, width // 2)), y0 + int(rng.integers(height // 8, height // 2))
+        draw.ellipse((x0, y0, x1, y1), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    base = base.filter(ImageFilter.GaussianBlur(2))
+    if noise is None:
+        return base
+    top, left = int(rng.integers(0, noise.shape[0] - height + 1)), int(rng.integers(0, noise.shape[1] - width + 1))
+    pixels = np.asarray(base, np.int16) + noise[top:top + height, left:left + width]
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def write_image_folder(
+    root: str | os.PathLike,
+    *,
+    num_classes: int = 101,
+    per_split: Mapping[str, int] | None = None,
+    max_side: int = 512,
+    min_side: int = 288,
+    quality: int = 85,
+    seed: int = 0,
+) -> Path:
+    """Write root/<split>/class_XXX/<n>.jpg: photo-like JPEGs whose longer side is `max_side` (Food-101 style).
+
+    Args:
+      root: output directory (created).
+      num_classes: number of class directories (class_000, class_001, ...).
+      per_split: images per class in each split (default {"train": 8, "validation": 2}).
+      max_side, min_side: the longer side is max_side; the shorter one is drawn from [min_side, max_side].
+      quality: JPEG quality.
+      seed: makes the images reproducible.
+    """
+    root = Path(root)
+    per_split = dict(per_split or {"train": 8, "validation": 2})
+    rng = np.random.default_rng(seed)
+    noise = _noise_texture(seed)
+    for split, count in per_split.items():
+        for label in range(num_classes):
+            class_dir = root / split / f"class_{label:03d}"
+            class_dir.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                short = int(rng.integers(min_side, max_side + 1))
+                size = (max_side, short) if rng.random() < 0.5 else (short, max_side)
+                photo(rng, *size, noise=noise).save(class_dir / f"{i:05d}.jpg", quality=quality)
+    return root
+
+
+def folder_to_disk(folder: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Save an image folder (split/class/image) as a `datasets.save_to_disk` directory with the image bytes
+    embedded (an Image column and a ClassLabel column, as Hub datasets have); return `target`."""
+    import datasets
+
+    folder, target = Path(folder), Path(target)
+    splits = sorted(d for d in folder.iterdir() if d.is_dir())
+    names = sorted({c.name for split in splits for c in split.iterdir() if c.is_dir()})
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    tables = {}
+    for split in splits:
+        rows: dict[str, list] = {"image": [], "label": []}
+        for label, name in enumerate(names):
+            for path in sorted((split / name).glob("*")) if (split / name).is_dir() else []:
+                rows["image"].append({"bytes": path.read_bytes(), "path": f"{name}/{path.name}"})
+                rows["label"].append(label)
+        tables[split.name] = datasets.Dataset.from_dict(rows, features=features)
+    datasets.DatasetDict(tables).save_to_disk(str(target))
+    return target
