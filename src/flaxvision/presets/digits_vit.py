@@ -2,10 +2,11 @@
 
     flaxvision train
 
-1,797 8 x 8 grayscale digits (the UCI optical-recognition test set that scikit-learn ships), upscaled to
-32 x 32, 10 classes; a stratified 20% held out for validation. A 4-block ViT (width 128, 4 heads, patch 4) from
-scratch, AdamW with warmup and cosine decay, light augmentation (random resized crop 0.85-1.0, no flip: digits
-are not mirror-symmetric). No network needed. Expected: >= 95% validation top-1 in under 3 minutes on 2 CPU cores.
+1,797 8 x 8 grayscale digits (the UCI optical-recognition set that scikit-learn ships), upscaled to 16 x 16,
+10 classes; a stratified 20% held out for validation. A 4-block ViT (width 128, 4 heads, 4 x 4 patches: 16 tokens
+and the CLS token) from scratch, AdamW with warmup, cosine decay and label smoothing, light augmentation (random
+resized crop 0.85-1.0, no flip: digits are not mirror-symmetric). No network needed.
+Expected: >= 95% validation top-1 in under 3 minutes on 2 CPU cores.
 """
 
 from flaxvision.train.config import TrainConfig
@@ -16,13 +17,13 @@ EXPECTED = ">= 95% val top-1 in < 3 min on 2 CPU cores"
 PRESET = TrainConfig(
     model="vit_tiny_patch16_224",
     model_overrides={"patch_size": 4, "width": 128, "depth": 4, "num_heads": 4, "mlp_dim": 256},
-    img_size=32,
+    img_size=16,
     dataset="builtin:digits",
     augment="rrc",
     rrc_scale_min=0.85,
     hflip=False,
     color_jitter=0.0,
-    epochs=15,
+    epochs=20,
     batch_size=64,
     eval_batch_size=128,
     optimizer="adamw",
