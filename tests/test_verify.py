@@ -81,7 +81,8 @@ def test_a_conversion_bug_is_caught(hf_dir):
 
 
 def test_verify_npz_and_timm_references_in_process(tmp_path, capsys):
-    save_for_hf(timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, num_classes=4), str(tmp_path), safe_serialization=True)
+    tiny = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, num_classes=4)
+    save_for_hf(tiny, str(tmp_path), safe_serialization=True)
     npz = flaxvision.save_pretrained(flaxvision.load_pretrained(tmp_path), tmp_path / "vit.npz", format="npz")
     assert cli.main(["verify", str(npz), "--json", "--figure", ""]) == 0  # reference: timm's own .npz reader
     summary = json.loads(capsys.readouterr().out)
@@ -111,7 +112,7 @@ def test_generated_images_look_like_photographs():
 
 @pytest.mark.parametrize("resize_mode", ["squash", "shortest"])
 def test_preprocess_geometry_and_normalisation(resize_mode):
-    prep = Preprocessing(img_size=32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5), crop_pct=0.875, resize_mode=resize_mode, interpolation="bicubic")
+    prep = Preprocessing(32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.5), crop_pct=0.875, resize_mode=resize_mode, interpolation="bicubic")
     gray = np.full((60, 90, 3), 128, np.uint8)
     out = verify.preprocess(gray, prep)
     assert out.shape == (32, 32, 3) and out.dtype == np.float32

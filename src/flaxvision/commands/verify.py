@@ -38,7 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("source", help="Hub repo id (org/name[@revision]), directory, .safetensors or .npz file")
-    parser.add_argument("--image", action="append", default=[], metavar="PATH", help="an image to compare on (repeatable); default: generated images")
+    parser.add_argument(
+        "--image", action="append", default=[], metavar="PATH", help="an image to compare on (repeatable); default: generated images"
+    )
     parser.add_argument("--reference", choices=REFERENCES, help="reference implementation (default: the checkpoint's own library)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest acceptable max |dlogits| (default 1e-4)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -214,11 +216,11 @@ def save_figure(path: Path, images: list[np.ndarray], rows: list[dict[str, Any]]
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
         ax.set_xticks([])
         ax.set_yticks([])
-        same = row["flaxvision"][0] == row["reference"][0]
+        (ours, p_ours), (theirs, p_theirs) = row["flaxvision"], row["reference"]
         ax.set_title(
-            f"flaxvision: {row['flaxvision'][0]} ({row['flaxvision'][1]:.1%})\n{reference}: {row['reference'][0]} ({row['reference'][1]:.1%})",
+            f"flaxvision: {ours} ({p_ours:.1%})\n{reference}: {theirs} ({p_theirs:.1%})",
             fontsize=8,
-            color="green" if same else "red",
+            color="green" if ours == theirs else "red",
         )
     fig.suptitle(f"max |dlogits| {result['max_abs_diff']:.2e}, top-1 agreement {result['top1_agree']:.0%}", fontsize=10)
     fig.tight_layout()
@@ -244,7 +246,8 @@ def run(args: argparse.Namespace) -> int:
     model.eval()
     kind = args.reference or ("transformers" if report.format == "transformers" else "timm")
     if kind == "timm" and model.config.layer_norm_eps != 1e-6:
-        print(f"note: timm's ViT uses LayerNorm eps 1e-6, this checkpoint {model.config.layer_norm_eps:g}: expect small differences", file=sys.stderr)
+        eps = model.config.layer_norm_eps
+        print(f"note: timm's ViT uses LayerNorm eps 1e-6, this checkpoint {eps:g}: expect small differences", file=sys.stderr)
     reference = reference_model(kind, model, report, allow_pickle=args.allow_pickle)
     images = read_images(args.image) if args.image else synthetic_images()
     inputs = np.stack([preprocess(image, model.preprocessing) for image in images])
@@ -253,7 +256,8 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for flax_probs, ref_probs in zip(result.pop("flaxvision_probs"), result.pop("reference_probs")):
         a, b = int(flax_probs.argmax()), int(ref_probs.argmax())
-        rows.append({"flaxvision": [_label(model.label_names, a), float(flax_probs[a])], "reference": [_label(model.label_names, b), float(ref_probs[b])]})
+        names = model.label_names
+        rows.append({"flaxvision": [_label(names, a), float(flax_probs[a])], "reference": [_label(names, b), float(ref_probs[b])]})
     passed = result["max_abs_diff"] <= args.tolerance
     figure = Path(args.figure) if args.figure else None
     if figure is not None:

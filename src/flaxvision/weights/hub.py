@@ -177,9 +177,13 @@ def read_npz(path: Path, allow_pickle: bool = False) -> dict[str, np.ndarray]:
             raise FlaxvisionError(
                 f"'{path}' stores pickled Python objects, which can run arbitrary code; pass allow_pickle=True if you trust it"
             ) from None
-        raise FlaxvisionError(f"cannot read '{path}': not a valid .npz archive, probably truncated or corrupt ({err}); re-download it") from None
+        raise _corrupt_npz(path, err) from None
     except (zipfile.BadZipFile, OSError, EOFError) as err:
-        raise FlaxvisionError(f"cannot read '{path}': not a valid .npz archive, probably truncated or corrupt ({err}); re-download it") from None
+        raise _corrupt_npz(path, err) from None
+
+
+def _corrupt_npz(path: Path, err: Exception) -> FlaxvisionError:
+    return FlaxvisionError(f"cannot read '{path}': not a valid .npz archive, probably truncated or corrupt ({err}); re-download it")
 
 
 def read_pickle(path: Path) -> dict[str, np.ndarray]:

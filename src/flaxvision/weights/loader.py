@@ -256,8 +256,11 @@ def load_pretrained(
         labels = tuple(label_names) if label_names is not None else parsed.label_names
     if labels is not None and len(labels) != target.num_classes:
         raise ConfigError(f"{len(labels)} label names for a model with num_classes={target.num_classes}")
-    prep = parsed.preprocessing or default_preprocessing(target)
-    model.preprocessing = dataclasses.replace(prep, img_size=target.img_size)
+    prep = dataclasses.replace(parsed.preprocessing or default_preprocessing(target), img_size=target.img_size)
+    try:  # a format's 3-channel default normalisation, for a grayscale checkpoint
+        model.preprocessing = prep.for_channels(target.in_chans)
+    except ConfigError:
+        model.preprocessing = default_preprocessing(target)
     model.label_names = labels
     if resampled:
         logger.info("%s: position embedding resampled from a %d to a %d patch grid", what, *resampled)

@@ -67,9 +67,8 @@ def rules(config: ViTConfig, *, head: bool = True) -> list[Rule]:
             fused(tuple(f"{k}/kernel" for k in qkv), f"{dst}attn.qkv.kernel", heads_in, heads_out, axis=1),
         ]
         if config.qkv_bias:
-            out.append(
-                fused(tuple(f"{k}/bias" for k in qkv), f"{dst}attn.qkv.bias", lambda b: b.reshape(d), lambda b: b.reshape(h, d // h), axis=0)
-            )
+            biases = tuple(f"{k}/bias" for k in qkv)
+            out.append(fused(biases, f"{dst}attn.qkv.bias", lambda b: b.reshape(d), lambda b: b.reshape(h, d // h), axis=0))
         out += [
             Rule((f"{mha}out/kernel",), f"{dst}attn.proj.kernel", lambda k: k.reshape(d, d), lambda k: (k.reshape(h, d // h, d),)),
             copy(f"{mha}out/bias", f"{dst}attn.proj.bias"),

@@ -9,8 +9,9 @@ Writing: the same files, loadable by `ViTForImageClassification.from_pretrained(
 
 Layout: files name layers `encoder.layer.{i}.attention.attention.query` etc. (also what transformers v5's
 save_pretrained writes); v5's modules are named `layers.{i}.attention.q_proj` etc., which a plain
-`torch.save(model.state_dict())` stores: both are read. q, k and v are separate Linear layers here; flaxvision fuses them into one (D, 3D) kernel [q | k | v],
-heads major, which is also the order transformers splits heads in, so fusing is a concatenation.
+`torch.save(model.state_dict())` stores: both are read. q, k and v are separate Linear layers here; flaxvision
+fuses them into one (D, 3D) kernel [q | k | v], heads major, which is also the order transformers splits heads in,
+so fusing is a concatenation.
 """
 
 from __future__ import annotations
