@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from flaxvision.errors import FlaxvisionError
 
 EPILOG = """examples:
-  flaxvision evaluate runs/digits-vit-20261122-101500 --dataset builtin:digits
+  flaxvision evaluate runs/digits-vit-20261122-101500                  # the run's own validation data
   flaxvision evaluate runs/food --dataset ethz/food101 --split validation --classes 20 --json
   flaxvision evaluate google/vit-base-patch16-224 --dataset ./imagenet_val_folder --split val"""
 
@@ -20,13 +21,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     parser.add_argument("model", metavar="RUN_OR_MODEL_DIR", help="a run directory, a model directory or a Hub id")
-    parser.add_argument("--dataset", required=True, help="Hub id, save_to_disk dir, parquet, image folder, builtin:digits")
-    parser.add_argument("--split", default=None, help="the split to evaluate (default: validation, else test)")
+    parser.add_argument("--dataset", help="Hub id, save_to_disk dir, parquet, image folder, builtin:digits "
+                        "(default for a run directory: the run's own validation data)")
+    parser.add_argument("--split", default=None, help="the split to evaluate (default: validation, else test, else "
+                        "the held-out fraction of train)")
     parser.add_argument("--classes", default=None, help="the class subset the model was trained on (e.g. 20)")
+    parser.add_argument("--val-fraction", type=float, default=None, help="held-out fraction when there is no split")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the held-out fraction")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print {accuracy, top5_accuracy, loss, per_class, ...}")
     parser.set_defaults(func=run)
+
+
+def _run_data_settings(source: str) -> dict:
+    """The data settings recorded in a run directory's config.json ({} when it is not a run directory)."""
+    path = Path(source) / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text()).get("train_config", {})
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {k: config.get(k) for k in ("dataset", "val_split", "classes", "val_fraction", "seed")}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,8 +52,18 @@ def run(args: argparse.Namespace) -> int:
     from flaxvision.train.loop import Evaluator
 
     model = load_model(args.model)
-    classes = int(args.classes) if args.classes and args.classes.isdigit() else args.classes
-    split = data.load(args.dataset, val_split=args.split, classes=classes).val
+    settings = {"dataset": args.dataset, "val_split": args.split, "classes": args.classes,
+                "val_fraction": args.val_fraction, "seed": args.seed}  # fmt: skip
+    recorded = _run_data_settings(args.model)
+    if args.dataset is None and not recorded:
+        raise FlaxvisionError(f"{args.model!r} is not a run directory; pass --dataset")
+    if args.dataset is None or args.dataset == recorded.get("dataset"):
+        settings = {k: v if v is not None else recorded.get(k) for k, v in settings.items()}  # same data as the run
+    classes = settings["classes"]
+    classes = int(classes) if isinstance(classes, str) and classes.isdigit() else classes
+    split = data.load(settings["dataset"], val_split=settings["val_split"], classes=classes,
+                      val_fraction=settings["val_fraction"] or 0.1, seed=settings["seed"] or 0).val  # fmt: skip
+    args.dataset = settings["dataset"]
     names = class_names_of(model)
     if split.num_classes != model.config.num_classes:
         raise FlaxvisionError(

@@ -66,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
             decoded.append((len(results), decode_eval(str(path), options)))
             results.append({"path": str(path), "predictions": None})
         except (BadImage, OSError) as err:
-            results.append({"path": str(path), "error": f"unreadable image: {err}"})
-            print(f"flaxvision: skipped {path}: unreadable image ({err})", file=sys.stderr)
+            results.append({"path": str(path), "error": f"unreadable: {err}"})
+            print(f"flaxvision: skipped {path}: unreadable ({err})", file=sys.stderr)
     k = min(args.top_k, len(names))
     for start in range(0, len(decoded), args.batch_size):
         chunk = decoded[start : start + args.batch_size]

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from flaxvision.data import builtin
 from flaxvision.data.transforms import BadImage, probe_image
 from flaxvision.errors import FlaxvisionError, did_you_mean
 
@@ -474,7 +475,8 @@ def load(
 
     Args:
       spec: a Hub dataset id (ethz/food101), a `save_to_disk` directory, a .parquet file / glob / directory of
-        parquet files, or an image folder (root/split/class/image, or root/class/image for one split).
+        parquet files, an image folder (root/split/class/image, or root/class/image for one split), or a dataset
+        that an installed package ships (builtin:digits).
       train_split: the training split (default "train").
       val_split: the validation split (default "validation", else "val", "valid" or "test"; when there is none,
         a stratified `val_fraction` of the training split, chosen with `seed`).
@@ -490,6 +492,8 @@ def load(
       FlaxvisionError: unknown spec, dataset not cached while offline, missing split or column, a label outside
         the class list, no usable images.
     """
+    if builtin.is_builtin(spec):  # e.g. builtin:digits, written once to the cache as a save_to_disk directory
+        spec = builtin.materialize(spec)
     kind = resolve_kind(spec)
     raw = _read_folder(spec) if kind == "folder" else _read_hf(spec, kind, image_column, label_column, cache_dir)
     available = list(raw)

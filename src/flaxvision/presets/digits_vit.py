@@ -19,6 +19,7 @@ PRESET = TrainConfig(
     model_overrides={"patch_size": 4, "width": 128, "depth": 4, "num_heads": 4, "mlp_dim": 256},
     img_size=16,
     dataset="builtin:digits",
+    val_fraction=0.2,
     augment="rrc",
     rrc_scale_min=0.85,
     hflip=False,

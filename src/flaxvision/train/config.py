@@ -31,6 +31,7 @@ class TrainConfig:
     dataset: str | None = None  # see flaxvision.data: Hub id, save_to_disk dir, parquet, image folder
     train_split: str = "train"
     val_split: str | None = None  # None: "validation", else "test", else a held-out fraction of train
+    val_fraction: float = 0.1  # the stratified held-out fraction when the dataset has no validation split
     classes: str | None = None  # "20" = first 20 class ids, "apple_pie,ramen" = named classes
     max_train_samples: int | None = None
     max_val_samples: int | None = None

@@ -550,7 +550,8 @@ def data_from_config(config: TrainConfig, model: Any = None) -> tuple[Any, Any, 
         classes = int(classes)
     splits = data.load(
         config.dataset, train_split=config.train_split, val_split=config.val_split, classes=classes,
-        max_train_samples=config.max_train_samples, max_val_samples=config.max_val_samples, seed=config.seed,
+        max_train_samples=config.max_train_samples, max_val_samples=config.max_val_samples,
+        val_fraction=config.val_fraction, seed=config.seed,
     )  # fmt: skip
     class_names = list(splits.class_names)
     if model is None:
@@ -575,17 +576,17 @@ def data_from_config(config: TrainConfig, model: Any = None) -> tuple[Any, Any, 
 
 
 def _export(model: Any, directory: Path) -> None:
-    """Write the final model with its label names where flaxvision.load_pretrained reads it."""
-    try:
-        from flaxvision.weights import save_pretrained
-    except ImportError:  # the weights package is not there yet: keep a plain safetensors copy
-        from flax import nnx
-        from safetensors.numpy import save_file
+    """Write the final model with its label names where flaxvision.load_pretrained reads it.
 
-        directory.mkdir(parents=True, exist_ok=True)
-        flat = {".".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(model))
-                if not isinstance(v, nnx.RngState)}  # fmt: skip
-        save_file(flat, str(directory / "model.safetensors"))
-        return
-    save_pretrained(model, directory, format="transformers" if model.family == "vit" else "flaxvision")
+    ViTs go out in transformers format (ViTForImageClassification.from_pretrained reads them too) unless they use
+    something that format cannot hold (average pooling, ...); everything else in flaxvision's own format.
+    """
+    from flaxvision.weights import save_pretrained
 
+    if model.family == "vit":
+        try:
+            save_pretrained(model, directory, format="transformers")
+            return
+        except FlaxvisionError as err:
+            print(f"flaxvision: model/ in flaxvision format ({err})")
+    save_pretrained(model, directory, format="flaxvision")
