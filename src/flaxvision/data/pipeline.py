@@ -58,50 +58,93 @@ REPORT_FILE = "skipped_images.json"
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Worker side: index -> decoded example. Pickled into every worker process.
+# Worker side: batch number -> decoded batch. Pickled into every worker process.
 
 
-class _Decoder:
-    """Maps a source position to {"image", "label", "mask", "id", "skipped"}; -1 is padding (a blank, masked row).
+class _BatchMaker:
+    """Batch number g (of the endless stream) -> {"image", "label", "mask", "id", "skipped"} numpy arrays.
 
-    A training image that cannot be used is replaced by a random other one (chosen by the example's own RNG, so
-    deterministically); an eval image that cannot be used becomes an invalid row, so that eval still covers every
+    Runs in the worker processes. Everything a batch holds is a function of (seed, g) alone: the epoch's example
+    order comes from a permutation seeded by (seed, epoch), the augmentation from an RNG seeded by (seed, g).
+    Images are decoded straight into the batch array (no per-example objects, no stacking copy).
+
+    A training image that cannot be used is replaced by a random other one (drawn from the batch's RNG, so
+    deterministically); an eval image that cannot be used becomes a masked row, so that eval still covers every
     other example exactly once. Either way "skipped" carries the unusable example's id (else -1).
     """
 
-    def __init__(self, source: ImageSource, options: ImageOptions, augment: AugmentConfig | None):
+    def __init__(self, source: ImageSource, options: ImageOptions, augment: AugmentConfig | None, *,
+                 batch_size: int, batches_per_epoch: int, seed: int, shuffle: bool, shard_index: int,
+                 shard_count: int, examples_per_epoch: int):
         self.source = source
         self.options = options
         self.augment = augment
-        self._blank = np.zeros((options.size, options.size, options.channels), np.uint8)
+        self.batch_size = batch_size
+        self.batches_per_epoch = batches_per_epoch
+        self.seed = seed
+        self.shuffle = shuffle
+        self.shard = (shard_index, shard_count)
+        self.examples_per_epoch = examples_per_epoch
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_order": None}
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Source positions of this process's examples in `epoch`, padded with -1 to whole batches."""
+        if self._order is not None and self._order[0] == epoch:
+            return self._order[1]
+        n, (index, count) = len(self.source), self.shard
+        if self.augment is None:  # eval: in order, every example once
+            positions = np.arange(index, n, count, dtype=np.int64)
+        else:
+            positions = np.arange(n, dtype=np.int64)
+            if self.shuffle:
+                positions = np.random.default_rng([self.seed, epoch]).permutation(n)
+            positions = positions[index::count][: self.examples_per_epoch]
+        padded = np.full(self.batches_per_epoch * self.batch_size, -1, np.int64)
+        kept = min(len(positions), len(padded))
+        padded[:kept] = positions[:kept]
+        self._order = (epoch, padded)
+        return padded
+
+    def __call__(self, g: int) -> dict[str, np.ndarray]:
+        g = int(g)
+        epoch, b = divmod(g, self.batches_per_epoch)
+        positions = self.order(epoch)[b * self.batch_size:(b + 1) * self.batch_size]
+        size, channels, batch = self.options.size, self.options.channels, self.batch_size
+        out = {
+            "image": np.zeros((batch, size, size, channels), np.uint8),
+            "label": np.zeros(batch, np.int32),
+            "mask": np.zeros(batch, np.bool_),
+            "id": np.full(batch, -1, np.int32),
+            "skipped": np.full(batch, -1, np.int64),
+        }
+        rng = np.random.default_rng([self.seed, g]) if self.augment is not None else None
+        for row, position in enumerate(positions.tolist()):
+            if position < 0:
+                continue  # padding: a blank, masked row
+            candidates = [position]
+            if rng is not None:
+                candidates += rng.integers(len(self.source), size=_REPLACEMENT_TRIES).tolist()
+            for candidate in candidates:
+                try:
+                    out["image"][row] = self._decode(candidate, rng)
+                except BadImage:
+                    if candidate == position:
+                        out["skipped"][row] = self.source.ids[position]
+                    continue
+                out["label"][row] = self.source.labels[candidate]
+                out["id"][row] = self.source.ids[candidate]
+                out["mask"][row] = True
+                break
+        return out
 
     def _decode(self, position: int, rng: np.random.Generator | None) -> np.ndarray:
         data = self.source[position]["image"]
         if self.augment is None:
             return decode_eval(data, self.options)
         return decode_train(data, self.options, self.augment, rng)
-
-    def _example(self, image: np.ndarray, position: int, valid: bool, skipped: int) -> dict[str, Any]:
-        label, example_id = (self.source.labels[position], self.source.ids[position]) if valid else (0, -1)
-        return {"image": image, "label": np.int32(label), "mask": np.bool_(valid), "id": np.int32(example_id),
-                "skipped": np.int64(skipped)}
-
-    def __call__(self, position: int, rng: np.random.Generator | None = None) -> dict[str, Any]:
-        position = int(position)
-        if position < 0:
-            return self._example(self._blank, 0, False, -1)
-        try:
-            return self._example(self._decode(position, rng), position, True, -1)
-        except BadImage:
-            skipped = int(self.source.ids[position])
-        if self.augment is not None:
-            for _ in range(_REPLACEMENT_TRIES):
-                other = int(rng.integers(len(self.source)))
-                try:
-                    return self._example(self._decode(other, rng), other, True, skipped)
-                except BadImage:
-                    continue
-        return self._example(self._blank, 0, False, skipped)
 
 
 def _worker_init(worker_index: int, worker_count: int) -> None:
@@ -175,18 +218,6 @@ class SkippedImages:
 
 # --------------------------------------------------------------------------------------------------------------
 # The loader
-
-
-class _PadBatch:
-    """grain batch_fn: stack examples, padding a short (last) batch with invalid rows to the full batch size."""
-
-    def __init__(self, batch_size: int, blank: dict[str, Any]):
-        self.batch_size = batch_size
-        self.blank = blank
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-        examples = list(examples) + [self.blank] * (self.batch_size - len(examples))
-        return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
 
 
 class Loader:
@@ -282,23 +313,12 @@ class Loader:
         """
         import grain
 
-        n, size = len(self.source), self.batch_size
-        decoder = _Decoder(self.source, self.options, self.augment)
-        pad = _PadBatch(size, decoder(-1))
-        if self.train:
-            ds = grain.MapDataset.range(n)
-            if self.shuffle:
-                ds = ds.shuffle(seed=self.seed)  # reshuffled every epoch (grain folds the epoch into the seed)
-            if self.shard_count > 1:
-                ds = ds[self.shard_index::self.shard_count][: self.examples_per_epoch]
-            ds = ds.random_map(decoder, seed=self.seed)  # per-example RNG from (seed, epoch, position)
-            ds = ds.batch(size, drop_remainder=self.drop_remainder, batch_fn=pad)
-        else:
-            positions = np.arange(self.shard_index, n, self.shard_count, dtype=np.int64)
-            padded = np.full(len(self) * size, -1, np.int64)
-            padded[: len(positions)] = positions
-            ds = grain.MapDataset.source(padded).map(decoder).batch(size, batch_fn=pad)
-        return ds.repeat(None)
+        maker = _BatchMaker(
+            self.source, self.options, self.augment, batch_size=self.batch_size, batches_per_epoch=len(self),
+            seed=self.seed, shuffle=self.shuffle, shard_index=self.shard_index, shard_count=self.shard_count,
+            examples_per_epoch=self.examples_per_epoch,
+        )
+        return grain.MapDataset.range(0, sys.maxsize).map(maker)
 
 
 class _Stream:
@@ -365,10 +385,10 @@ class _Stream:
 class LoaderIterator:
     """Yields batch dicts {"image": uint8 (B, H, W, C), "label": int32 (B,), "mask": bool (B,), "id": int32 (B,)}.
 
-    `id` is each example's row in its split (see `ImageSource.describe`), -1 on masked rows.
     `mask` is False for padding rows (the last eval batch, or the last training batch with drop_remainder=False)
-    and for eval images that could not be decoded. Arrays are on the device (or laid out by `loader.sharding`)
-    unless the loader was made with to_device=False.
+    and for eval images that could not be decoded. `id` is each example's row in its split (see
+    `ImageSource.describe`), -1 on masked rows. Arrays are on the device (or laid out by `loader.sharding`) unless
+    the loader was made with to_device=False.
     """
 
     def __init__(self, loader: Loader, start: int):

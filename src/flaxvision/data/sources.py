@@ -439,7 +439,7 @@ def _check_labels(raw: _RawSplit, spec: str, split: str) -> None:
 
 
 def _probe(source: ImageSource) -> int:
-    """Channel count of the source from a few decoded headers; raises when none of them is a usable image."""
+    """Channel count of the source from a few fully decoded images; raises when none of them is usable."""
     if len(source) == 0:
         raise FlaxvisionError(f"{source.name} has no examples; check the split and the class subset")
     positions = np.unique(np.linspace(0, len(source) - 1, num=min(_PROBES, len(source))).astype(int))
