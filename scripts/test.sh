@@ -30,4 +30,5 @@ else
   "$venv/bin/python" -m pip install --quiet --no-deps -e .
 fi
 
-exec "$venv/bin/python" -m pytest "$@"
+# Two workers for two cores; whole files per worker so module fixtures (the default run) run once.
+exec "$venv/bin/python" -m pytest -n 2 --dist loadfile "$@"

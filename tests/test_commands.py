@@ -162,3 +162,33 @@ def test_errors_are_one_line_with_exit_code_2(args, message, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("flaxvision: error: ") and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, cache_dir):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "interrupted"
+    args = ["train", "--run-dir", str(run_dir), "--epochs", "2", "--log-every", "2", "--no-progress", "--no-report"]
+    exe = Path(sys.executable).parent / "flaxvision"
+    env = {**os.environ, "FLAXVISION_CACHE": cache_dir, "JAX_PLATFORMS": "cpu"}
+    child = subprocess.Popen([str(exe), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline and child.poll() is None:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and metrics.read_text().count('"train"') >= 2:
+            break
+        time.sleep(0.05)
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 130, err[-2000:]
+    message = err.strip().splitlines()[-1]
+    assert message.startswith("flaxvision: error: interrupted at step ") and f"--run-dir {run_dir} --resume" in message
+    step = int(message.split("interrupted at step ")[1].split(";")[0])
+    assert (run_dir / "checkpoints" / str(step)).is_dir()
+    resumed = cli(*args, "--resume", env_extra={"FLAXVISION_CACHE": cache_dir})
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from step {step}" in resumed.stdout
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 44  # 2 epochs of 22 steps, none repeated

@@ -278,3 +278,13 @@ def test_bad_training_options():
         TrainConfig(accumulate_steps=3)
     with pytest.raises(flaxvision.ConfigError, match="unknown training option 'learning_rate'"):
         TrainConfig().replace(learning_rate=1.0)
+
+
+def test_device_out_of_memory_becomes_a_batch_size_suggestion():
+    from flaxvision.train.loop import out_of_memory_error
+
+    config = small_config(batch_size=64)
+    err = out_of_memory_error(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 3.2GiB"), config)
+    assert isinstance(err, flaxvision.FlaxvisionError)
+    assert str(err).startswith("the device ran out of memory at batch size 64; try --batch-size 32")
+    assert out_of_memory_error(RuntimeError("INVALID_ARGUMENT: shapes"), config) is None

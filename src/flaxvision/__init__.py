@@ -34,3 +34,14 @@ __all__ = [
     "ViTConfig", "build_model", "create_model", "list_models", "model_config", "model_info", "register_model",
     "LoadReport", "load_pretrained", "save_pretrained",
 ]  # fmt: skip
+
+_SUBPACKAGES = ("data", "presets", "report", "train")
+
+
+def __getattr__(name: str):
+    """`flaxvision.data`, `.train`, `.presets`, `.report` load on first use (they pull in datasets, grain, orbax)."""
+    if name in _SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"flaxvision.{name}")
+    raise AttributeError(f"module 'flaxvision' has no attribute {name!r}")

@@ -151,6 +151,18 @@ def _pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]
     return {"image": pad(batch["image"]), "label": pad(batch["label"]), "mask": pad(mask)}
 
 
+def out_of_memory_error(err: Exception, config: TrainConfig) -> FlaxvisionError | None:
+    """A device out-of-memory error as a one-line message with a batch size to try, else None."""
+    text = str(err)
+    if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
+        return None
+    smaller = max(config.batch_size // 2, 1)
+    return FlaxvisionError(
+        f"the device ran out of memory at batch size {config.batch_size}; try --batch-size {smaller}, or keep the "
+        f"batch and add --accumulate-steps {2 * config.accumulate_steps} (or --dtype bfloat16 on a GPU/TPU)"
+    )
+
+
 def prefetch_to_device(items: Iterable[tuple[dict, Any]], to_device: Callable, size: int = 2) -> Iterator[tuple[dict, Any]]:
     """Put the next batches on the devices while the current step runs (device_put is asynchronous).
 
@@ -478,7 +490,12 @@ def fit(
         except RuntimeError:  # interrupted while the step owned (donated) the state: the last checkpoint stands
             where = f"latest checkpoint: {checkpointer.latest_step()} in {checkpointer.directory}"
         checkpointer.close()
-        raise TrainingInterrupted(f"interrupted at step {step}; {where}; continue with the same command plus --resume") from None
+        raise TrainingInterrupted(
+            f"interrupted at step {step}; {where}; to continue, run the same command with --run-dir {run_dir} --resume"
+        ) from None
+    except jax.errors.JaxRuntimeError as err:
+        checkpointer.close()
+        raise out_of_memory_error(err, config) or err
     except BaseException:
         checkpointer.close()
         raise
