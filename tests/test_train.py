@@ -74,16 +74,16 @@ def run_child(run_dir, steps, mode, delay=0.0, **popen):
 
 def test_resume_after_sigkill_is_exact(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    child = run_child(straight, 24, "fresh")
+    child = run_child(straight, 16, "fresh")
     out, err = child.communicate(timeout=300)
     assert child.returncode == 0, err
 
-    # Kill a paced run (0.15 s per batch) with SIGKILL once it has checkpointed past the middle.
-    child = run_child(killed, 24, "fresh", delay=0.15)
+    # Kill a paced run (0.1 s per batch) with SIGKILL once it has checkpointed step 6 of 16.
+    child = run_child(killed, 16, "fresh", delay=0.1)
     deadline = time.time() + 240
     while time.time() < deadline:
         done = [int(p.name) for p in (killed / "checkpoints").glob("*") if p.name.isdigit()] if (killed / "checkpoints").exists() else []
-        if done and max(done) >= 12:
+        if done and max(done) >= 6:
             break
         time.sleep(0.05)
     child.send_signal(signal.SIGKILL)
@@ -99,7 +99,7 @@ def test_resume_after_sigkill_is_exact(tmp_path):
         if f.is_file() and f.stat().st_size > 0:
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
 
-    child = run_child(killed, 24, "resume")
+    child = run_child(killed, 16, "resume")
     out, err = child.communicate(timeout=300)
     assert child.returncode == 0, err
     assert f"resumed from step {latest}" in out
