@@ -176,6 +176,17 @@ def test_label_outside_class_list_is_an_error(tmp_path):
         load(str(tmp_path / "d"))
 
 
+def test_an_unlabeled_test_split_is_not_the_default_validation_split(tmp_path):
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    train = datasets.Dataset.from_dict({"image": [_png((1, 2, 3))] * 8, "label": [0, 1] * 4}, features=features)
+    test = datasets.Dataset.from_dict({"image": [_png((1, 2, 3))] * 2, "label": [-1, -1]}, features=features)
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "d"))
+    data = load(str(tmp_path / "d"), val_fraction=0.25)
+    assert data.val_held_out and (len(data.train), len(data.val)) == (6, 2)
+    with pytest.raises(FlaxvisionError, match="unlabeled splits"):
+        load(str(tmp_path / "d"), val_split="test")
+
+
 def test_no_usable_images_is_an_error(tmp_path):
     for c in ("a", "b"):
         (tmp_path / "train" / c).mkdir(parents=True)

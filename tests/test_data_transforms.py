@@ -176,6 +176,23 @@ def test_draft_decoding_is_used_and_close_to_full_decoding():
     assert np.abs(fast.astype(int) - full.astype(int)).mean() < 3
 
 
+def test_draft_min_fraction_trades_a_little_resolution_for_speed():
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).resize((512, 384), Image.BICUBIC)
+    data = encode(photo, "JPEG", quality=90)
+
+    def crop(draft, fraction):
+        options = ImageOptions(size=224, draft=draft)
+        augment = AugmentConfig(hflip=False, draft_min_fraction=fraction)
+        return decode_train(data, options, augment, np.random.default_rng(5))
+
+    exact = crop(False, 1.0)
+    np.testing.assert_array_equal(crop(True, 1.0), exact)  # strict: a 224 crop of a 512 photo is never reduced
+    reduced = crop(True, 0.5)  # half-size decode allowed: different pixels, same picture
+    assert not np.array_equal(reduced, exact)
+    assert np.abs(reduced.astype(int) - exact.astype(int)).mean() < 4
+
+
 def test_augment_config_validation():
     with pytest.raises(ConfigError, match="scale"):
         AugmentConfig(scale=(0.0, 1.0))

@@ -10,10 +10,10 @@
     ...         x = loader.device_preprocess(batch["image"], key)   # inside the jitted step: jitter + normalise
     ...         state = it.get_state()         # save with a checkpoint; it.set_state(state) resumes exactly
 
-How it stays deterministic: batch b of epoch e is a pure function of (seed, e, b). The example order is grain's
-per-epoch shuffle of the indices, sharded `[shard_index::shard_count]` across processes; each example's random
-augmentation comes from an RNG seeded by (seed, epoch, position); batching happens before the stream is split
-across worker processes, so each worker builds whole batches and the order does not depend on the number of
+How it stays deterministic: batch b of epoch e is a pure function of (seed, e, b). The example order is a
+permutation seeded by (seed, epoch), sharded `[shard_index::shard_count]` across processes; the augmentation of a
+batch comes from an RNG seeded by (seed, its number in the stream); grain splits the stream of batch numbers across
+its worker processes, so each worker builds whole batches and the order does not depend on the number of
 workers. The iterator state is therefore just (epoch, batch) (plus the skipped-image log): a resumed run, with any
 number of workers, gets exactly the batches it would have seen.
 

@@ -478,8 +478,8 @@ def load(
         parquet files, an image folder (root/split/class/image, or root/class/image for one split), or a dataset
         that an installed package ships (builtin:digits).
       train_split: the training split (default "train").
-      val_split: the validation split (default "validation", else "val", "valid" or "test"; when there is none,
-        a stratified `val_fraction` of the training split, chosen with `seed`).
+      val_split: the validation split (default "validation", else "val", "valid" or "test", skipping unlabeled
+        ones; when there is none, a stratified `val_fraction` of the training split, chosen with `seed`).
       classes: keep the first N class ids (an int), or the named classes (a list, or "a,b,c"); labels are remapped
         to 0..N-1 in that order and the names kept.
       max_train_samples, max_val_samples: keep a random subset (chosen with `seed`) of at most this many examples.
@@ -508,7 +508,8 @@ def load(
             f"dataset {spec!r} has no split {val_split!r}{did_you_mean(val_split, available)}; "
             f"splits: {', '.join(available)} (leave out the validation split to hold out {val_fraction:.0%} of train)"
         )
-    val_name = val_split or next((s for s in VAL_SPLITS if s in raw and s != train_name), None)
+    unlabeled = {name for name, r in raw.items() if len(r.labels) and (r.labels < 0).all()}  # e.g. a hidden test set
+    val_name = val_split or next((s for s in VAL_SPLITS if s in raw and s != train_name and s not in unlabeled), None)
     for split in {train_name, val_name} - {None}:
         _check_labels(raw[split], spec, split)
     keep = _select_classes(raw[train_name].class_names, classes, spec)

@@ -16,16 +16,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-_NOISE_SIDE = 1024
-
-
-def _noise_texture(seed: int) -> np.ndarray:
+def _noise_texture(seed: int, side: int = 1024) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    return rng.normal(0.0, 10.0, (_NOISE_SIDE, _NOISE_SIDE, 1)).astype(np.int16)
+    return rng.normal(0.0, 10.0, (side, side, 1)).astype(np.int16)
 
 
 def photo(rng: np.random.Generator, width: int, height: int, noise: np.ndarray | None = None) -> Image.Image:
-    """A photograph-like RGB picture of width x height (at most 1024 x 1024 when `noise` is given)."""
+    """A photograph-like RGB picture of width x height; `noise` (a texture at least that large) adds grain."""
     base = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
     draw = ImageDraw.Draw(base)
     for _ in range(int(rng.integers(3, 7))):
@@ -63,7 +60,7 @@ def write_image_folder(
     root = Path(root)
     per_split = dict(per_split or {"train": 8, "validation": 2})
     rng = np.random.default_rng(seed)
-    noise = _noise_texture(seed)
+    noise = _noise_texture(seed, max(1024, max_side))
     for split, count in per_split.items():
         for label in range(num_classes):
             class_dir = root / split / f"class_{label:03d}"
