@@ -288,3 +288,72 @@ def test_device_out_of_memory_becomes_a_batch_size_suggestion():
     assert isinstance(err, flaxvision.FlaxvisionError)
     assert str(err).startswith("the device ran out of memory at batch size 64; try --batch-size 32")
     assert out_of_memory_error(RuntimeError("INVALID_ARGUMENT: shapes"), config) is None
+
+
+class StopAfter:
+    """Wraps a flaxvision.data loader and raises KeyboardInterrupt (as Ctrl-C would) after `n` training batches."""
+
+    def __init__(self, loader, n):
+        self.loader, self.n, self.seen = loader, n, 0
+
+    def __len__(self):
+        return len(self.loader)
+
+    def set_epoch(self, epoch):
+        self.loader.set_epoch(epoch)
+
+    def __iter__(self):
+        wrapper = self
+
+        class It:
+            def __init__(self):
+                self.it = iter(wrapper.loader)
+
+            def __iter__(self):
+                return self
+
+            def __next__(self):
+                if wrapper.seen == wrapper.n:
+                    raise KeyboardInterrupt
+                wrapper.seen += 1
+                return next(self.it)
+
+            def get_state(self):
+                return self.it.get_state()
+
+            def set_state(self, state):
+                self.it.set_state(state)
+
+        return It()
+
+
+def test_resume_mid_epoch_with_the_grain_loader_is_exact(tmp_path):
+    """A run interrupted mid-epoch resumes from its checkpoint with the data iterator's state: same end result."""
+    from flaxvision import data
+    from flaxvision.data.synthetic import write_image_folder
+    from flaxvision.train import TrainingInterrupted
+
+    root = write_image_folder(tmp_path / "images", num_classes=4, per_split={"train": 12, "validation": 3},
+                              max_side=40, min_side=24)  # fmt: skip
+    config = small_config(epochs=2, batch_size=8, eval_batch_size=8, log_every=2, seed=5, report=False)
+
+    def run(run_dir, stop_after=None, resume=False):
+        model = tiny_vit()
+        splits = data.load(str(root))
+        common = dict(preprocessing=model.preprocessing, seed=5, to_device=False)
+        train = data.make_loader(splits.train, batch_size=8, train=True, **common)
+        val = data.make_loader(splits.val, batch_size=8, train=False, **common)
+        source = StopAfter(train, stop_after) if stop_after else train
+        preprocess = lambda images, key: train.device_preprocess(images, key)  # noqa: E731
+        return fit(config, run_dir=run_dir, model=model, train_data=source, val_data=val, preprocess=preprocess,
+                   class_names=list(splits.class_names), resume=resume)  # fmt: skip
+
+    straight = run(tmp_path / "straight")
+    with pytest.raises(TrainingInterrupted, match=r"interrupted at step [78]; checkpoint saved"):
+        run(tmp_path / "cut", stop_after=9)  # 6 batches per epoch: stops in the middle of epoch 2
+    resumed = run(tmp_path / "cut", resume=True)
+    assert resumed.summary["steps"] == straight.summary["steps"] == 12
+    a, b = flat_params(straight.model), flat_params(resumed.model)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert resumed.summary["final_val_accuracy"] == straight.summary["final_val_accuracy"]
