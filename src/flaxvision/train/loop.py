@@ -387,10 +387,13 @@ def fit(
     meta = {"epoch": 0, "batch_in_epoch": 0, "data_state": None, "best_val_accuracy": None, "best_step": None,
             "wall_seconds": 0.0, "train_seconds": 0.0, "train_images": 0}  # fmt: skip
     latest = checkpointer.latest_step() if resume else None
+    if resume:
+        log.truncate_after(latest or 0)  # what a killed run logged after its last checkpoint is redone
     if latest is not None:
         trainer.state, meta = checkpointer.restore(latest, trainer.state)
-        log.truncate_after(latest)
         print(f"resumed from step {latest} (epoch {meta['epoch'] + 1}, batch {meta['batch_in_epoch']})")
+    elif resume:
+        print(f"no checkpoint in {checkpointer.directory} yet: starting from step 0")
 
     started = time.perf_counter() - meta["wall_seconds"]
     step = int(jax.device_get(trainer.state.step))
