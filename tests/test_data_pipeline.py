@@ -102,6 +102,23 @@ def test_train_shards_are_disjoint_and_equal(data):
     assert len(set(np.concatenate(epochs).tolist())) == 27
 
 
+def test_grain_shard_options_and_device_sharding(data, cpu_devices):
+    import grain
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    by_options = make_loader(data.train, preprocessing=PRE, batch_size=3, train=True, seed=4, to_device=False,
+                             shard_options=grain.sharding.ShardOptions(shard_index=1, shard_count=3))
+    by_index = make_loader(data.train, preprocessing=PRE, batch_size=3, train=True, seed=4, to_device=False,
+                           shard_index=1, shard_count=3)
+    assert ids_of(run_epoch(by_options)) == ids_of(run_epoch(by_index))
+
+    sharding = NamedSharding(Mesh(np.asarray(cpu_devices), ("data",)), PartitionSpec("data"))
+    loader = make_loader(data.train, preprocessing=PRE, batch_size=8, train=True, sharding=sharding)
+    batch = next(iter(loader))
+    assert batch["image"].sharding == sharding and batch["image"].shape == (8, 24, 24, 3)
+    assert len({shard.device for shard in batch["image"].addressable_shards}) == 8
+
+
 def test_same_seed_same_batches_other_seed_other_batches(data):
     def epochs(seed):
         loader = make_loader(data.train, preprocessing=PRE, batch_size=8, train=True, seed=seed, to_device=False)

@@ -101,6 +101,10 @@ def test_parquet_file_and_directory(disk, tmp_path):
     data = load(str(single), cache_dir=str(tmp_path / "cache"))
     assert data.class_names == tuple(CLASSES) and data.val_held_out  # ClassLabel kept in the parquet metadata
     assert len(data.train) + len(data.val) == 24
+    second = tmp_path / "one" / "more.parquet"
+    ds["validation"].to_parquet(str(second))
+    both = load(f"{single},{second}", cache_dir=str(tmp_path / "cache"))  # a list of files: one training split
+    assert len(both.train) + len(both.val) == 32
     directory = tmp_path / "dir"
     directory.mkdir()
     ds["train"].to_parquet(str(directory / "train-00000-of-00001.parquet"))

@@ -185,12 +185,25 @@ class _RawSplit:
     class_names: tuple[str, ...]
 
 
+def _parquet_files(spec: str) -> list[str]:
+    """The files a parquet spec names: one file, a glob, or a comma-separated list of either."""
+    files: list[str] = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        if not part.endswith(".parquet"):
+            return []
+        found = sorted(glob.glob(os.path.expanduser(part)))
+        if not found:
+            return []
+        files += found
+    return files
+
+
 def resolve_kind(spec: str) -> str:
     """Which kind of source a spec names: "disk", "parquet", "folder" or "hub".
 
     An existing directory is a `save_to_disk` directory when it has dataset_dict.json or state.json, a parquet
-    directory when it holds .parquet files, else an image folder. An existing .parquet file (or a glob of them) is
-    "parquet". Anything else that looks like `owner/name` (or `name`) is a Hub dataset id.
+    directory when it holds .parquet files, else an image folder. Existing .parquet files (one, a glob, or a
+    comma-separated list) are "parquet". Anything else that looks like `owner/name` (or `name`) is a Hub dataset id.
 
     Raises:
       FlaxvisionError: the spec is neither an existing path nor a Hub id.
@@ -202,7 +215,7 @@ def resolve_kind(spec: str) -> str:
         if next(path.rglob("*.parquet"), None) is not None:
             return "parquet"
         return "folder"
-    if spec.endswith(".parquet") and (path.is_file() or glob.glob(os.path.expanduser(spec))):
+    if _parquet_files(spec):
         return "parquet"
     if path.exists():
         raise FlaxvisionError(
@@ -236,7 +249,7 @@ def _hf_splits(spec: str, kind: str, cache_dir: str | None) -> tuple[dict[str, A
             if path.is_dir():
                 loaded, root = datasets.load_dataset("parquet", data_dir=str(path), cache_dir=cache_dir), str(path)
             else:
-                files = sorted(glob.glob(os.path.expanduser(spec)))
+                files = _parquet_files(spec)
                 loaded = datasets.load_dataset("parquet", data_files={"train": files}, cache_dir=cache_dir)
                 root = str(Path(files[0]).parent)
         else:
