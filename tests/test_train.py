@@ -357,3 +357,32 @@ def test_resume_mid_epoch_with_the_grain_loader_is_exact(tmp_path):
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     assert resumed.summary["final_val_accuracy"] == straight.summary["final_val_accuracy"]
+
+
+def test_fine_tune_a_transformers_checkpoint_and_ship_it_back(tmp_path):
+    """pretrained= a transformers directory -> head replaced for 4 classes -> trained -> model/ loads in transformers."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+
+    reference = transformers.ViTForImageClassification(transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16, patch_size=4,
+        num_labels=7))  # fmt: skip
+    reference.save_pretrained(tmp_path / "ckpt")
+    xt, yt = colour_data(128, 0)
+    xv, yv = colour_data(32, 1)
+    config = small_config(model=None, pretrained=str(tmp_path / "ckpt"), model_overrides={}, img_size=None,
+                          epochs=2, report=False)  # fmt: skip
+    from flaxvision.train.loop import _build_model
+
+    model = _build_model(config, num_classes=4)
+    assert model.config.num_classes == 4 and not np.any(model.head.kernel[...])  # zero-initialised new head
+    names = ["red", "green", "blue", "grey"]
+    result = fit(config, run_dir=tmp_path / "run", model=model, train_data=batches(xt, yt, 32), val_data=batches(xv, yv, 32),
+                 class_names=names)  # fmt: skip
+    assert result.summary["final_val_accuracy"] > 0.5
+    shipped = transformers.ViTForImageClassification.from_pretrained(tmp_path / "run" / "model").eval()
+    assert shipped.config.id2label == dict(enumerate(names))
+    x = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
+    with torch.no_grad():
+        expected = shipped(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2))).logits.numpy()
+    np.testing.assert_allclose(np.asarray(result.model(jnp.asarray(x))), expected, atol=1e-4)

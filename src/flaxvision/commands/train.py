@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and args.run_dir is None:
         raise ConfigError("--resume needs --run-dir, the directory of the run to continue")
     run_dir = args.run_dir or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"flaxvision: training {config.model} -> {run_dir}")
+    print(f"flaxvision: training {config.model or config.pretrained} -> {run_dir}")
     result = fit(config, run_dir=run_dir, resume=args.resume, overwrite=args.overwrite)
     s = result.summary
     acc = s["final_val_accuracy"]

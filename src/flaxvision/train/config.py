@@ -21,7 +21,7 @@ SCHEDULES = ("linear", "cosine", "constant")
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     # --- model ---------------------------------------------------------------------------------------------
-    model: str = "vit_tiny_patch16_224"
+    model: str | None = "vit_tiny_patch16_224"  # with pretrained: the architecture it must be (None: whatever it is)
     pretrained: str | None = None  # Hub id, directory or file (see flaxvision.load_pretrained)
     img_size: int | None = None  # None: the model's (or checkpoint's) default
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {"depth": 6}
@@ -74,6 +74,8 @@ class TrainConfig:
         def bad(field: str, why: str) -> ConfigError:
             return ConfigError(f"{field}={getattr(self, field)!r}: {why}")
 
+        if self.model is None and self.pretrained is None:
+            raise ConfigError("model=None needs pretrained= (the checkpoint then decides the architecture)")
         if self.optimizer not in OPTIMIZERS:
             raise bad("optimizer", f"use one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
