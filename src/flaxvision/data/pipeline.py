@@ -365,9 +365,15 @@ class _Stream:
             return {k: np.array(v) for k, v in batch.items()}
         import jax
 
-        if self.loader.sharding is None:
+        sharding = self.loader.sharding
+        devices = sharding.device_set if sharding is not None else {jax.devices()[0]}
+        if self.loader.workers and any(d.platform == "cpu" for d in devices):
+            # A CPU "device" may alias the page-aligned shared-memory buffer instead of copying it, which would pin
+            # grain's segment for as long as the batch lives: copy it out so the segment is released now.
+            batch = {k: np.array(v) for k, v in batch.items()}
+        if sharding is None:
             return jax.device_put(batch)
-        return {k: jax.make_array_from_process_local_data(self.loader.sharding, v) for k, v in batch.items()}
+        return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
     def close(self) -> None:
         if self._host is not None and hasattr(self._host, "close"):
