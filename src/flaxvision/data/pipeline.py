@@ -170,7 +170,7 @@ def _mark_absl_flags_parsed() -> None:
 
 @dataclasses.dataclass
 class SkippedImages:
-    """Unusable images seen by a loader: ids per epoch (an eval loader's passes all count as epoch 0)."""
+    """Unusable images met by a loader: their ids per epoch (for an eval loader, per pass over the data)."""
 
     source: ImageSource
     epochs: dict[int, list[int]] = dataclasses.field(default_factory=dict)
