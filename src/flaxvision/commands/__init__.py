@@ -3,11 +3,7 @@
 Runners import the heavy parts of the library (jax, datasets, ...) lazily, so `flaxvision --help` stays fast.
 """
 
-from flaxvision.commands import models, verify
-from flaxvision.commands import bench
-
-from flaxvision.commands import evaluate, export, predict, presets, report, train
+from flaxvision.commands import bench, evaluate, export, models, predict, presets, report, train, verify
 
 # Order = order in `flaxvision --help`.
-COMMANDS = [train, evaluate, predict, report, export, presets, models, verify]
-COMMANDS += [bench]
+COMMANDS = [train, evaluate, predict, report, export, verify, presets, models, bench]
