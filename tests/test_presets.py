@@ -80,7 +80,7 @@ def test_every_preset_runs_two_steps_on_stand_in_data(name, tmp_path):
     config = preset.replace(epochs=1, batch_size=8, eval_batch_size=8, log_every=1, pretrained=None, report=False,
                             progress=False, warmup_steps=min(preset.warmup_steps, 1))  # fmt: skip
     overrides = {"vit": dict(img_size=32, patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64),
-                 "resnet": dict(stage_widths=(8, 8, 8, 8)), "cnn": {}}  # fmt: skip
+                 "resnet": dict(stage_widths=(8, 8, 8, 8), stage_depths=(1, 1, 1, 1)), "cnn": {}}  # fmt: skip
     family = flaxvision.model_config(preset.model).__class__.__name__.replace("Config", "").lower()
     model = flaxvision.create_model(preset.model, num_classes=20 if "food" in name else 10, **overrides[family])
     data = _stand_in(config, model, 16)

@@ -106,19 +106,69 @@ def _run_input(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# bench train
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "train",
+        help="train/eval images/s, compile time and peak memory vs the PyTorch reference",
+        description="Time flaxvision's train step (SGD, momentum 0.9) and eval step against transformers' "
+        "ViTForImageClassification with the same batch and size, each in a fresh process; state the result "
+        "as a fraction of this machine's float32 matmul roofline.",
+        epilog="examples:\n  flaxvision bench train --model vit_base_patch16_224 --batch-size 8\n"
+               "  flaxvision bench train --model vit_tiny_patch16_224 --batch-size 32 --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("--model", default="vit_base_patch16_224")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (default 2)")
+    parser.add_argument("--no-reference", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (train_images_per_second, ...)")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from flaxvision.models import model_config
+    from flaxvision.train.benchmark import benchmark_train
+
+    model_config(args.model, img_size=args.img_size)  # unknown model / bad size: a clear error before any work
+    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
+        raise FlaxvisionError("--batch-size and --steps must be >= 1 and --warmup >= 0")
+    r = benchmark_train(args.model, args.batch_size, args.img_size, args.dtype, args.steps, args.warmup,
+                        reference=not args.no_reference)  # fmt: skip
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    ref = r["reference_train_images_per_second"]
+    print(f"{args.model}, batch {args.batch_size}, {args.img_size} px, {args.dtype}, {r['device']}")
+    print(f"  train {r['train_images_per_second']:.2f} images/s ({r['roofline_fraction']:.0%} of the "
+          f"{r['roofline_gflops']:.0f} GFLOP/s matmul roofline), eval {r['eval_images_per_second']:.2f} images/s")
+    print(f"  first step {r['compile_seconds']:.1f} s, peak memory {r['peak_memory_mb']:.0f} MB ({r['memory_measure']})")
+    if ref:
+        print(f"  reference: train {ref:.2f} images/s ({r['train_images_per_second'] / ref:.2f}x), eval "
+              f"{r['reference_eval_images_per_second']:.2f} images/s, peak memory {r['reference_peak_memory_mb']:.0f} MB")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------
 
 # Name -> (add the sub-subcommand's arguments, run it).
 BENCHMARKS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]] = {
     "input": (_add_input, _run_input),
+    "train": (_add_train, _run_train),
 }
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "bench",
-        help="benchmarks: input pipeline throughput",
+        help="benchmarks: input pipeline and train step throughput",
         description="Measure what decides training speed. Numbers for the reference setups are in BENCHMARKS.md.",
-        epilog="examples:\n  flaxvision bench input --dataset ethz/food101 --workers 4 --json",
+        epilog="examples:\n  flaxvision bench input --dataset ethz/food101 --workers 4 --json\n"
+               "  flaxvision bench train --model vit_base_patch16_224 --batch-size 8",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     benches = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")

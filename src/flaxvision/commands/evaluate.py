@@ -43,7 +43,7 @@ def _run_data_settings(source: str) -> dict:
         config = json.loads(path.read_text()).get("train_config", {})
     except (OSError, json.JSONDecodeError):
         return {}
-    return {k: config.get(k) for k in ("dataset", "val_split", "classes", "val_fraction", "seed")}
+    return {k: config.get(k) for k in ("dataset", "train_split", "val_split", "classes", "val_fraction", "seed")}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     from flaxvision.train.loop import Evaluator
 
     model = load_model(args.model)
-    settings = {"dataset": args.dataset, "val_split": args.split, "classes": args.classes,
+    # --split S evaluates all of S; without it, the validation data the run used (or the dataset's default).
+    settings = {"dataset": args.dataset, "train_split": args.split, "val_split": args.split, "classes": args.classes,
                 "val_fraction": args.val_fraction, "seed": args.seed}  # fmt: skip
     recorded = _run_data_settings(args.model)
     if args.dataset is None and not recorded:
@@ -61,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
         settings = {k: v if v is not None else recorded.get(k) for k, v in settings.items()}  # same data as the run
     classes = settings["classes"]
     classes = int(classes) if isinstance(classes, str) and classes.isdigit() else classes
-    split = data.load(settings["dataset"], val_split=settings["val_split"], classes=classes,
-                      val_fraction=settings["val_fraction"] or 0.1, seed=settings["seed"] or 0).val  # fmt: skip
+    split = data.load(settings["dataset"], train_split=settings["train_split"], val_split=settings["val_split"],
+                      classes=classes, val_fraction=settings["val_fraction"] or 0.1, seed=settings["seed"] or 0).val  # fmt: skip
     args.dataset = settings["dataset"]
     names = class_names_of(model)
     if split.num_classes != model.config.num_classes:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -101,6 +103,32 @@ def _from_json_safe(state: Any) -> Any:
 
 
 # ---- the run -------------------------------------------------------------------------------------------------
+
+
+class _DeferredInterrupt:
+    """Ctrl-C while training stops at the next safe point (after a step's bookkeeping), so the checkpoint written
+    then matches the data position exactly; a second Ctrl-C stops at once (the last checkpoint stands)."""
+
+    def __init__(self):
+        self.requested = self.forced = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            self.forced = True
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def stop_here(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
 
 
 class MetricsLog:
@@ -437,6 +465,7 @@ def fit(
     # ---- loop --------------------------------------------------------------------------------------------------
     epoch = meta["epoch"]
     compile_seconds = None
+    ctrl_c = _DeferredInterrupt()
     try:
         while epoch < config.epochs:
             cursor = EpochCursor(train_data, epoch, _from_json_safe(meta["data_state"]), meta["batch_in_epoch"])
@@ -459,6 +488,7 @@ def fit(
                     r = log_train(epoch)
                     bar.set_postfix(loss=f"{r['loss']:.4f}", acc=f"{r['accuracy']:.3f}", img_s=f"{r['images_per_second']:.0f}")
                 meta.update(epoch=epoch, batch_in_epoch=position, data_state=data_state)
+                ctrl_c.stop_here()  # state, step and data position agree: a safe point to stop
                 mid_epoch = position < steps_per_epoch
                 if mid_epoch and config.eval_every and step % config.eval_every == 0 and val_data is not None:
                     meta["train_seconds"] += time.perf_counter() - clock
@@ -486,13 +516,20 @@ def fit(
             images_since_log, time_since_log = 0, time.perf_counter()
             if on_epoch_end is not None:
                 on_epoch_end(trainer, result or {})
+            ctrl_c.stop_here()
     except KeyboardInterrupt:
-        try:  # meta holds the data position of the last step that ran
-            save()
-            where = f"checkpoint saved in {checkpointer.directory / str(step)}"
-        except RuntimeError:  # interrupted while the step owned (donated) the state: the last checkpoint stands
-            where = f"latest checkpoint: {checkpointer.latest_step()} in {checkpointer.directory}"
+        ctrl_c.restore()
+        where = None
+        if not ctrl_c.forced:  # meta holds the data position of the last step that ran
+            try:
+                checkpointer.wait()
+                if checkpointer.latest_step() != step:  # (an epoch end has just saved this step)
+                    save()
+                where = f"checkpoint saved in {checkpointer.directory / str(step)}"
+            except RuntimeError:  # the step still owned (donated) the state
+                pass
         checkpointer.close()
+        where = where or f"latest checkpoint: {checkpointer.latest_step()} in {checkpointer.directory}"
         raise TrainingInterrupted(
             f"interrupted at step {step}; {where}; to continue, run the same command with --run-dir {run_dir} --resume"
         ) from None
@@ -502,6 +539,8 @@ def fit(
     except BaseException:
         checkpointer.close()
         raise
+    finally:
+        ctrl_c.restore()
     checkpointer.close()
 
     # ---- results -----------------------------------------------------------------------------------------------
