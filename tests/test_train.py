@@ -386,3 +386,9 @@ def test_fine_tune_a_transformers_checkpoint_and_ship_it_back(tmp_path):
     with torch.no_grad():
         expected = shipped(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2))).logits.numpy()
     np.testing.assert_allclose(np.asarray(result.model(jnp.asarray(x))), expected, atol=1e-4)
+
+
+def test_class_count_must_match_the_model(tmp_path):
+    xt, yt = colour_data(64, 0)
+    with pytest.raises(flaxvision.FlaxvisionError, match="the data has 5 classes but the model predicts 4"):
+        fit(small_config(), run_dir=tmp_path, model=tiny_vit(), train_data=batches(xt, yt, 32), class_names=list("abcde"))

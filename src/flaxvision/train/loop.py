@@ -402,7 +402,12 @@ def fit(
         raise FlaxvisionError("the training data yields no full batch; lower --batch-size or add data")
     if model is None:
         model = _build_model(config, num_classes=len(class_names) if class_names else None)
-    if class_names and model.label_names is None and len(class_names) == model.config.num_classes:
+    if class_names and len(class_names) != model.config.num_classes:
+        raise FlaxvisionError(
+            f"the data has {len(class_names)} classes but the model predicts {model.config.num_classes}; "
+            "build the model with num_classes matching the data"
+        )
+    if class_names and model.label_names is None:
         model.label_names = tuple(class_names)
 
     trainer = Trainer(config, model, steps_per_epoch=steps_per_epoch, preprocess=preprocess)
