@@ -402,11 +402,8 @@ def fit(
         raise FlaxvisionError("the training data yields no full batch; lower --batch-size or add data")
     if model is None:
         model = _build_model(config, num_classes=len(class_names) if class_names else None)
-    if class_names and len(class_names) != model.config.num_classes:
-        raise FlaxvisionError(
-            f"the data has {len(class_names)} classes but the model predicts {model.config.num_classes}; "
-            "build the model with num_classes matching the data"
-        )
+    if class_names:
+        check_class_count(model, len(class_names))
     if class_names and model.label_names is None:
         model.label_names = tuple(class_names)
 
@@ -580,6 +577,15 @@ def fit(
     return FitResult(summary=summary, model=final_model, run_dir=run_dir, trainer=trainer)
 
 
+def check_class_count(model: Any, count: int) -> None:
+    """Labels beyond the head would train silently wrong: the data's class count must be the model's."""
+    if count != model.config.num_classes:
+        raise FlaxvisionError(
+            f"the data has {count} classes but the model predicts {model.config.num_classes}; "
+            "build the model with num_classes matching the data"
+        )
+
+
 def _run_record(config: TrainConfig, trainer: Trainer, class_names: list[str] | None) -> dict[str, Any]:
     return {
         "train_config": config.to_dict(),
@@ -620,11 +626,7 @@ def data_from_config(config: TrainConfig, model: Any = None) -> tuple[Any, Any, 
     class_names = list(splits.class_names)
     if model is None:
         model = _build_model(config, num_classes=len(class_names), in_chans=splits.train.num_channels)
-    if model.config.num_classes != len(class_names):
-        raise FlaxvisionError(
-            f"the model has {model.config.num_classes} classes but {config.dataset!r} has {len(class_names)}; "
-            "build the model with num_classes matching the data"
-        )
+    check_class_count(model, len(class_names))
     augment = {
         "rrc": data.AugmentConfig(scale=(config.rrc_scale_min, 1.0), hflip=config.hflip, brightness=config.color_jitter,
                                   contrast=config.color_jitter, saturation=config.color_jitter),
