@@ -166,7 +166,7 @@ def test_resume_mid_epoch_gives_the_identical_remaining_batches(data):
         np.testing.assert_array_equal(a["id"], b["id"])
 
     other = make_loader(data.train, preprocessing=PRE, batch_size=5, train=True, seed=3, to_device=False)
-    with pytest.raises(FlaxvisionError, match="batch_size=4, this loader has batch_size=5"):
+    with pytest.raises(FlaxvisionError, match="global_batch_size=4, this loader has global_batch_size=5"):
         iter(other).set_state(state)
 
 

@@ -11,11 +11,14 @@
     ...         state = it.get_state()         # save with a checkpoint; it.set_state(state) resumes exactly
 
 How it stays deterministic: batch b of epoch e is a pure function of (seed, e, b). The example order is a
-permutation seeded by (seed, epoch), sharded `[shard_index::shard_count]` across processes; the augmentation of a
-batch comes from an RNG seeded by (seed, its number in the stream); grain splits the stream of batch numbers across
-its worker processes, so each worker builds whole batches and the order does not depend on the number of
-workers. The iterator state is therefore just (epoch, batch) (plus the skipped-image log): a resumed run, with any
-number of workers, gets exactly the batches it would have seen.
+permutation seeded by (seed, epoch), cut into global batches of `batch_size x shard_count` examples; process
+`shard_index` reads only its contiguous slice of each global batch, so the processes' batches concatenated in
+process order are exactly the batch one process would read with the global batch size. The augmentation of an
+example comes from an RNG seeded by (seed, batch number, row in the global batch), so it does not depend on the
+process count either. grain splits the stream of batch numbers across its worker processes, so each worker
+builds whole batches and the order does not depend on the number of workers. The iterator state is therefore
+just (epoch, batch) (plus the skipped-image log), the same in every process: a resumed run, with any number of
+workers and any number of processes (same global batch), gets exactly the batches it would have seen.
 
 Workers are spawned processes (grain `mp_prefetch`). A plain script that uses them needs the usual
 `if __name__ == "__main__":` guard. Workers never touch an accelerator: they force JAX onto the CPU before any
@@ -65,7 +68,9 @@ class _BatchMaker:
     """Batch number g (of the endless stream) -> {"image", "label", "mask", "id", "skipped"} numpy arrays.
 
     Runs in the worker processes. Everything a batch holds is a function of (seed, g) alone: the epoch's example
-    order comes from a permutation seeded by (seed, epoch), the augmentation from an RNG seeded by (seed, g).
+    order comes from a permutation seeded by (seed, epoch), each example's augmentation from an RNG seeded by
+    (seed, g, its row in the global batch). This process reads rows [shard_index x batch_size, + batch_size) of
+    each global batch of batch_size x shard_count examples, and nothing else.
     Images are decoded straight into the batch array (no per-example objects, no stacking copy).
 
     A training image that cannot be used is replaced by a random other one (drawn from the batch's RNG, so
@@ -75,7 +80,7 @@ class _BatchMaker:
 
     def __init__(self, source: ImageSource, options: ImageOptions, augment: AugmentConfig | None, *,
                  batch_size: int, batches_per_epoch: int, seed: int, shuffle: bool, shard_index: int,
-                 shard_count: int, examples_per_epoch: int):
+                 shard_count: int):
         self.source = source
         self.options = options
         self.augment = augment
@@ -84,34 +89,37 @@ class _BatchMaker:
         self.seed = seed
         self.shuffle = shuffle
         self.shard = (shard_index, shard_count)
-        self.examples_per_epoch = examples_per_epoch
         self._order: tuple[int, np.ndarray] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_order": None}
 
     def order(self, epoch: int) -> np.ndarray:
-        """Source positions of this process's examples in `epoch`, padded with -1 to whole batches."""
+        """Source positions of every process's examples in `epoch` (the global order), padded with -1 to whole
+        global batches (eval: in order, every example once; training: a permutation, the remainder dropped)."""
         if self._order is not None and self._order[0] == epoch:
             return self._order[1]
-        n, (index, count) = len(self.source), self.shard
-        if self.augment is None:  # eval: in order, every example once
-            positions = np.arange(index, n, count, dtype=np.int64)
-        else:
-            positions = np.arange(n, dtype=np.int64)
-            if self.shuffle:
-                positions = np.random.default_rng([self.seed, epoch]).permutation(n)
-            positions = positions[index::count][: self.examples_per_epoch]
-        padded = np.full(self.batches_per_epoch * self.batch_size, -1, np.int64)
+        n = len(self.source)
+        positions = np.arange(n, dtype=np.int64)
+        if self.shuffle and self.augment is not None:
+            positions = np.random.default_rng([self.seed, epoch]).permutation(n)
+        padded = np.full(self.batches_per_epoch * self.batch_size * self.shard[1], -1, np.int64)
         kept = min(len(positions), len(padded))
         padded[:kept] = positions[:kept]
         self._order = (epoch, padded)
         return padded
 
+    def rows(self, g: int) -> tuple[np.ndarray, int]:
+        """(source positions of this process's rows of batch g, row of the first one in the global batch)."""
+        epoch, b = divmod(int(g), self.batches_per_epoch)
+        (index, count), size = self.shard, self.batch_size
+        first = index * size
+        start = b * size * count + first
+        return self.order(epoch)[start:start + size], first
+
     def __call__(self, g: int) -> dict[str, np.ndarray]:
         g = int(g)
-        epoch, b = divmod(g, self.batches_per_epoch)
-        positions = self.order(epoch)[b * self.batch_size:(b + 1) * self.batch_size]
+        positions, first_row = self.rows(g)
         size, channels, batch = self.options.size, self.options.channels, self.batch_size
         out = {
             "image": np.zeros((batch, size, size, channels), np.uint8),
@@ -120,10 +128,10 @@ class _BatchMaker:
             "id": np.full(batch, -1, np.int32),
             "skipped": np.full(batch, -1, np.int64),
         }
-        rng = np.random.default_rng([self.seed, g]) if self.augment is not None else None
         for row, position in enumerate(positions.tolist()):
             if position < 0:
                 continue  # padding: a blank, masked row
+            rng = np.random.default_rng([self.seed, g, first_row + row]) if self.augment is not None else None
             candidates = [position]
             if rng is not None:
                 candidates += rng.integers(len(self.source), size=_REPLACEMENT_TRIES).tolist()
@@ -251,15 +259,16 @@ class Loader:
         self.device_preprocess = device_preprocess
         self.skipped = SkippedImages(source)
         n = len(source)
-        # Training: every process gets n // shard_count examples per epoch. Eval: ceil(n / shard_count), padded,
-        # so that all processes run the same number of (jitted, collective) eval steps.
-        self.examples_per_epoch = n // shard_count if train else math.ceil(n / shard_count)
-        per_epoch = self.examples_per_epoch / batch_size
+        # Every process runs the same number of (jitted, collective) steps: whole global batches of
+        # batch_size x shard_count examples; the last one is dropped (training) or padded with masked rows (eval).
+        self.global_batch_size = batch_size * shard_count
+        per_epoch = n / self.global_batch_size
         self._batches_per_epoch = math.floor(per_epoch) if drop_remainder else math.ceil(per_epoch)
         if self._batches_per_epoch == 0:
             raise FlaxvisionError(
-                f"{source.name}: {self.examples_per_epoch} examples per process make no full batch of {batch_size}; "
-                "lower the batch size or pass drop_remainder=False"
+                f"{source.name}: {n} examples make no full batch of {self.global_batch_size}"
+                + (f" ({batch_size} per process x {shard_count} processes)" if shard_count > 1 else "")
+                + "; lower the batch size or pass drop_remainder=False"
             )
         self._next_epoch = 0
         self._stream: _Stream | None = None
@@ -296,8 +305,10 @@ class Loader:
             self._stream = None
 
     def _fingerprint(self) -> dict[str, Any]:
-        return {"num_examples": len(self.source), "batch_size": self.batch_size, "seed": self.seed,
-                "shard": [self.shard_index, self.shard_count], "train": self.train}
+        """What a saved position depends on. Not the process count: (epoch, batch) count global batches, so a
+        state saved by any number of processes resumes in any other with the same global batch size."""
+        return {"num_examples": len(self.source), "global_batch_size": self.global_batch_size, "seed": self.seed,
+                "train": self.train}
 
     def _stream_at(self, position: int) -> _Stream:
         if self._stream is None:
@@ -316,7 +327,6 @@ class Loader:
         maker = _BatchMaker(
             self.source, self.options, self.augment, batch_size=self.batch_size, batches_per_epoch=len(self),
             seed=self.seed, shuffle=self.shuffle, shard_index=self.shard_index, shard_count=self.shard_count,
-            examples_per_epoch=self.examples_per_epoch,
         )
         return grain.MapDataset.range(0, sys.maxsize).map(maker)
 
@@ -417,12 +427,14 @@ class LoaderIterator:
 
         The iterator then yields the rest of that state's epoch (and the following ones, for num_epochs > 1).
         """
+        if "global_batch_size" not in state and "shard" in state:  # states written before the key existed
+            state = {**state, "global_batch_size": int(state["batch_size"]) * int(state["shard"][1])}
         for key, value in self.loader._fingerprint().items():
             saved = state.get(key)
             if (list(saved) if isinstance(saved, (list, tuple)) else saved) != value:
                 raise FlaxvisionError(
                     f"cannot resume the data iterator: the checkpoint was saved with {key}={saved!r}, this loader "
-                    f"has {key}={value!r}; use the same dataset, batch size, seed and process count"
+                    f"has {key}={value!r}; use the same dataset, global batch size and seed"
                 )
         epoch, batch = int(state["epoch"]), int(state["batch"])
         self._position = epoch * len(self.loader) + batch
