@@ -17,9 +17,12 @@ EPILOG = """examples:
   flaxvision train --preset mnist-cnn --run-dir runs/mnist --resume
   flaxvision train --model resnet18_cifar --dataset uoft-cs/cifar10 --val-split test --augment cifar
   flaxvision train --dataset ./my_images --model vit_small_patch16_224 --pretrained timm/vit_small_patch16_224.augreg_in21k_ft_in1k --train-only head
+  flaxvision train --preset mnist-cnn --run-dir /shared/runs/mnist --coordinator host0:1234 --num-processes 2 --process-id 0
+  flaxvision train --preset food101-vit-b16-adamw --run-dir /shared/runs/vit --param-sharding fsdp   # on every host
 
 Every field of the recipe is an option (--lr, --batch-size, --warmup-steps, --freeze REGEX, --dtype bfloat16, ...);
-`flaxvision presets` lists the presets with the results their sources report."""
+`flaxvision presets` lists the presets with the results their sources report. Several processes (GPU hosts, a TPU
+pod slice): docs/DISTRIBUTED.md."""
 
 
 def _parse_none(kind: type) -> Any:
@@ -53,6 +56,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="discard what --run-dir holds and start afresh")
     parser.add_argument("--from-config", type=Path, metavar="CONFIG_JSON", help="re-run the recipe of a run's config.json")
+    multi = parser.add_argument_group(
+        "multi-process runs (JAX's distributed runtime; see docs/DISTRIBUTED.md)",
+        "Start the same command on every host. Without these flags, JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
+        "JAX_PROCESS_ID are read, and a SLURM job step / Open MPI job / TPU pod slice with several processes is "
+        "detected.",
+    )
+    multi.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address and a free port")
+    multi.add_argument("--num-processes", type=int, metavar="N", help="processes in the run (usually one per host)")
+    multi.add_argument("--process-id", type=int, metavar="I", help="this process's id, 0 .. N-1")
+    multi.add_argument("--distributed", action="store_true",
+                       help="join a multi-process run described by the cluster environment (jax.distributed.initialize() "
+                            "with no arguments: TPU pod slices, SLURM, Open MPI, Kubernetes)")  # fmt: skip
+    multi.add_argument("--heartbeat-timeout", type=int, metavar="SECONDS",
+                       help="a process silent this long is dead and the whole run stops (default 100)")  # fmt: skip
+    multi.add_argument("--init-timeout", type=int, metavar="SECONDS",
+                       help="how long processes wait for each other at start (default 300)")  # fmt: skip
     recipe = parser.add_argument_group("recipe fields (override the preset)")
     defaults = TrainConfig()
     for name, kind in field_types().items():
@@ -86,14 +105,35 @@ def resolve_config(args: argparse.Namespace) -> tuple[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flaxvision.train import fit
+    from flaxvision import distributed
 
     name, config = resolve_config(args)
     if args.resume and args.run_dir is None:
         raise ConfigError("--resume needs --run-dir, the directory of the run to continue")
+    launch = distributed.resolve(
+        args.coordinator, args.num_processes, args.process_id, cluster=args.distributed,
+        heartbeat_timeout=args.heartbeat_timeout, init_timeout=args.init_timeout,
+    )  # fmt: skip
+    if launch is not None:
+        if args.run_dir is None:
+            raise ConfigError("a multi-process run needs --run-dir: one directory that every process reaches "
+                              "(on several hosts, a shared filesystem or a bucket path)")  # fmt: skip
+        if not distributed.is_supervised():  # run the training in a child whose abort becomes a clear error
+            hint = f"once every host is up again, run the same command on every host with --run-dir {args.run_dir} --resume"
+            return distributed.supervise(launch, resume_hint=hint)
+        distributed.initialize(launch)  # before anything else touches JAX
+    import jax
+
+    from flaxvision.train import fit
+
     run_dir = args.run_dir or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"flaxvision: training {config.model or config.pretrained} -> {run_dir}")
+    is_main = jax.process_index() == 0
+    if is_main:
+        where = f" on {jax.process_count()} processes, {jax.device_count()} devices" if launch is not None else ""
+        print(f"flaxvision: training {config.model or config.pretrained} -> {run_dir}{where}")
     result = fit(config, run_dir=run_dir, resume=args.resume, overwrite=args.overwrite)
+    if not is_main:
+        return 0
     s = result.summary
     acc = s["final_val_accuracy"]
     print(

@@ -16,6 +16,7 @@ from flaxvision.errors import ConfigError, did_you_mean
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("linear", "cosine", "constant")
+PARAM_SHARDINGS = ("replicated", "fsdp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,9 @@ class TrainConfig:
     accumulate_steps: int = 1  # split each batch into this many micro-batches (same update, less memory)
     label_smoothing: float = 0.0
     layer_decay: float | None = None  # ViT layer-wise learning-rate decay, e.g. 0.75
+    # --- sharding (see docs/DISTRIBUTED.md) ------------------------------------------------------------------
+    param_sharding: str = "replicated"  # "fsdp": shard big parameters + optimizer state over the data axis
+    fsdp_min_size: int = 2**18  # with fsdp: arrays with fewer elements stay replicated (biases, norms, ...)
     # --- freezing ------------------------------------------------------------------------------------------
     train_only: str | None = None  # None (train all), "head", "last:K" (last K blocks + final norm + head)
     freeze: str | None = None  # regex on parameter paths ("blocks.0.attn.qkv.kernel"): matches are frozen
@@ -82,6 +86,10 @@ class TrainConfig:
             raise bad("schedule", f"use one of {', '.join(SCHEDULES)}")
         if self.augment not in ("rrc", "cifar", "none"):
             raise bad("augment", "use rrc, cifar or none")
+        if self.param_sharding not in PARAM_SHARDINGS:
+            raise bad("param_sharding", f"use one of {', '.join(PARAM_SHARDINGS)}")
+        if self.fsdp_min_size < 1:
+            raise bad("fsdp_min_size", "must be >= 1")
         if self.head_init not in ("zeros", "random"):
             raise bad("head_init", "use zeros or random")
         for field in ("epochs", "batch_size", "accumulate_steps", "log_every", "keep_checkpoints"):

@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from flaxvision import distributed
 from flaxvision.errors import FlaxvisionError
 from flaxvision.train import checkpoint as ckpt
 from flaxvision.train.config import TrainConfig
@@ -109,10 +110,12 @@ class _DeferredInterrupt:
     """Ctrl-C while training stops at the next safe point (after a step's bookkeeping), so the checkpoint written
     then matches the data position exactly; a second Ctrl-C stops at once (the last checkpoint stands)."""
 
-    def __init__(self):
-        self.requested = self.forced = False
+    def __init__(self, defer: bool = True):
+        # Several processes: a Ctrl-C reaches them at different steps (or only one of them), and a checkpoint is
+        # a collective, so the interrupted process stops at once and the last checkpoint stands.
+        self.requested, self.forced = False, not defer
         self.previous = None
-        if threading.current_thread() is threading.main_thread():
+        if defer and threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame):
@@ -158,9 +161,10 @@ class MetricsLog:
 def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     checkpoints = run_dir / "checkpoints"
     if overwrite:
-        ckpt.clear(checkpoints)
-        for name in ("metrics.jsonl", "summary.json"):
-            (run_dir / name).unlink(missing_ok=True)
+        if jax.process_index() == 0:
+            ckpt.clear(checkpoints)
+            for name in ("metrics.jsonl", "summary.json"):
+                (run_dir / name).unlink(missing_ok=True)
     elif not resume and (ckpt.has_checkpoints(checkpoints) or (run_dir / "metrics.jsonl").exists()):
         raise FlaxvisionError(
             f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it"
@@ -205,9 +209,15 @@ def prefetch_to_device(items: Iterable[tuple[dict, Any]], to_device: Callable, s
 
 
 def run_evaluation(eval_step: Callable, state: Any, batches: Iterable, batch_size: int, prefetch: Callable) -> dict[str, Any]:
-    """Sum `eval_step` over every (padded) batch on the device; read the totals once at the end."""
+    """Sum `eval_step` over every (padded) batch on the device; read the totals once at the end.
+
+    `batch_size` is the global batch: each process pads its own batches to its share of it. With several
+    processes every one must yield the same number of batches (flaxvision loaders do: the last global batch is
+    padded with masked rows), each covering its own examples, so the sums cover the data exactly once.
+    """
     totals = None
-    for batch, _ in prefetch((_pad_batch(_as_dict(b), batch_size), None) for b in batches):
+    local_size = batch_size // jax.process_count()
+    for batch, _ in prefetch((_pad_batch(_as_dict(b), local_size), None) for b in batches):
         sums = eval_step(state, batch)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     if totals is None:
@@ -271,7 +281,7 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = steps_per_epoch * config.epochs
         devices = devices or jax.devices()
-        # ---- mesh: one data axis over every device; parameters replicated (FSDP can shard them later) ----------
+        # ---- mesh: one data axis over every device of every process --------------------------------------------
         self.mesh = Mesh(np.asarray(devices), ("data",))
         n = len(devices)
         for field, size in (("batch_size", config.batch_size), ("eval_batch_size", config.global_eval_batch_size)):
@@ -293,8 +303,9 @@ class Trainer:
             raise FlaxvisionError("nothing to train: --train-only/--freeze froze every parameter")
         self.tx, self.schedule = make_optimizer(config, state.params, model.config, self.total_steps)
         state = state.replace(opt_state=self.tx.init(state.params))
-        self.state: TrainState = jax.device_put(state, self.replicated)
-        self.state_sharding = jax.tree.map(lambda _: self.replicated, self.state)
+        # Replicated, or FSDP: big arrays (parameters and the optimizer state shaped like them) split over "data".
+        self.state_sharding = distributed.state_shardings(state, self.mesh, config.param_sharding, config.fsdp_min_size)
+        self.state: TrainState = jax.device_put(state, self.state_sharding)
 
         # ---- steps ----------------------------------------------------------------------------------------------
         pre = model.preprocessing
@@ -315,6 +326,7 @@ class Trainer:
         self.eval_step = jax.jit(
             make_eval_step(self.parts, preprocess=eval_pre, num_classes=model.config.num_classes),
             in_shardings=(self.state_sharding, self.batch_sharding),
+            out_shardings=self.replicated,  # the sums, readable in every process
         )
 
     # ---- batches to devices ----------------------------------------------------------------------------------
@@ -342,7 +354,10 @@ class Trainer:
 
     def current_model(self) -> Any:
         """The model with the current weights, in eval mode (a fresh module; the trainer's state is untouched)."""
-        state = jax.device_get(self.state)
+        # Sharded arrays (FSDP, several processes) are gathered first; every process must call this.
+        parts = (self.state.params, self.state.frozen, self.state.model_state)
+        params, frozen, model_state = jax.device_get(jax.jit(lambda x: x, out_shardings=self.replicated)(parts))
+        state = self.state.replace(params=params, frozen=frozen, model_state=model_state, opt_state=None)
         model = merge_model(self.parts, state, train=False)
         model.preprocessing = self.model.preprocessing
         model.label_names = self.model.label_names
@@ -386,8 +401,10 @@ def fit(
     """
     run_dir = Path(run_dir)
     is_main = jax.process_index() == 0
+    processes = jax.process_count()
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_run_dir(run_dir, resume, overwrite)
+    distributed.barrier("flaxvision:run-dir-checked")  # no process starts writing before all have looked
 
     if train_data is None:
         train_data, val_data, class_names, model, data_preprocess = data_from_config(config, model)
@@ -417,12 +434,15 @@ def fit(
     meta = {"epoch": 0, "batch_in_epoch": 0, "data_state": None, "best_val_accuracy": None, "best_step": None,
             "wall_seconds": 0.0, "train_seconds": 0.0, "train_images": 0}  # fmt: skip
     latest = checkpointer.latest_step() if resume else None
-    if resume:
+    if resume and is_main:
         log.truncate_after(latest or 0)  # what a killed run logged after its last checkpoint is redone
     if latest is not None:
         trainer.state, meta = checkpointer.restore(latest, trainer.state)
-        print(f"resumed from step {latest} (epoch {meta['epoch'] + 1}, batch {meta['batch_in_epoch']})")
-    elif resume:
+        meta["data_state"] = _data_state_for_this_process(meta)
+        if is_main:
+            print(f"resumed from step {latest} (epoch {meta['epoch'] + 1}, batch {meta['batch_in_epoch']})"
+                  + (f", saved by {meta['processes']} processes" if meta.get("processes", 1) != processes else ""))  # fmt: skip
+    elif resume and is_main:
         print(f"no checkpoint in {checkpointer.directory} yet: starting from step 0")
 
     started = time.perf_counter() - meta["wall_seconds"]
@@ -431,7 +451,10 @@ def fit(
     images_since_log, time_since_log = 0, time.perf_counter()
 
     def save(val_accuracy: float | None = None) -> None:
-        meta.update(wall_seconds=time.perf_counter() - started)
+        # Every process calls this (Orbax writes the arrays cooperatively); the data-iterator state of every
+        # process goes into the meta item, which process 0 writes.
+        meta.update(wall_seconds=time.perf_counter() - started, processes=processes,
+                    data_states=distributed.allgather_json(meta["data_state"]))  # fmt: skip
         checkpointer.save(step, trainer.state, dict(meta), val_accuracy=val_accuracy)
 
     def log_train(epoch: int) -> dict[str, float]:
@@ -467,14 +490,15 @@ def fit(
     # ---- loop --------------------------------------------------------------------------------------------------
     epoch = meta["epoch"]
     compile_seconds = None
-    ctrl_c = _DeferredInterrupt()
+    ctrl_c = _DeferredInterrupt(defer=processes == 1)
+    local_batch = config.batch_size // processes
     try:
         while epoch < config.epochs:
             cursor = EpochCursor(train_data, epoch, _from_json_safe(meta["data_state"]), meta["batch_in_epoch"])
             bar = tqdm(total=steps_per_epoch, initial=cursor.consumed, desc=f"epoch {epoch + 1}/{config.epochs}",
                        disable=not (config.progress and is_main), unit="step", dynamic_ncols=True)  # fmt: skip
             clock = time.perf_counter()
-            full_batches = ((b, pos) for b, pos in cursor if len(b["label"]) == config.batch_size)
+            full_batches = ((b, pos) for b, pos in cursor if len(b["label"]) == local_batch)
             for batch, (position, data_state) in trainer.prefetch(full_batches):
                 trainer.state = trainer.train_step(trainer.state, batch)
                 step += 1
@@ -537,7 +561,11 @@ def fit(
         ) from None
     except jax.errors.JaxRuntimeError as err:
         checkpointer.close()
-        raise out_of_memory_error(err, config) or err
+        oom = out_of_memory_error(err, config)
+        if oom is None and processes > 1:  # a collective that failed: a peer is gone (or going)
+            hint = f"run the same command on every host with --run-dir {run_dir} --resume"
+            raise distributed.PeerProcessLost(f"{distributed.peer_lost_message(None, hint)} ({str(err).splitlines()[0]})") from err
+        raise oom or err
     except BaseException:
         checkpointer.close()
         raise
@@ -574,7 +602,25 @@ def fit(
             from flaxvision.report import write_report
 
             write_report(run_dir, model=final_model, train_data=train_data, val_data=val_data)
+    distributed.barrier("flaxvision:fit-done")  # the others wait while process 0 writes (no shutdown timeout)
     return FitResult(summary=summary, model=final_model, run_dir=run_dir, trainer=trainer)
+
+
+def _data_state_for_this_process(meta: dict[str, Any]) -> Any:
+    """This process's data-iterator state from a checkpoint's meta, whatever the process count that saved it.
+
+    Positions count global batches, so they carry over to any process count with the same global batch size;
+    with another count, process i takes the state of process min(i, saved - 1) and the skipped-image log of all.
+    """
+    states = meta.get("data_states") or [meta.get("data_state")]
+    mine = states[min(jax.process_index(), len(states) - 1)]
+    if len(states) != jax.process_count() and isinstance(mine, dict) and "skipped" in mine:
+        merged: dict[str, list] = {}
+        for state in states:
+            for epoch, ids in (state or {}).get("skipped", {}).items():
+                merged.setdefault(epoch, []).extend(i for i in ids if i not in merged[epoch])
+        mine = {**mine, "skipped": merged}
+    return mine
 
 
 def check_class_count(model: Any, count: int) -> None:
@@ -633,8 +679,10 @@ def data_from_config(config: TrainConfig, model: Any = None) -> tuple[Any, Any, 
         "cifar": data.AugmentConfig(crop="pad_crop", hflip=config.hflip, brightness=0.0, contrast=0.0, saturation=0.0),
         "none": data.AugmentConfig(crop="resize", hflip=False, brightness=0.0, contrast=0.0, saturation=0.0),
     }[config.augment]  # fmt: skip
+    # Each process reads only its slice of every global batch (see flaxvision.data.pipeline).
     per_process = lambda size: size // jax.process_count()  # noqa: E731
-    common = dict(preprocessing=model.preprocessing, seed=config.seed, workers=config.workers, to_device=False)
+    common = dict(preprocessing=model.preprocessing, seed=config.seed, workers=config.workers, to_device=False,
+                  shard_index=jax.process_index(), shard_count=jax.process_count())  # fmt: skip
     train = data.make_loader(splits.train, batch_size=per_process(config.batch_size), train=True, augment=augment, **common)
     val = data.make_loader(splits.val, batch_size=per_process(config.global_eval_batch_size), train=False, **common)
     dtype = jnp.dtype(model.config.dtype)
