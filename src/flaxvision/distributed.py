@@ -273,15 +273,19 @@ def supervise(launch: Launch, *, resume_hint: str) -> int:
             signal.signal(sig, handler)
     text = b"".join(tail)
     if code != 0 and any(marker in text for marker in _PEER_LOST_MARKERS):
-        raise PeerProcessLost(peer_lost_message(launch, resume_hint))
+        who = f"process {launch.process_id} of {launch.num_processes}" if launch.process_id is not None else "this process"
+        raise PeerProcessLost(peer_lost_message(who, resume_hint, launch.heartbeat_timeout))
     return code if code >= 0 else 128 - code
 
 
-def peer_lost_message(launch: Launch | None, resume_hint: str) -> str:
-    who = f"process {launch.process_id} of {launch.num_processes}" if launch and launch.process_id is not None else "this process"
-    within = f" (within the heartbeat timeout, {launch.heartbeat_timeout} s)" if launch else ""
+def peer_lost_message(who: str, resume_hint: str, heartbeat_timeout: int | None = None) -> str:
+    within = f" (within the heartbeat timeout, {heartbeat_timeout} s)" if heartbeat_timeout else ""
     return (
         f"the multi-process run stopped in {who}: another process died or became unreachable, and JAX's "
         f"distributed runtime stopped the others{within}; that process's log says why. The last checkpoint is "
         f"intact: {resume_hint}"
     )
+
+
+def resume_hint(run_dir: Any) -> str:
+    return f"once every host is up again, run the same command on every host with --run-dir {run_dir} --resume"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -119,9 +121,20 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("a multi-process run needs --run-dir: one directory that every process reaches "
                               "(on several hosts, a shared filesystem or a bucket path)")  # fmt: skip
         if not distributed.is_supervised():  # run the training in a child whose abort becomes a clear error
-            hint = f"once every host is up again, run the same command on every host with --run-dir {args.run_dir} --resume"
-            return distributed.supervise(launch, resume_hint=hint)
+            return distributed.supervise(launch, resume_hint=distributed.resume_hint(args.run_dir))
         distributed.initialize(launch)  # before anything else touches JAX
+        try:
+            return _train(args, name, config, launch)
+        except distributed.PeerProcessLost as err:
+            # Exit now: a normal exit would wait at jax.distributed's shutdown barrier for the lost process, then
+            # abort with a second report of the same failure.
+            print(f"flaxvision: error: {err}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(err.exit_code)
+    return _train(args, name, config, launch)
+
+
+def _train(args: argparse.Namespace, name: str, config: Any, launch: Any) -> int:
     import jax
 
     from flaxvision.train import fit

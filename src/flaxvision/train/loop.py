@@ -563,8 +563,9 @@ def fit(
         checkpointer.close()
         oom = out_of_memory_error(err, config)
         if oom is None and processes > 1:  # a collective that failed: a peer is gone (or going)
-            hint = f"run the same command on every host with --run-dir {run_dir} --resume"
-            raise distributed.PeerProcessLost(f"{distributed.peer_lost_message(None, hint)} ({str(err).splitlines()[0]})") from err
+            who = f"process {jax.process_index()} of {processes}"
+            message = distributed.peer_lost_message(who, distributed.resume_hint(run_dir))
+            raise distributed.PeerProcessLost(f"{message} ({str(err).splitlines()[0]})") from err
         raise oom or err
     except BaseException:
         checkpointer.close()
