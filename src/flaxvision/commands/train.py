@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     if launch is not None:
         if args.run_dir is None:
             raise ConfigError("a multi-process run needs --run-dir: one directory that every process reaches "
-                              "(on several hosts, a shared filesystem or a bucket path)")  # fmt: skip
+                              "(on several hosts, a shared filesystem such as NFS or a GCS FUSE mount)")  # fmt: skip
         if not distributed.is_supervised():  # run the training in a child whose abort becomes a clear error
             return distributed.supervise(launch, resume_hint=distributed.resume_hint(args.run_dir))
         distributed.initialize(launch)  # before anything else touches JAX
