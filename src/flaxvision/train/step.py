@@ -152,9 +152,13 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
 
-        # A step is good when its loss, gradients and resulting parameters are all finite; a bad one changes nothing.
-        checks = [jnp.isfinite(loss_sum)] + [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((grads, params))]
-        finite = jnp.all(jnp.stack(checks))
+        # A step is good when its loss, gradients and updates are all finite (then so are the new parameters); a
+        # bad one changes nothing. Two global norms make one scalar, materialised by the barrier: left to fusion,
+        # XLA copies the whole check into each of the hundreds of per-parameter selects below, which multiplied
+        # the compiled program's size (and ViT-B/16's compile time) several times over. A norm that overflows
+        # float32 counts as non-finite: such a step has diverged anyway.
+        finite = jnp.isfinite(loss_sum) & jnp.isfinite(optax.global_norm(grads)) & jnp.isfinite(optax.global_norm(updates))
+        finite = jax.lax.optimization_barrier(finite)
         m = state.metrics
         metrics = {
             "loss_sum": m["loss_sum"] + jnp.where(finite, loss_sum, 0.0),
