@@ -56,6 +56,11 @@ class ViTConfig:
     global_pool: str = "token"
     fc_norm: bool | None = None  # None: timm's rule, norm after pooling exactly when global_pool == "avg"
     dtype: str = "float32"
+    # How the encoder runs (not which weights it has): one compiled block scanned over the depth, which compiles
+    # in a fraction of the time of the unrolled loop and stops XLA from fusing the residual stream across blocks;
+    # `remat` recomputes each block's activations in the backward pass instead of storing them (less memory).
+    scan_blocks: bool = True
+    remat: bool = False
 
     def __post_init__(self) -> None:
         check_common(self)
@@ -193,8 +198,19 @@ def _layer_norm(cfg: ViTConfig, *, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
     return nnx.LayerNorm(cfg.width, epsilon=cfg.layer_norm_eps, dtype=dtype, use_fast_variance=False, rngs=rngs)
 
 
+def drop_path(x: jax.Array, rate: jax.Array, key: jax.Array) -> jax.Array:
+    """Stochastic depth with a traced rate: drop whole samples, as nnx.Dropout(rate, broadcast_dims=(1, 2))."""
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
+
+
 class Block(nnx.Module):
-    """Pre-LN encoder block: x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x)))."""
+    """Pre-LN encoder block: x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x))).
+
+    `drop_path_rate`, when given, replaces the block's own rate (a traced value: the scanned encoder passes each
+    block's rate as data, so that one compiled body serves blocks whose rates differ).
+    """
 
     def __init__(self, cfg: ViTConfig, drop_path_rate: float, *, dtype, rngs: nnx.Rngs):
         self.norm1 = _layer_norm(cfg, dtype=dtype, rngs=rngs)
@@ -205,9 +221,12 @@ class Block(nnx.Module):
         self.drop_path1 = nnx.Dropout(drop_path_rate, broadcast_dims=(1, 2), rngs=rngs)
         self.drop_path2 = nnx.Dropout(drop_path_rate, broadcast_dims=(1, 2), rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+    def __call__(self, x: jax.Array, drop_path_rate: jax.Array | None = None) -> jax.Array:
+        if drop_path_rate is None or self.drop_path1.deterministic:
+            x = x + self.drop_path1(self.attn(self.norm1(x)))
+            return x + self.drop_path2(self.mlp(self.norm2(x)))
+        x = x + drop_path(self.attn(self.norm1(x)), drop_path_rate, self.drop_path1.rngs())
+        return x + drop_path(self.mlp(self.norm2(x)), drop_path_rate, self.drop_path2.rngs())
 
 
 class ViT(Classifier):
@@ -235,9 +254,38 @@ class ViT(Classifier):
         cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (x.shape[0], 1, x.shape[2]))
         x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)
         x = self.pos_drop(x)
-        for block in self.blocks:
-            x = block(x)
+        x = self._encoder(x)
         return x if self.config.use_fc_norm else self.norm(x)
+
+    def _encoder(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        if not cfg.scan_blocks or cfg.depth == 1:
+            for block in self.blocks:
+                x = nnx.remat(lambda blk, y: blk(y))(block, x) if cfg.remat else block(x)
+            return x
+        # Scan one block over the depth. The parameters keep their per-block layout (what checkpoints, freezing
+        # and layer-wise decay address); they are stacked here, inside the compiled step, which costs one copy of
+        # the encoder weights (a few percent of a step) and compiles the block once instead of `depth` times.
+        # nnx.scan would need them stacked in the module itself; this keeps the module layout unchanged.
+        graph, _ = nnx.split(self.blocks[0])
+        states = [nnx.state(block) for block in self.blocks]
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+        rates = jnp.asarray([blk.drop_path1.rate for blk in self.blocks], jnp.float32)
+        use_rates = cfg.drop_path_rate > 0
+
+        def body(carry: jax.Array, layer: tuple) -> tuple[jax.Array, nnx.State]:
+            state, rate = layer
+            block = nnx.merge(graph, state)
+            carry = block(carry, rate if use_rates else None)
+            # Hand back the advanced RNG counters so that the next call draws new dropout masks.
+            return carry, nnx.state(block, nnx.RngState)
+
+        if cfg.remat:
+            body = jax.checkpoint(body, prevent_cse=False)
+        x, rng_states = jax.lax.scan(body, x, (stacked, rates))
+        for i, block in enumerate(self.blocks):
+            nnx.update(block, jax.tree.map(lambda leaf: leaf[i], rng_states))
+        return x
 
     def features(self, x: jax.Array) -> jax.Array:
         """Pooled image embedding fed to the head, (B, width)."""

@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 FORMATS = "transformers ViT (config.json model_type 'vit'), timm ViT, big_vision/vision_transformer .npz, flaxvision"
 HEAD_INITS = ("zeros", "random")
 # Config fields that describe how a model is trained or run, not which weights it has: callers may change them.
-TUNABLE = ("dropout_rate", "attention_dropout_rate", "drop_path_rate", "bn_momentum")
+TUNABLE = ("dropout_rate", "attention_dropout_rate", "drop_path_rate", "bn_momentum", "scan_blocks", "remat")
 # Fields a registry name may differ in from the checkpoint (the checkpoint's values win).
 NOT_ARCHITECTURE = {"num_classes", "img_size", "dtype", "layer_norm_eps", "act", "bn_eps", "fc_norm", *TUNABLE}
 
