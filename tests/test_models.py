@@ -183,6 +183,8 @@ def test_flop_count_matches_xla(name):
     """The analytic count agrees with XLA's own count of the compiled forward (which adds elementwise ops)."""
     # XLA counts only the multiply-adds that do not touch convolution padding; at these sizes that is a few %.
     config = dataclasses.replace(small_variant(name, num_classes=10), img_size={"resnet18": 224, "cnn": 56}.get(name, 64))
+    if hasattr(config, "scan_blocks"):  # XLA's cost analysis counts a loop body once: count the unrolled encoder
+        config = dataclasses.replace(config, scan_blocks=False)
     model = build_model(config)
     model.eval()
     graphdef, state = nnx.split(model)
@@ -288,3 +290,38 @@ def test_wrong_input_shape_is_a_clear_error():
     model = flaxvision.create_model("cnn")
     with pytest.raises(flaxvision.ConfigError, match=r"expects images of shape \(batch, 28, 28, 1\).*got \(2, 32, 32, 1\)"):
         model(jnp.zeros((2, 32, 32, 1)))
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_scanned_encoder_matches_the_unrolled_loop(remat):
+    """Scanning the blocks (the default) and remat change how the encoder runs, never what it computes."""
+    config = ViTConfig(num_classes=5, img_size=32, patch_size=8, width=64, depth=3, num_heads=2, mlp_dim=128,
+                       dropout_rate=0.1, drop_path_rate=0.3)  # fmt: skip
+    x = images(config, batch=8)
+
+    def run(scan_blocks: bool, remat: bool):
+        model = build_model(dataclasses.replace(config, scan_blocks=scan_blocks, remat=remat))
+        model.eval()
+        eval_logits = model(x)
+        model.train()
+        nnx.reseed(model, dropout=3)
+        first, second = model(x), model(x)  # the RNG counters advance: new dropout / drop-path masks each call
+        nnx.reseed(model, dropout=3)
+        grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
+        return eval_logits, first, second, jax.tree.leaves(nnx.state(grads, nnx.Param))
+
+    unrolled, scanned = run(False, False), run(True, remat)
+    assert not np.allclose(unrolled[1], unrolled[2])
+    for a, b in zip(unrolled[:3], scanned[:3]):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert len(unrolled[3]) == len(scanned[3])
+    for a, b in zip(unrolled[3], scanned[3]):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_scanned_encoder_does_not_mutate_model_state_in_eval():
+    """In eval mode the scan touches no RNG state, so a model captured by jax.jit can be called (predict does)."""
+    model = build_model(small_variant("vit_tiny_patch16_224", dropout_rate=0.1))
+    model.eval()
+    logits = jax.jit(lambda x: model(x))(images(model.config))
+    np.testing.assert_allclose(logits, model(images(model.config)), atol=1e-5)

@@ -272,19 +272,23 @@ class ViT(Classifier):
         stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
         rates = jnp.asarray([blk.drop_path1.rate for blk in self.blocks], jnp.float32)
         use_rates = cfg.drop_path_rate > 0
+        stochastic = not self.blocks[0].drop_path1.deterministic and (
+            use_rates or cfg.dropout_rate > 0 or cfg.attention_dropout_rate > 0
+        )
 
-        def body(carry: jax.Array, layer: tuple) -> tuple[jax.Array, nnx.State]:
+        def body(carry: jax.Array, layer: tuple) -> tuple[jax.Array, nnx.State | None]:
             state, rate = layer
             block = nnx.merge(graph, state)
             carry = block(carry, rate if use_rates else None)
             # Hand back the advanced RNG counters so that the next call draws new dropout masks.
-            return carry, nnx.state(block, nnx.RngState)
+            return carry, nnx.state(block, nnx.RngState) if stochastic else None
 
         if cfg.remat:
             body = jax.checkpoint(body, prevent_cse=False)
         x, rng_states = jax.lax.scan(body, x, (stacked, rates))
-        for i, block in enumerate(self.blocks):
-            nnx.update(block, jax.tree.map(lambda leaf: leaf[i], rng_states))
+        if stochastic:
+            for i, block in enumerate(self.blocks):
+                nnx.update(block, jax.tree.map(lambda leaf: leaf[i], rng_states))
         return x
 
     def features(self, x: jax.Array) -> jax.Array:
