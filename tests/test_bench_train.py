@@ -2,6 +2,7 @@
 
 import json
 
+from flaxvision import host_memory
 from tests.test_cli import flaxvision_cli
 
 KEYS = {"train_images_per_second", "eval_images_per_second", "compile_seconds", "peak_memory_mb", "roofline_fraction",
@@ -18,6 +19,10 @@ def test_bench_train_json_measures_flaxvision_and_the_reference():
         assert out[key] is not None and out[key] > 0, key  # transformers is installed in the test environment
     assert out["roofline_fraction"] < 1.5 and out["roofline_gflops"] > 1
     assert out["model"] == "vit_tiny_patch16_224" and out["batch_size"] == 4
+    assert out["first_step_seconds"] >= out["compile_seconds"] > 0
+    assert out["remat"] == "dots"  # the ViT default
+    # The CLI re-ran itself with glibc's huge-page tunable where the system has it (the test's environment has not).
+    assert out["huge_pages"] == (host_memory.environment({}) is not None)
 
 
 def test_bench_train_unknown_model():

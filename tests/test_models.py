@@ -292,14 +292,14 @@ def test_wrong_input_shape_is_a_clear_error():
         model(jnp.zeros((2, 32, 32, 1)))
 
 
-@pytest.mark.parametrize("remat", [False, True])
-def test_scanned_encoder_matches_the_unrolled_loop(remat):
+@pytest.mark.parametrize("scan_blocks, remat", [(True, "none"), (True, "dots"), (True, "full"), (False, "full")])
+def test_scanned_encoder_matches_the_unrolled_loop(scan_blocks, remat):
     """Scanning the blocks (the default) and remat change how the encoder runs, never what it computes."""
     config = ViTConfig(num_classes=5, img_size=32, patch_size=8, width=64, depth=3, num_heads=2, mlp_dim=128,
                        dropout_rate=0.1, drop_path_rate=0.3)  # fmt: skip
     x = images(config, batch=8)
 
-    def run(scan_blocks: bool, remat: bool):
+    def run(scan_blocks: bool, remat: str):
         model = build_model(dataclasses.replace(config, scan_blocks=scan_blocks, remat=remat))
         model.eval()
         eval_logits = model(x)
@@ -310,7 +310,7 @@ def test_scanned_encoder_matches_the_unrolled_loop(remat):
         grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
         return eval_logits, first, second, jax.tree.leaves(nnx.state(grads, nnx.Param))
 
-    unrolled, scanned = run(False, False), run(True, remat)
+    unrolled, scanned = run(False, "none"), run(scan_blocks, remat)
     assert not np.allclose(unrolled[1], unrolled[2])
     for a, b in zip(unrolled[:3], scanned[:3]):
         np.testing.assert_allclose(a, b, atol=1e-5)
@@ -325,3 +325,8 @@ def test_scanned_encoder_does_not_mutate_model_state_in_eval():
     model.eval()
     logits = jax.jit(lambda x: model(x))(images(model.config))
     np.testing.assert_allclose(logits, model(images(model.config)), atol=1e-5)
+
+
+def test_unknown_remat_policy_is_a_clear_error():
+    with pytest.raises(flaxvision.ConfigError, match=r"remat must be one of none, dots, full, got 'some'"):
+        ViTConfig(remat="some")

@@ -9,13 +9,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from flaxvision import __version__
+from flaxvision import __version__, host_memory
 from flaxvision.commands import COMMANDS
 from flaxvision.errors import FlaxvisionError
 
 EXIT_BAD_INPUT = 2
-
-
+# Commands whose time goes into XLA:CPU steps, which gain from huge pages (flaxvision.host_memory).
+COMPUTE_COMMANDS = ("train", "evaluate", "bench")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flaxvision",
@@ -31,11 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    as_program = argv is None  # the console script or `python -m flaxvision`, not a call from Python
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere on the line, not only before the subcommand
     parser = build_parser()
     args = parser.parse_args([a for a in argv if a != "--debug"])
     args.debug = debug
+    if as_program and args.command in COMPUTE_COMMANDS:
+        host_memory.restart_with_huge_pages()
     if args.command is None:
         parser.print_help()
         return EXIT_BAD_INPUT

@@ -126,6 +126,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (default 2)")
+    parser.add_argument("--remat", default=None, choices=["none", "dots", "full"],
+                        help="what the backward pass keeps of each ViT block (default: the model's, 'dots')")
     parser.add_argument("--no-reference", action="store_true", help="skip the PyTorch reference")
     parser.add_argument("--json", action="store_true", help="print one JSON object (train_images_per_second, ...)")
 
@@ -138,7 +140,7 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
         raise FlaxvisionError("--batch-size and --steps must be >= 1 and --warmup >= 0")
     r = benchmark_train(args.model, args.batch_size, args.img_size, args.dtype, args.steps, args.warmup,
-                        reference=not args.no_reference)  # fmt: skip
+                        reference=not args.no_reference, remat=args.remat)  # fmt: skip
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
@@ -146,7 +148,7 @@ def _run_train(args: argparse.Namespace) -> int:
     print(f"{args.model}, batch {args.batch_size}, {args.img_size} px, {args.dtype}, {r['device']}")
     print(f"  train {r['train_images_per_second']:.2f} images/s ({r['roofline_fraction']:.0%} of the "
           f"{r['roofline_gflops']:.0f} GFLOP/s matmul roofline), eval {r['eval_images_per_second']:.2f} images/s")
-    print(f"  first step {r['compile_seconds']:.1f} s, peak memory {r['peak_memory_mb']:.0f} MB ({r['memory_measure']})")
+    print(f"  compile {r['compile_seconds']:.1f} s, first step {r['first_step_seconds']:.1f} s, peak memory {r['peak_memory_mb']:.0f} MB ({r['memory_measure']})")
     if ref:
         print(f"  reference: train {ref:.2f} images/s ({r['train_images_per_second'] / ref:.2f}x), eval "
               f"{r['reference_eval_images_per_second']:.2f} images/s, peak memory {r['reference_peak_memory_mb']:.0f} MB")

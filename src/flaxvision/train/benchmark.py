@@ -5,9 +5,12 @@ Each side runs in its own fresh process (so peak memory and thread pools do not 
     python -m flaxvision.train.benchmark --model vit_base_patch16_224 --batch-size 8      # or `flaxvision bench train`
 
 Measured per side: train images/s (SGD with momentum 0.9, steps timed after warm-up), eval images/s (forward only;
-torch under inference_mode), time to the first step (flaxvision: trace + compile + run), and peak memory (the
-device's peak bytes where it reports them, else the growth of the process's peak RSS after imports). The
-machine's float32 matmul roofline (a large square matmul under XLA) turns model FLOP/s into a fraction.
+torch under inference_mode), compilation (flaxvision: trace + lower + XLA compile of the train step, ahead of
+time) and the time to the first step (compilation + the first run), and peak memory (the device's peak bytes where
+it reports them, else the growth of the process's peak RSS after imports). The machine's float32 matmul roofline
+(a large square matmul under XLA) turns model FLOP/s into a fraction. Both sides run with the same environment,
+including glibc's huge-page tunable where flaxvision uses it (flaxvision.host_memory; torch's speed does not change
+with it on the development machine).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import subprocess
 import sys
 import time
 from typing import Any
+
+from flaxvision import host_memory
 
 TRAIN_FLOPS_FACTOR = 3  # backward ~ 2 x forward
 
@@ -49,7 +54,7 @@ def matmul_roofline(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def _flaxvision(model: str, batch: int, img_size: int, dtype: str, steps: int, warmup: int) -> dict[str, Any]:
+def _flaxvision(model: str, batch: int, img_size: int, dtype: str, steps: int, warmup: int, remat: str | None) -> dict[str, Any]:
     import jax
     import numpy as np
 
@@ -58,22 +63,24 @@ def _flaxvision(model: str, batch: int, img_size: int, dtype: str, steps: int, w
     from flaxvision.train.loop import Evaluator
 
     base_rss = _rss_now_mb()
-    net = flaxvision.create_model(model, img_size=img_size, dtype=dtype)
+    net = flaxvision.create_model(model, img_size=img_size, dtype=dtype, **({"remat": remat} if remat else {}))
     config = TrainConfig(model=model, batch_size=batch, eval_batch_size=batch, optimizer="sgd", lr=1e-3, momentum=0.9)
     trainer = Trainer(config, net, steps_per_epoch=steps + warmup + 1, devices=jax.devices()[:1])
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (batch, img_size, img_size, net.config.in_chans), dtype=np.uint8)
     batch_on_device = trainer.to_device({"image": images, "label": np.arange(batch) % net.config.num_classes})
     start = time.perf_counter()
-    trainer.state = trainer.train_step(trainer.state, batch_on_device)
-    jax.block_until_ready(trainer.state)
+    step = trainer.train_step.lower(trainer.state, batch_on_device).compile()  # what the first call would compile
     compile_seconds = time.perf_counter() - start
+    trainer.state = step(trainer.state, batch_on_device)
+    jax.block_until_ready(trainer.state)
+    first_step_seconds = time.perf_counter() - start
     for _ in range(warmup):
-        trainer.state = trainer.train_step(trainer.state, batch_on_device)
+        trainer.state = step(trainer.state, batch_on_device)
     jax.block_until_ready(trainer.state)
     start = time.perf_counter()
     for _ in range(steps):
-        trainer.state = trainer.train_step(trainer.state, batch_on_device)
+        trainer.state = step(trainer.state, batch_on_device)
     jax.block_until_ready(trainer.state)
     train_ips = steps * batch / (time.perf_counter() - start)
 
@@ -94,6 +101,9 @@ def _flaxvision(model: str, batch: int, img_size: int, dtype: str, steps: int, w
         "train_images_per_second": train_ips,
         "eval_images_per_second": eval_ips,
         "compile_seconds": compile_seconds,
+        "first_step_seconds": first_step_seconds,
+        "remat": getattr(net.config, "remat", None),
+        "huge_pages": "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", ""),
         "peak_memory_mb": peak / 2**20 if peak else _rss_peak_mb() - base_rss,
         "memory_measure": "device peak_bytes_in_use" if peak else "process peak RSS growth",
         "forward_gflops": net.config.forward_flops() / 1e9,
@@ -154,8 +164,11 @@ def _child(side: str, **kwargs: Any) -> dict[str, Any] | None:
     """Run one side in a fresh interpreter; None when its library is not installed."""
     cmd = [sys.executable, "-m", "flaxvision.train.benchmark", "--side", side, "--json"]
     for key, value in kwargs.items():
-        cmd += [f"--{key.replace('_', '-')}", str(value)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+        if value is True:
+            cmd.append(f"--{key.replace('_', '-')}")
+        elif value is not False:
+            cmd += [f"--{key.replace('_', '-')}", str(value)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=host_memory.environment() or os.environ)
     if result.returncode != 0:
         if "ModuleNotFoundError" in result.stderr or "no transformers reference" in result.stderr:
             return None
@@ -164,15 +177,17 @@ def _child(side: str, **kwargs: Any) -> dict[str, Any] | None:
 
 
 def benchmark_train(model: str = "vit_base_patch16_224", batch_size: int = 8, img_size: int = 224,
-                    dtype: str = "float32", steps: int = 5, warmup: int = 2, reference: bool = True) -> dict[str, Any]:
+                    dtype: str = "float32", steps: int = 5, warmup: int = 2, reference: bool = True,
+                    remat: str | None = None) -> dict[str, Any]:
     """Both sides and the roofline; the keys of `flaxvision bench train --json`."""
     common = dict(model=model, batch_size=batch_size, img_size=img_size, steps=steps, warmup=warmup)
-    ours = _child("flaxvision", dtype=dtype, **common)
+    ours = _child("flaxvision", dtype=dtype, **({"remat": remat} if remat else {}), **common)
     ref = _child("transformers", **common) if reference else None
     roofline = matmul_roofline()
     train_flops = TRAIN_FLOPS_FACTOR * ours["forward_gflops"] * ours["train_images_per_second"]
     return {
-        **{k: ours[k] for k in ("train_images_per_second", "eval_images_per_second", "compile_seconds", "peak_memory_mb")},
+        **{k: ours[k] for k in ("train_images_per_second", "eval_images_per_second", "compile_seconds",
+                                "first_step_seconds", "peak_memory_mb")},
         "roofline_fraction": train_flops / roofline,
         "eval_roofline_fraction": ours["forward_gflops"] * ours["eval_images_per_second"] / roofline,
         "roofline_gflops": roofline,
@@ -181,7 +196,8 @@ def benchmark_train(model: str = "vit_base_patch16_224", batch_size: int = 8, im
         "reference_peak_memory_mb": ref["peak_memory_mb"] if ref else None,
         "reference": "transformers ViTForImageClassification" if ref else None,
         "model": model, "batch_size": batch_size, "img_size": img_size, "dtype": dtype,
-        "memory_measure": ours["memory_measure"], "device": ours["device"],
+        "memory_measure": ours["memory_measure"], "device": ours["device"], "huge_pages": ours["huge_pages"],
+        "remat": ours["remat"],
     }  # fmt: skip
 
 
@@ -194,15 +210,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--remat", default=None, choices=["none", "dots", "full"])
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     common = dict(model=args.model, batch=args.batch_size, img_size=args.img_size, steps=args.steps, warmup=args.warmup)
     if args.side == "flaxvision":
-        result = _flaxvision(dtype=args.dtype, **common)
+        result = _flaxvision(dtype=args.dtype, remat=args.remat, **common)
     elif args.side == "transformers":
         result = _transformers(**common)
     else:
-        result = benchmark_train(args.model, args.batch_size, args.img_size, args.dtype, args.steps, args.warmup)
+        result = benchmark_train(args.model, args.batch_size, args.img_size, args.dtype, args.steps, args.warmup,
+                                 remat=args.remat)
     print(json.dumps(result))
 
 

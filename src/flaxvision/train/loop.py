@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from flaxvision import distributed
+from flaxvision import distributed, host_memory
 from flaxvision.errors import FlaxvisionError
 from flaxvision.train import checkpoint as ckpt
 from flaxvision.train.config import TrainConfig
@@ -241,6 +241,7 @@ class Evaluator:
     """Evaluation alone (no optimizer): the eval step of a trained model, sharded over the local devices."""
 
     def __init__(self, model: Any, *, batch_size: int, preprocess: Callable | None = None, devices: list | None = None):
+        host_memory.trim_after_compiles()
         devices = devices or jax.devices()
         if batch_size % len(devices):
             raise FlaxvisionError(f"batch size {batch_size} does not divide by the {len(devices)} devices")
@@ -276,6 +277,7 @@ class Trainer:
         preprocess: Callable[..., jax.Array] | None = None,
         devices: list | None = None,
     ):
+        host_memory.trim_after_compiles()
         self.config = config
         self.model = model
         self.steps_per_epoch = steps_per_epoch
@@ -306,6 +308,7 @@ class Trainer:
         # Replicated, or FSDP: big arrays (parameters and the optimizer state shaped like them) split over "data".
         self.state_sharding = distributed.state_shardings(state, self.mesh, config.param_sharding, config.fsdp_min_size)
         self.state: TrainState = jax.device_put(state, self.state_sharding)
+        host_memory.release_free_memory()  # what building the model and optimizer state left in the heap
 
         # ---- steps ----------------------------------------------------------------------------------------------
         pre = model.preprocessing
