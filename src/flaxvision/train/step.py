@@ -157,7 +157,7 @@ def make_train_step(
         # XLA copies the whole check into each of the hundreds of per-parameter selects below, which multiplied
         # the compiled program's size (and ViT-B/16's compile time) several times over. A norm that overflows
         # float32 counts as non-finite: such a step has diverged anyway.
-        finite = jnp.isfinite(loss_sum) & jnp.isfinite(optax.global_norm(grads)) & jnp.isfinite(optax.global_norm(updates))
+        finite = jnp.isfinite(loss_sum) & jnp.isfinite(optax.tree.norm(grads)) & jnp.isfinite(optax.tree.norm(updates))
         finite = jax.lax.optimization_barrier(finite)
         m = state.metrics
         metrics = {
