@@ -16,6 +16,8 @@ from flaxvision.errors import FlaxvisionError
 EXIT_BAD_INPUT = 2
 # Commands whose time goes into XLA:CPU steps, which gain from huge pages (flaxvision.host_memory).
 COMPUTE_COMMANDS = ("train", "evaluate", "bench")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flaxvision",

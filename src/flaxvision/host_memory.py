@@ -4,7 +4,7 @@ Huge pages, through glibc's `glibc.malloc.hugetlb=1` tunable.
 
 XLA:CPU allocates each step's activations and gradients afresh, and glibc hands such large blocks back to the
 kernel when they are freed, so every step faults in gigabytes of fresh 4 KiB pages: ViT-B/16 at batch 8 takes
-~690k page faults per train step, about 15% of the step on this project's 2-core machine (BENCHMARKS.md). With
+~690k page faults per train step, about 13% of the step on this project's 2-core machine (BENCHMARKS.md). With
 the tunable, glibc asks for transparent huge pages and the faults drop to a few thousand per step. glibc reads
 tunables only when a process starts, so the CLI's compute commands re-run themselves with it set
 (`restart_with_huge_pages`); a Python program can be started with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`.

@@ -164,10 +164,7 @@ def _child(side: str, **kwargs: Any) -> dict[str, Any] | None:
     """Run one side in a fresh interpreter; None when its library is not installed."""
     cmd = [sys.executable, "-m", "flaxvision.train.benchmark", "--side", side, "--json"]
     for key, value in kwargs.items():
-        if value is True:
-            cmd.append(f"--{key.replace('_', '-')}")
-        elif value is not False:
-            cmd += [f"--{key.replace('_', '-')}", str(value)]
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
     result = subprocess.run(cmd, capture_output=True, text=True, env=host_memory.environment() or os.environ)
     if result.returncode != 0:
         if "ModuleNotFoundError" in result.stderr or "no transformers reference" in result.stderr:

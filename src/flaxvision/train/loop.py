@@ -359,7 +359,9 @@ class Trainer:
         """The model with the current weights, in eval mode (a fresh module; the trainer's state is untouched)."""
         # Sharded arrays (FSDP, several processes) are gathered first; every process must call this.
         parts = (self.state.params, self.state.frozen, self.state.model_state)
-        params, frozen, model_state = jax.device_get(jax.jit(lambda x: x, out_shardings=self.replicated)(parts))
+        if not all(leaf.is_fully_replicated for leaf in jax.tree.leaves(parts)):
+            parts = jax.jit(lambda x: x, out_shardings=self.replicated)(parts)
+        params, frozen, model_state = jax.device_get(parts)
         state = self.state.replace(params=params, frozen=frozen, model_state=model_state, opt_state=None)
         model = merge_model(self.parts, state, train=False)
         model.preprocessing = self.model.preprocessing
