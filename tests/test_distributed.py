@@ -140,3 +140,15 @@ def test_cli_bad_multi_process_flags_are_one_line_errors(capsys, tmp_path):
     assert code == 2 and "needs --run-dir" in capsys.readouterr().err
     assert main(["train", "--param-sharding", "zero3", "--run-dir", str(tmp_path)]) == 2
     assert "param_sharding='zero3': use one of replicated, fsdp" in capsys.readouterr().err
+
+
+def test_runtime_aborts_after_a_lost_peer_are_recognised():
+    """Both ways JAX's runtime aborts a survivor become the one-line PeerProcessLost in the supervisor."""
+    poller = b"F0000 ... Polled an error from coordination service (this can be an error from this or another task)"
+    barrier = (  # a peer killed while Orbax was finishing an asynchronous checkpoint (seen in CI)
+        b"jax.errors.JaxRuntimeError: INTERNAL: Barrier failed because: task is set to ERROR: UNAVAILABLE: Task 1 "
+        b"heartbeat timeout. ...\n*** Check failure stack trace: ***\n    @ xla::CoordinationServiceAgent::SetError()"
+    )
+    assert distributed.lost_a_peer(134, poller) and distributed.lost_a_peer(134, barrier)
+    assert not distributed.lost_a_peer(0, barrier)  # a run that ended well
+    assert not distributed.lost_a_peer(1, b"flaxvision: error: the dataset has no split 'validation'")

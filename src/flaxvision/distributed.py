@@ -36,7 +36,19 @@ DEFAULT_HEARTBEAT_TIMEOUT = 100  # jax's default: a process silent this long is 
 DEFAULT_INIT_TIMEOUT = 300  # jax's default: how long processes wait for each other at start
 
 # What JAX's runtime prints when it stops a process because another one died (coordination service errors).
-_PEER_LOST_MARKERS = (b"distributed service detected fatal errors", b"Polled an error from coordination service")
+# What JAX's runtime prints when it aborts a process because another one is gone: from the error poller, or from
+# a barrier that was waiting on the dead task (e.g. Orbax finishing an asynchronous checkpoint).
+_PEER_LOST_MARKERS = (
+    b"distributed service detected fatal errors",
+    b"Polled an error from coordination service",
+    b"heartbeat timeout",
+    b"CoordinationServiceAgent::SetError",
+)
+
+
+def lost_a_peer(exit_code: int, stderr_tail: bytes) -> bool:
+    """Whether a child that ended with `exit_code` was stopped by the runtime because another process died."""
+    return exit_code != 0 and any(marker in stderr_tail for marker in _PEER_LOST_MARKERS)
 
 
 class PeerProcessLost(FlaxvisionError):
@@ -272,7 +284,7 @@ def supervise(launch: Launch, *, resume_hint: str) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     text = b"".join(tail)
-    if code != 0 and any(marker in text for marker in _PEER_LOST_MARKERS):
+    if lost_a_peer(code, text):
         who = f"process {launch.process_id} of {launch.num_processes}" if launch.process_id is not None else "this process"
         raise PeerProcessLost(peer_lost_message(who, resume_hint, launch.heartbeat_timeout))
     return code if code >= 0 else 128 - code
