@@ -1,6 +1,7 @@
 """The `flaxvision` command: thin argument parsing over the library, errors turned into one-line messages.
 
-Exit codes: 0 success, 1 a check that ran and failed, 2 bad input (unknown model, bad value, unreadable file).
+Exit codes (one table, `EXIT_CODES`): 0 success, 1 a check that ran and failed or a run that diverged or lost a
+peer, 2 bad input (unknown model, bad value, unreadable file, a run directory in the wrong state), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -11,9 +12,24 @@ from collections.abc import Sequence
 
 from flaxvision import __version__, host_memory
 from flaxvision.commands import COMMANDS
-from flaxvision.errors import FlaxvisionError
+from flaxvision.errors import FlaxvisionError, PeerProcessLost, RunStopped, TrainingDiverged, TrainingInterrupted
 
 EXIT_BAD_INPUT = 2
+# Error class -> exit code; the first match wins (subclasses before their bases).
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (TrainingInterrupted, 130),
+    (TrainingDiverged, 1),
+    (PeerProcessLost, 1),
+    (RunStopped, 1),
+    (FlaxvisionError, EXIT_BAD_INPUT),
+    (KeyboardInterrupt, 130),
+)
+
+
+def exit_code_of(err: BaseException) -> int:
+    """The exit code for an error the CLI reports on one line."""
+    return next(code for kind, code in EXIT_CODES if isinstance(err, kind))
+
 # Commands whose time goes into XLA:CPU steps, which gain from huge pages (flaxvision.host_memory).
 COMPUTE_COMMANDS = ("train", "evaluate", "bench")
 
@@ -46,14 +62,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     try:
         return args.func(args)
-    except FlaxvisionError as err:
+    except (FlaxvisionError, RunStopped) as err:
         if args.debug:
             raise
         print(f"flaxvision: error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
+        return exit_code_of(err)
+    except KeyboardInterrupt as err:
         print("flaxvision: interrupted", file=sys.stderr)
-        return 130
+        return exit_code_of(err)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from flaxvision.errors import ConfigError, FlaxvisionError
+from flaxvision.errors import ConfigError, FlaxvisionError, PeerProcessLost
 
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"  # read by jax.distributed.initialize itself
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
@@ -49,12 +49,6 @@ _PEER_LOST_MARKERS = (
 def lost_a_peer(exit_code: int, stderr_tail: bytes) -> bool:
     """Whether a child that ended with `exit_code` was stopped by the runtime because another process died."""
     return exit_code != 0 and any(marker in stderr_tail for marker in _PEER_LOST_MARKERS)
-
-
-class PeerProcessLost(FlaxvisionError):
-    """Another process of a multi-process run died or became unreachable; the run stopped everywhere."""
-
-    exit_code = 1
 
 
 @dataclasses.dataclass(frozen=True)

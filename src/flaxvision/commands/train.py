@@ -128,9 +128,11 @@ def run(args: argparse.Namespace) -> int:
         except distributed.PeerProcessLost as err:
             # Exit now: a normal exit would wait at jax.distributed's shutdown barrier for the lost process, then
             # abort with a second report of the same failure.
+            from flaxvision.cli import exit_code_of
+
             print(f"flaxvision: error: {err}", file=sys.stderr, flush=True)
             sys.stdout.flush()
-            os._exit(err.exit_code)
+            os._exit(exit_code_of(err))
     return _train(args, name, config, launch)
 
 

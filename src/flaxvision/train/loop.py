@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from flaxvision import distributed, host_memory
-from flaxvision.errors import FlaxvisionError
+from flaxvision.errors import FlaxvisionError, TrainingDiverged, TrainingInterrupted
 from flaxvision.train import checkpoint as ckpt
 from flaxvision.train.config import TrainConfig
 from flaxvision.train.optim import make_optimizer, trainable_filter
@@ -43,18 +43,6 @@ from flaxvision.train.step import (
     normalize,
     split_model,
 )
-
-
-class TrainingDiverged(FlaxvisionError):
-    """The loss or the gradients became NaN or Inf; the last good checkpoint is intact."""
-
-    exit_code = 1
-
-
-class TrainingInterrupted(FlaxvisionError):
-    """Ctrl-C: a checkpoint was saved; the message says how to resume."""
-
-    exit_code = 130
 
 
 # ---- input ---------------------------------------------------------------------------------------------------
