@@ -15,7 +15,8 @@ fi
 
 venv=${FLAXVISION_TEST_VENV:-$HOME/.cache/flaxvision/test-venv}
 stamp="$venv/.flaxvision-deps"
-want="$("$python" --version 2>&1) $(sha256sum pyproject.toml | cut -c1-16)"
+# Rebuilt when the Python or the dependency lists change (not for edits to the tools' settings further down).
+want="$("$python" --version 2>&1) $(sed -n '/^dependencies/,/^\[project.scripts\]/p' pyproject.toml | sha256sum | cut -c1-16)"
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "== setting up the test environment in $venv (first run only)"
   start=$SECONDS

@@ -17,6 +17,7 @@ from flaxvision.data.synthetic import write_image_folder
 from flaxvision.errors import ConfigError
 from flaxvision.preprocessing import Preprocessing
 from flaxvision.train import TrainConfig, Trainer
+from flaxvision.train.checkpoint import Progress
 from flaxvision.train.loop import _data_state_for_this_process
 from tests.trainer_utils import colour_data
 
@@ -43,7 +44,7 @@ def test_fsdp_matches_replicated_and_really_shards(cpu_devices):
         losses = []
         for i in range(4):
             b = {"image": xt[16 * i : 16 * i + 16], "label": yt[16 * i : 16 * i + 16]}
-            trainer.state = trainer.train_step(trainer.state, trainer.to_device(b))
+            trainer.state = trainer.train_step(trainer.state, trainer.stage.put(b))
             losses.append(trainer.read_train_metrics()["loss"])
         runs[mode] = (losses, trainer)
     np.testing.assert_allclose(runs["replicated"][0], runs["fsdp"][0], atol=1e-5, rtol=0)
@@ -110,9 +111,9 @@ def test_process_slices_concatenate_to_the_one_process_global_batch(data):
 def test_data_states_map_to_another_process_count(monkeypatch):
     states = [{"epoch": 1, "batch": 2, "skipped": {"0": [5]}}, {"epoch": 1, "batch": 2, "skipped": {"0": [7]}}]
     meta = {"data_states": states, "data_state": states[0]}
-    mine = _data_state_for_this_process(meta)  # saved by 2 processes, restored by 1
+    mine = _data_state_for_this_process(Progress.from_json(meta))  # saved by 2 processes, restored by 1
     assert (mine["epoch"], mine["batch"]) == (1, 2) and sorted(mine["skipped"]["0"]) == [5, 7]
-    assert _data_state_for_this_process({"data_state": {"epoch": 0, "batch": 1}}) == {"epoch": 0, "batch": 1}
+    assert _data_state_for_this_process(Progress(data_state={"epoch": 0, "batch": 1})) == {"epoch": 0, "batch": 1}
 
 
 def test_launch_settings_from_flags_environment_and_cluster():

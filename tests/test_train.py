@@ -116,7 +116,7 @@ def test_resume_after_sigkill_is_exact(tmp_path):
 def test_existing_run_is_not_overwritten(tmp_path):
     xt, yt = colour_data(64, 0)
     fit(small_config(), run_dir=tmp_path, model=tiny_vit(), train_data=batches(xt, yt, 32))
-    with pytest.raises(flaxvision.FlaxvisionError, match="already holds a run; pass --resume .* or --overwrite"):
+    with pytest.raises(flaxvision.FlaxvisionError, match="already holds a (finished )?run; pass --resume .* or --overwrite"):
         fit(small_config(), run_dir=tmp_path, model=tiny_vit(), train_data=batches(xt, yt, 32))
     result = fit(small_config(lr=1e-3), run_dir=tmp_path, model=tiny_vit(), train_data=batches(xt, yt, 32), overwrite=True)
     assert result.summary["steps"] == 2
@@ -150,7 +150,7 @@ def test_accumulation_equals_one_big_batch():
     for k in (1, 4):
         trainer = Trainer(small_config(optimizer="sgd", lr=0.1, momentum=0.9, accumulate_steps=k), tiny_vit(), steps_per_epoch=2)
         for _ in range(2):
-            trainer.state = trainer.train_step(trainer.state, trainer.to_device(batch))
+            trainer.state = trainer.train_step(trainer.state, trainer.stage.put(batch))
         params.append(jax.device_get(trainer.state.params))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6), *params)
 
@@ -160,7 +160,7 @@ def test_bfloat16_trains_with_float32_master_weights():
     trainer = Trainer(small_config(dtype="bfloat16"), tiny_vit(dtype="bfloat16"), steps_per_epoch=10)
     losses = []
     for i in range(10):
-        trainer.state = trainer.train_step(trainer.state, trainer.to_device({"image": xt[:32], "label": yt[:32]}))
+        trainer.state = trainer.train_step(trainer.state, trainer.stage.put({"image": xt[:32], "label": yt[:32]}))
         losses.append(trainer.read_train_metrics()["loss"])
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(trainer.state.params))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(trainer.state.opt_state) if x.dtype.kind == "f")
@@ -175,7 +175,7 @@ def test_eight_devices_match_one_device(cpu_devices):
         losses = []
         for i in range(3):
             b = {"image": xt[32 * i : 32 * i + 32], "label": yt[32 * i : 32 * i + 32]}
-            trainer.state = trainer.train_step(trainer.state, trainer.to_device(b))
+            trainer.state = trainer.train_step(trainer.state, trainer.stage.put(b))
             losses.append(trainer.read_train_metrics()["loss"])
         trajectories.append(losses)
         assert trainer.state.params["head"]["kernel"][...].sharding.is_fully_replicated
@@ -281,7 +281,7 @@ def test_bad_training_options():
 
 
 def test_device_out_of_memory_becomes_a_batch_size_suggestion():
-    from flaxvision.train.loop import out_of_memory_error
+    from flaxvision.train import out_of_memory_error
 
     config = small_config(batch_size=64)
     err = out_of_memory_error(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 3.2GiB"), config)
@@ -295,6 +295,7 @@ class StopAfter:
 
     def __init__(self, loader, n):
         self.loader, self.n, self.seen = loader, n, 0
+        self.augment = loader.augment  # the colour jitter the device stage applies
 
     def __len__(self):
         return len(self.loader)
@@ -344,8 +345,7 @@ def test_resume_mid_epoch_with_the_grain_loader_is_exact(tmp_path):
         train = data.make_loader(splits.train, batch_size=8, train=True, **common)
         val = data.make_loader(splits.val, batch_size=8, train=False, **common)
         source = StopAfter(train, stop_after) if stop_after else train
-        preprocess = lambda images, key: train.device_preprocess(images, key)  # noqa: E731
-        return fit(config, run_dir=run_dir, model=model, train_data=source, val_data=val, preprocess=preprocess,
+        return fit(config, run_dir=run_dir, model=model, train_data=source, val_data=val,
                    class_names=list(splits.class_names), resume=resume)  # fmt: skip
 
     straight = run(tmp_path / "straight")
@@ -372,9 +372,9 @@ def test_fine_tune_a_transformers_checkpoint_and_ship_it_back(tmp_path):
     xv, yv = colour_data(32, 1)
     config = small_config(model=None, pretrained=str(tmp_path / "ckpt"), model_overrides={}, img_size=None,
                           epochs=2, report=False)  # fmt: skip
-    from flaxvision.train.loop import _build_model
+    from flaxvision.train.recipe import build_model
 
-    model = _build_model(config, num_classes=4)
+    model = build_model(config, num_classes=4)
     assert model.config.num_classes == 4 and not np.any(model.head.kernel[...])  # zero-initialised new head
     names = ["red", "green", "blue", "grey"]
     result = fit(config, run_dir=tmp_path / "run", model=model, train_data=batches(xt, yt, 32), val_data=batches(xv, yv, 32),

@@ -7,6 +7,7 @@ peer, 2 bad input (unknown model, bad value, unreadable file, a run directory in
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -34,8 +35,15 @@ def exit_code_of(err: BaseException) -> int:
 COMPUTE_COMMANDS = ("train", "evaluate", "bench")
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake is one line and a pointer to --help, not the whole usage (train alone has 60 options)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="flaxvision",
         description="Build, import, fine-tune, evaluate and ship image classifiers with JAX + Flax NNX.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -65,7 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FlaxvisionError, RunStopped) as err:
         if args.debug:
             raise
-        print(f"flaxvision: error: {err}", file=sys.stderr)
+        print(f"flaxvision: error: {err}", file=sys.stderr, flush=True)
+        if getattr(err, "hard_exit", False):  # a multi-process run that lost a peer (see commands/train.py)
+            sys.stdout.flush()
+            os._exit(exit_code_of(err))
         return exit_code_of(err)
     except KeyboardInterrupt as err:
         print("flaxvision: interrupted", file=sys.stderr)

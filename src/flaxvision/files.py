@@ -133,6 +133,20 @@ def make_dirs(path: str | os.PathLike) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def scratch_dir(parent: str | os.PathLike) -> Iterator[Path]:
+    """A temporary directory on the file system of `parent` (so that renames out of it are atomic), removed after."""
+    make_dirs(parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".flaxvision-", suffix=".tmp", dir=parent))
+    except OSError as err:
+        raise storage_error(err, parent, "create a temporary directory in") from None
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def is_empty_dir(path: str | os.PathLike) -> bool:
     path = Path(path)
     return path.is_dir() and not any(path.iterdir())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from flaxvision.errors import FlaxvisionError
 
@@ -34,45 +35,45 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _run_data_settings(source: str) -> dict:
-    """The data settings recorded in a run directory's config.json ({} when it is not a run directory)."""
+def _run_recipe(source: str) -> Any:
+    """The recipe in a run directory's config.json (None when `source` is not a run directory)."""
+    from flaxvision.train.config import TrainConfig
+
     path = Path(source) / "config.json"
     if not path.is_file():
-        return {}
+        return None
     try:
-        config = json.loads(path.read_text()).get("train_config", {})
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return {k: config.get(k) for k in ("dataset", "train_split", "val_split", "classes", "val_fraction", "seed")}
+        return TrainConfig.from_dict(json.loads(path.read_text()).get("train_config", {}))
+    except (OSError, ValueError):
+        return None
 
 
 def run(args: argparse.Namespace) -> int:
-    from flaxvision import data
     from flaxvision.commands.common import class_names_of, load_model
-    from flaxvision.train.loop import Evaluator
+    from flaxvision.train import recipe
+    from flaxvision.train.config import TrainConfig
+    from flaxvision.train.evaluation import Evaluator
 
     model = load_model(args.model)
-    # --split S evaluates all of S; without it, the validation data the run used (or the dataset's default).
-    settings = {"dataset": args.dataset, "train_split": args.split, "val_split": args.split, "classes": args.classes,
-                "val_fraction": args.val_fraction, "seed": args.seed}  # fmt: skip
-    recorded = _run_data_settings(args.model)
-    if args.dataset is None and not recorded:
+    recorded = _run_recipe(args.model)
+    if args.dataset is None and recorded is None:
         raise FlaxvisionError(f"{args.model!r} is not a run directory; pass --dataset")
-    if args.dataset is None or args.dataset == recorded.get("dataset"):
-        settings = {k: v if v is not None else recorded.get(k) for k, v in settings.items()}  # same data as the run
-    classes = settings["classes"]
-    classes = int(classes) if isinstance(classes, str) and classes.isdigit() else classes
-    split = data.load(settings["dataset"], train_split=settings["train_split"], val_split=settings["val_split"],
-                      classes=classes, val_fraction=settings["val_fraction"] or 0.1, seed=settings["seed"] or 0).val  # fmt: skip
-    args.dataset = settings["dataset"]
+    # The run's own data settings (classes, held-out fraction, seed) unless another dataset is named; --split S
+    # evaluates all of S, without it the validation data the run used (or the dataset's default).
+    same_data = recorded is not None and args.dataset in (None, recorded.dataset)
+    config = recorded if same_data else TrainConfig(dataset=args.dataset)
+    given = {"classes": args.classes, "val_fraction": args.val_fraction, "seed": args.seed}
+    config = config.replace(**{k: v for k, v in given.items() if v is not None}, max_train_samples=None,
+                            max_val_samples=None, eval_batch_size=args.batch_size, workers=args.workers)  # fmt: skip
+    args.dataset = config.dataset
+    split = recipe.open_data(config, split=args.split).val
     names = class_names_of(model)
     if split.num_classes != model.config.num_classes:
         raise FlaxvisionError(
             f"the model predicts {model.config.num_classes} classes but {args.dataset!r} has {split.num_classes}; "
             "pass --classes to select the classes the model was trained on"
         )
-    loader = data.make_loader(split, preprocessing=model.preprocessing, batch_size=args.batch_size, train=False,
-                              workers=args.workers, to_device=False)  # fmt: skip
+    _, loader = recipe.make_loaders(config, model, None, split)
     result = Evaluator(model, batch_size=args.batch_size).evaluate(loader)
     per_class = {name: acc for name, acc in zip(split.class_names, result["per_class_accuracy"])}
     out = {

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from flaxvision.errors import FlaxvisionError
 
 EPILOG = """examples:
   flaxvision export runs/food --format transformers --out exported/vit-food20   # ViTForImageClassification.from_pretrained
@@ -20,15 +23,36 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     parser.add_argument("run", metavar="RUN_DIR", help="a run directory or a model directory")
     parser.add_argument("--format", required=True, choices=list(FORMATS))
-    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--out", required=True, metavar="DIR", help="a new or empty directory (npz: or a .npz file)")
+    parser.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     parser.set_defaults(func=run)
 
 
+def _check_out(out: Path, source: Path, overwrite: bool) -> None:
+    """Refuse, before anything is loaded or written, an --out that holds something (unless --overwrite), and the
+    run directory itself or a directory inside it (an export there would replace the run's own files)."""
+    target, src = out.resolve(), source.resolve()
+    if source.exists() and (target == src or src in target.parents or target in src.parents) and not overwrite:
+        raise FlaxvisionError(f"--out {out} is the run directory {source} (or inside or above it); choose another "
+                              "directory, or pass --overwrite to replace it with the export")  # fmt: skip
+    if out.exists() and not overwrite and not (out.is_dir() and not any(out.iterdir())):
+        raise FlaxvisionError(f"--out {out} already exists and is not empty; choose a new directory or pass --overwrite")
+
+
 def run(args: argparse.Namespace) -> int:
+    from flaxvision import files
     from flaxvision.commands.common import load_model
     from flaxvision.weights import save_pretrained
 
+    out, source = Path(args.out), Path(args.run)
+    _check_out(out, source, args.overwrite)
     model = load_model(args.run)
-    path = save_pretrained(model, args.out, format=args.format)
+    if args.format == "npz" and out.suffix == ".npz":  # one file, written atomically
+        with files.scratch_dir(out.parent) as tmp:
+            files.write_atomic(out, save_pretrained(model, tmp / out.name, format=args.format).read_bytes())
+    else:
+        with files.atomic_directory(out, overwrite=True) as tmp:
+            save_pretrained(model, tmp, format=args.format)
+    path = out
     print(f"flaxvision: wrote {args.format} model to {path}")
     return 0

@@ -45,8 +45,8 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from flaxvision.commands.common import class_names_of, load_model
+    from flaxvision.data.device import DeviceStage, pad_batch
     from flaxvision.data.transforms import BadImage, ImageOptions, decode_eval
-    from flaxvision.train.step import normalize
 
     if args.top_k < 1:
         raise FlaxvisionError(f"--top-k must be >= 1, got {args.top_k}")
@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     pre = model.preprocessing
     options = ImageOptions(size=pre.img_size, channels=pre.channels, crop_pct=pre.crop_pct,
                            resize_mode=pre.resize_mode, interpolation=pre.interpolation)  # fmt: skip
-    forward = jax.jit(lambda x: jax.nn.softmax(model(normalize(x, pre.mean, pre.std)), axis=-1))
+    stage = DeviceStage(pre, devices=jax.devices()[:1], dtype=model.config.dtype)
+    forward = jax.jit(lambda x: jax.nn.softmax(model(stage.eval_inputs(x)), axis=-1))
     results: list[dict] = []
     decoded: list[tuple[int, np.ndarray]] = []
     for path in paths:
@@ -71,9 +72,9 @@ def run(args: argparse.Namespace) -> int:
     k = min(args.top_k, len(names))
     for start in range(0, len(decoded), args.batch_size):
         chunk = decoded[start : start + args.batch_size]
-        batch = np.stack([image for _, image in chunk])
-        padded = np.concatenate([batch, np.zeros((args.batch_size - len(batch), *batch.shape[1:]), batch.dtype)])
-        probs = np.asarray(forward(padded))[: len(batch)]
+        batch = {"image": np.stack([image for _, image in chunk]), "label": np.zeros(len(chunk), np.int32)}
+        padded = stage.put({"image": pad_batch(batch, args.batch_size)["image"]})  # one shape: one compilation
+        probs = np.asarray(forward(padded["image"]))[: len(chunk)]
         for (index, _), p in zip(chunk, probs):
             top = np.argsort(-p)[:k]
             results[index]["predictions"] = [{"label": names[i], "probability": float(p[i])} for i in top]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from flaxvision.errors import FlaxvisionError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,7 +21,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from flaxvision.report import write_report
+    from flaxvision.train.recipe import report_inputs
 
-    path = write_report(args.run)
+    if not (Path(args.run) / "metrics.jsonl").is_file():
+        raise FlaxvisionError(f"{args.run} is not a flaxvision run directory (no metrics.jsonl); pass the run's directory")
+    path = write_report(args.run, **report_inputs(args.run))
     print(f"flaxvision: wrote {path}")
     return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -55,8 +54,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     parser.add_argument("--preset", help="a recipe from `flaxvision presets` (default: the offline default run)")
     parser.add_argument("--run-dir", type=Path, help="run directory (default: runs/<preset>-<date>-<time>)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="discard what --run-dir holds and start afresh")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --run-dir from its newest intact checkpoint, with the recipe in its "
+                             "config.json (a finished run: nothing to do)")  # fmt: skip
+    parser.add_argument("--allow-changes", action="store_true",
+                        help="with --resume: accept recipe options that differ from the run's config.json (recorded there)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace what --run-dir holds and start afresh (after the recipe has been checked)")
     parser.add_argument("--from-config", type=Path, metavar="CONFIG_JSON", help="re-run the recipe of a run's config.json")
     multi = parser.add_argument_group(
         "multi-process runs (JAX's distributed runtime; see docs/DISTRIBUTED.md)",
@@ -88,30 +92,48 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def resolve_config(args: argparse.Namespace) -> tuple[str, Any]:
-    """(run name, TrainConfig) from --preset / --from-config and the field overrides."""
-    from flaxvision.presets import DEFAULT_PRESET, get_preset
-    from flaxvision.train.config import TrainConfig, field_types
+def _read_recipe(path: Path) -> Any:
+    from flaxvision.train.config import TrainConfig
 
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"cannot read the run config {str(path)!r}: {err}") from None
+    return TrainConfig.from_dict(record.get("train_config", record))
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[str, Any]:
+    """(run name, TrainConfig) from --preset / --from-config (with --resume and neither: the run's own config.json)
+    and the field overrides typed on the command line."""
+    from flaxvision.presets import DEFAULT_PRESET, get_preset
+    from flaxvision.train.config import field_types
+
+    saved = args.run_dir / "config.json" if args.resume and args.run_dir is not None else None
     if args.from_config:
-        try:
-            record = json.loads(args.from_config.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ConfigError(f"cannot read the run config {str(args.from_config)!r}: {err}") from None
-        name, config = args.from_config.parent.name, TrainConfig.from_dict(record.get("train_config", record))
+        name, config = args.from_config.parent.name, _read_recipe(args.from_config)
+    elif args.preset is None and saved is not None and saved.is_file():
+        name, config = args.run_dir.name, _read_recipe(saved)  # resume the recipe the run was started with
     else:
         name = args.preset or DEFAULT_PRESET
         config = get_preset(name)
     overrides = {k: getattr(args, k) for k in field_types() if hasattr(args, k)}
+    changes_model = "model" in overrides and overrides["model"] != config.model
+    if changes_model and config.model_overrides and "model_overrides" not in overrides:
+        # Overrides written for one architecture (a patch size, a width) do not belong to another.
+        print(f"flaxvision: note: dropped the {name} recipe's model_overrides {json.dumps(config.model_overrides)} "
+              f"(written for {config.model}); pass --model-overrides to set some for {overrides['model']}", file=sys.stderr)
+        overrides["model_overrides"] = {}
     return name, config.replace(**overrides)
 
 
 def run(args: argparse.Namespace) -> int:
     from flaxvision import distributed
 
-    name, config = resolve_config(args)
     if args.resume and args.run_dir is None:
         raise ConfigError("--resume needs --run-dir, the directory of the run to continue")
+    if args.allow_changes and not args.resume:
+        raise ConfigError("--allow-changes goes with --resume (it accepts recipe changes when a run continues)")
+    name, config = resolve_config(args)
     launch = distributed.resolve(
         args.coordinator, args.num_processes, args.process_id, cluster=args.distributed,
         heartbeat_timeout=args.heartbeat_timeout, init_timeout=args.init_timeout,
@@ -126,13 +148,10 @@ def run(args: argparse.Namespace) -> int:
         try:
             return _train(args, name, config, launch)
         except distributed.PeerProcessLost as err:
-            # Exit now: a normal exit would wait at jax.distributed's shutdown barrier for the lost process, then
-            # abort with a second report of the same failure.
-            from flaxvision.cli import exit_code_of
-
-            print(f"flaxvision: error: {err}", file=sys.stderr, flush=True)
-            sys.stdout.flush()
-            os._exit(exit_code_of(err))
+            # The CLI exits at once (os._exit): a normal exit would wait at jax.distributed's shutdown barrier for
+            # the lost process, then abort with a second report of the same failure.
+            err.hard_exit = True  # type: ignore[attr-defined]
+            raise
     return _train(args, name, config, launch)
 
 
@@ -146,8 +165,8 @@ def _train(args: argparse.Namespace, name: str, config: Any, launch: Any) -> int
     if is_main:
         where = f" on {jax.process_count()} processes, {jax.device_count()} devices" if launch is not None else ""
         print(f"flaxvision: training {config.model or config.pretrained} -> {run_dir}{where}")
-    result = fit(config, run_dir=run_dir, resume=args.resume, overwrite=args.overwrite)
-    if not is_main:
+    result = fit(config, run_dir=run_dir, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes)
+    if not is_main or result.already_finished:
         return 0
     s = result.summary
     acc = s["final_val_accuracy"]

@@ -1,4 +1,10 @@
-"""On-device preprocessing: uint8 batches in, normalised floats out, colour jitter included; call it inside jit.
+"""The device stage: host batches onto the devices, and uint8 pixels into model inputs there.
+
+`DeviceStage` is the one owner of everything between the host pipeline and the model: transfer with the batch
+sharding (one data axis over every device of every process), prefetch (the next batches travel while a step runs),
+padding of evaluation batches to one shape, normalisation and the on-device augmentation (colour jitter). Training,
+evaluation, `predict` and the report all go through it, so what the report shows "after augmentation" is what the
+model sees.
 
 The host ships uint8 images (4x fewer bytes than float32) and leaves the per-pixel arithmetic to the accelerator,
 where it costs next to nothing next to the model.
@@ -10,12 +16,18 @@ where it costs next to nothing next to the model.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from flaxvision.errors import FlaxvisionError
+from flaxvision.preprocessing import Preprocessing
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL and torchvision use for grayscale
 
@@ -113,3 +125,109 @@ class DevicePreprocess:
             images, self.mean, self.std, rng=rng, brightness=self.brightness, contrast=self.contrast,
             saturation=self.saturation, hflip=self.hflip, dtype=dtype,
         )
+
+
+Batch = dict[str, Any]
+
+
+def as_batch(batch: Any) -> dict[str, np.ndarray]:
+    """A batch from any source as {"image", "label"[, "mask"]} numpy arrays ((image, label) tuples too)."""
+    if isinstance(batch, dict):
+        return {k: np.asarray(v) for k, v in batch.items() if k in ("image", "label", "mask")}
+    return {"image": np.asarray(batch[0]), "label": np.asarray(batch[1])}
+
+
+def pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """Pad an evaluation batch to `size` rows with a False `mask`, so every batch has one shape (one compilation)."""
+    n = len(batch["label"])
+    mask = batch.get("mask", np.ones(n, bool)).astype(bool)
+    if n == size:
+        return {**batch, "mask": mask}
+    if n > size:
+        raise FlaxvisionError(f"an evaluation batch has {n} examples, more than the batch size {size}; lower the data's batch size")
+    pad = lambda x: np.concatenate([x, np.zeros((size - n, *x.shape[1:]), x.dtype)])
+    return {"image": pad(batch["image"]), "label": pad(batch["label"]), "mask": pad(mask)}
+
+
+class DeviceStage:
+    """Host batches -> sharded device arrays -> model inputs, for one model's preprocessing.
+
+    Args:
+      preprocessing: the model's mean/std (and size, for the report's pictures).
+      devices: the devices of the data axis (default: every device of every process).
+      jitter: the on-device colour jitter of training batches (an AugmentConfig's brightness, contrast, saturation;
+        None: none). Evaluation never jitters.
+      dtype: the model's compute dtype.
+      preprocess: a custom `(images, key_or_None) -> inputs` that replaces jitter + normalisation.
+
+    Inside jit: `stage.train_inputs(images, key)`, `stage.eval_inputs(images)`. On the host: `stage.put(batch)`,
+    `stage.prefetch(items)`, `stage.pad(batch)` (to the local share of `batch_size`).
+    """
+
+    def __init__(self, preprocessing: Preprocessing, *, devices: Sequence[Any] | None = None, jitter: Any = None,
+                 dtype: Any = "float32", preprocess: Callable[..., jax.Array] | None = None):
+        self.preprocessing = preprocessing
+        self.mesh = Mesh(np.asarray(list(devices or jax.devices())), ("data",))
+        self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.dtype = jnp.dtype(dtype)
+        self.custom = preprocess
+        strengths = (getattr(jitter, "brightness", 0.0), getattr(jitter, "contrast", 0.0), getattr(jitter, "saturation", 0.0))
+        self.train_fn = DevicePreprocess(tuple(preprocessing.mean), tuple(preprocessing.std), *strengths)
+        self.eval_fn = DevicePreprocess(tuple(preprocessing.mean), tuple(preprocessing.std))
+
+    @property
+    def device_count(self) -> int:
+        return self.mesh.devices.size
+
+    # ---- inside jit -------------------------------------------------------------------------------------------
+    def train_inputs(self, images: jax.Array, key: jax.Array | None) -> jax.Array:
+        if self.custom is not None:
+            return self.custom(images, key)
+        if images.dtype != jnp.uint8:  # already-normalised floats pass through
+            return images.astype(self.dtype)
+        return self.train_fn(images, key, self.dtype)
+
+    def eval_inputs(self, images: jax.Array) -> jax.Array:
+        if self.custom is not None:
+            return self.custom(images, None)
+        if images.dtype != jnp.uint8:
+            return images.astype(self.dtype)
+        return self.eval_fn(images, None, self.dtype)
+
+    # ---- host side --------------------------------------------------------------------------------------------
+    def put(self, batch: dict[str, np.ndarray]) -> Batch:
+        """This process's rows of a global batch -> one array per key, sharded over the data axis."""
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v)) for k, v in batch.items()}
+
+    def put_replicated(self, tree: Any) -> Any:
+        return jax.device_put(tree, self.replicated)
+
+    def prefetch(self, items: Iterable[tuple[dict[str, np.ndarray], Any]], size: int = 2) -> Iterator[tuple[Batch, Any]]:
+        """Put the next `size` batches on the devices while the current step runs (device_put is asynchronous).
+
+        Items are (batch, tag) pairs; the tag (e.g. the data position after the batch) travels with its batch.
+        """
+        queue: collections.deque[tuple[Batch, Any]] = collections.deque()
+        for batch, tag in items:
+            queue.append((self.put(batch), tag))
+            if len(queue) > size:
+                yield queue.popleft()
+        yield from queue
+
+    def local_batch_size(self, global_batch_size: int) -> int:
+        return global_batch_size // jax.process_count()
+
+    def pad(self, batch: Any, global_batch_size: int) -> dict[str, np.ndarray]:
+        """An evaluation batch (any form) padded to this process's share of `global_batch_size`."""
+        return pad_batch(as_batch(batch), self.local_batch_size(global_batch_size))
+
+    def show(self, images: np.ndarray, key: jax.Array) -> np.ndarray:
+        """uint8 training images as the model sees them after the on-device augmentation (for the report)."""
+        if images.dtype != np.uint8:
+            pre = self.preprocessing
+            return np.clip((images * np.asarray(pre.std) + np.asarray(pre.mean)) * 255.0, 0, 255).astype(np.uint8)
+        inputs = np.asarray(jax.jit(self.train_inputs)(jnp.asarray(images), key), np.float32)
+        pre = self.preprocessing
+        pixels = (inputs * np.asarray(pre.std, np.float32) + np.asarray(pre.mean, np.float32)) * 255.0
+        return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)

@@ -1,8 +1,12 @@
 """Run reports: PNG plots in the run directory, gathered in a self-contained report.html.
 
-    flaxvision.report.write_report("runs/x")          # from metrics.jsonl, eval.json and the exported model
+    flaxvision.report.write_report("runs/x", model=model, train_data=train, val_data=val, stage=stage,
+                                   schedule=schedule)     # what fit passes; `flaxvision report` rebuilds them
 
 The HTML embeds every picture (data: URIs), so it opens in a browser with no network and survives being copied.
+The report reads the run directory and draws; it builds nothing itself (the `report` command rebuilds the model,
+the loaders and the device stage from the run's recipe with flaxvision.train.recipe), so the training samples it
+shows went through the same device stage, colour jitter included, as the model's inputs.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from flaxvision import files
 from flaxvision.errors import FlaxvisionError
 from flaxvision.report import plots
 
@@ -42,7 +47,10 @@ def _records(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         raise FlaxvisionError(f"{run_dir} is not a flaxvision run directory (no metrics.jsonl); pass the run's directory")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        return [json.loads(line) for line in files.read_lines(path)]
+    except (OSError, json.JSONDecodeError) as err:
+        raise FlaxvisionError(f"cannot read {path}: {err}") from None
 
 
 def _names(labels: np.ndarray, class_names: list[str] | None) -> list[str]:
@@ -65,33 +73,29 @@ def _first_batch(loader: Any, count: int) -> dict[str, np.ndarray] | None:
     return None
 
 
-def _displayable(images: np.ndarray, mean: tuple, std: tuple) -> np.ndarray:
-    """uint8 for the grids; normalised float batches are mapped back to pixels."""
-    if images.dtype == np.uint8:
-        return images
-    pixels = (images * np.asarray(std) + np.asarray(mean)) * 255.0
-    return np.clip(pixels, 0, 255).astype(np.uint8)
-
-
 def write_report(
     run_dir: str | Path,
     *,
     model: Any = None,
     train_data: Any = None,
     val_data: Any = None,
+    stage: Any = None,
+    schedule: Any = None,
     samples: int = 16,
+    notes: list[str] | None = None,
 ) -> Path:
     """Draw every plot of a run into `run_dir` and write `run_dir/report.html`; return its path.
 
     Args:
       run_dir: a run directory (config.json, metrics.jsonl, eval.json, model/).
-      model: the trained model for the prediction grid (default: `run_dir/model`, loaded with load_pretrained).
-      train_data, val_data: loaders for the sample grids (default: rebuilt from the run's dataset spec when it is
-        one flaxvision can open; otherwise the grids are left out and the report says so).
+      model: the trained model for the prediction grid (None: no prediction grid).
+      train_data, val_data: loaders for the sample grids (None: that grid is left out).
+      stage: the run's `DeviceStage` (None: one without augmentation for the model's preprocessing).
+      schedule: step -> learning rate, for the schedule plot (None: left out).
       samples: images per grid.
+      notes: lines the report lists (e.g. why a grid is missing).
     """
-    from flaxvision.train.config import TrainConfig
-    from flaxvision.train.optim import learning_rate_schedule
+    from flaxvision.data.device import DeviceStage
 
     run_dir = Path(run_dir)
     records = _records(run_dir)
@@ -99,15 +103,13 @@ def write_report(
     evaluation = _read_json(run_dir / "eval.json")
     summary = _read_json(run_dir / "summary.json")
     class_names = record.get("class_names") or (evaluation or {}).get("class_names")
-    notes: list[str] = []
+    notes = list(notes or [])
     made: dict[str, Path] = {}
 
     # ---- curves ----------------------------------------------------------------------------------------------
-    if "train_config" in record:
-        config = TrainConfig.from_dict(record["train_config"])
+    if schedule is not None and "total_steps" in record:
         total = int(record["total_steps"])
         steps = np.arange(0, total + 1, max(1, total // 400))
-        schedule = learning_rate_schedule(config, total)
         made["lr_schedule.png"] = plots.lr_schedule(steps, np.asarray([float(schedule(s)) for s in steps]), run_dir / "lr_schedule.png")
     train = [r for r in records if r["type"] == "train"]
     if train:
@@ -122,52 +124,36 @@ def write_report(
     if evaluation and evaluation.get("confusion"):
         made["confusion_matrix.png"] = plots.confusion_matrix(np.asarray(evaluation["confusion"]), class_names or [], run_dir / "confusion_matrix.png")
 
-    # ---- pictures of the data and the model's answers -----------------------------------------------------------
-    if model is None and (run_dir / "model").is_dir():
-        try:
-            from flaxvision.weights import load_pretrained
+    # ---- pictures of the data and the model's answers: through the run's device stage -------------------------
+    if stage is None and model is not None:
+        import jax
 
-            model = load_pretrained(run_dir / "model")
-        except (ImportError, FlaxvisionError) as err:
-            notes.append(f"prediction grid left out: the exported model could not be loaded ({err})")
-    if (train_data is None or val_data is None) and "train_config" in record and model is not None:
-        try:
-            from flaxvision.train.loop import data_from_config
-
-            built_train, built_val, *_ = data_from_config(TrainConfig.from_dict(record["train_config"]), model)
-            train_data, val_data = train_data or built_train, val_data or built_val
-        except FlaxvisionError as err:
-            notes.append(f"sample grids left out: the dataset could not be opened ({err})")
-    pre = model.preprocessing if model is not None else None
-    mean, std = (pre.mean, pre.std) if pre else ((0.0,), (1.0,))
+        stage = DeviceStage(model.preprocessing, devices=jax.devices()[:1], dtype=model.config.dtype)
     train_batch = _first_batch(train_data, samples)
-    if train_batch is not None:
-        images = _displayable(train_batch["image"], mean, std)
+    if train_batch is not None and stage is not None:
+        import jax
+
+        images = stage.show(train_batch["image"], jax.random.key(0))
         made["train_samples.png"] = plots.image_grid(images, _names(train_batch["label"], class_names), "Training samples after augmentation", run_dir / "train_samples.png")
     val_batch = _first_batch(val_data, samples)
-    if val_batch is not None:
-        images = _displayable(val_batch["image"], mean, std)
+    if val_batch is not None and stage is not None:
+        images = stage.show(val_batch["image"], None) if val_batch["image"].dtype != np.uint8 else val_batch["image"]
         made["val_samples.png"] = plots.image_grid(images, _names(val_batch["label"], class_names), "Validation samples", run_dir / "val_samples.png")
         if model is not None:
-            probs = _predict(model, val_batch["image"])
+            probs = _predict(model, stage, val_batch["image"])
             made["predictions.png"] = plots.prediction_grid(
                 images, _names(val_batch["label"], class_names), _names(probs.argmax(-1), class_names), probs.max(-1).tolist(),
                 run_dir / "predictions.png",
             )  # fmt: skip
 
-    path = run_dir / "report.html"
-    path.write_text(_html(run_dir, made, summary, record, notes))
-    return path
+    return files.write_atomic(run_dir / "report.html", _html(run_dir, made, summary, record, notes))
 
 
-def _predict(model: Any, images: np.ndarray) -> np.ndarray:
+def _predict(model: Any, stage: Any, images: np.ndarray) -> np.ndarray:
     import jax
 
-    from flaxvision.train.step import normalize
-
     model.eval()
-    pre = model.preprocessing
-    logits = model(normalize(jax.numpy.asarray(images), pre.mean, pre.std))
+    logits = model(stage.eval_inputs(jax.numpy.asarray(images)))
     return np.asarray(jax.nn.softmax(logits, axis=-1))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,14 +12,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from flaxvision import files  # noqa: E402
+
 GREEN, RED = "#1a7f37", "#cf222e"
 
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    return path
+    return files.write_atomic(path, png.getvalue())
 
 
 def lr_schedule(steps: np.ndarray, lrs: np.ndarray, path: Path) -> Path:

@@ -60,7 +60,7 @@ def _flaxvision(model: str, batch: int, img_size: int, dtype: str, steps: int, w
 
     import flaxvision
     from flaxvision.train import TrainConfig, Trainer
-    from flaxvision.train.loop import Evaluator
+    from flaxvision.train.evaluation import Evaluator
 
     base_rss = _rss_now_mb()
     net = flaxvision.create_model(model, img_size=img_size, dtype=dtype, **({"remat": remat} if remat else {}))
@@ -68,7 +68,7 @@ def _flaxvision(model: str, batch: int, img_size: int, dtype: str, steps: int, w
     trainer = Trainer(config, net, steps_per_epoch=steps + warmup + 1, devices=jax.devices()[:1])
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (batch, img_size, img_size, net.config.in_chans), dtype=np.uint8)
-    batch_on_device = trainer.to_device({"image": images, "label": np.arange(batch) % net.config.num_classes})
+    batch_on_device = trainer.stage.put({"image": images, "label": np.arange(batch) % net.config.num_classes})
     start = time.perf_counter()
     step = trainer.train_step.lower(trainer.state, batch_on_device).compile()  # what the first call would compile
     compile_seconds = time.perf_counter() - start
@@ -85,7 +85,7 @@ def _flaxvision(model: str, batch: int, img_size: int, dtype: str, steps: int, w
     train_ips = steps * batch / (time.perf_counter() - start)
 
     evaluator = Evaluator(trainer.current_model(), batch_size=batch, devices=jax.devices()[:1])
-    eval_batch = evaluator.to_device({"image": images, "label": np.zeros(batch, np.int32), "mask": np.ones(batch, bool)})
+    eval_batch = evaluator.stage.put({"image": images, "label": np.zeros(batch, np.int32), "mask": np.ones(batch, bool)})
     for _ in range(warmup + 1):
         out = evaluator.eval_step(evaluator.state, eval_batch)
     jax.block_until_ready(out)

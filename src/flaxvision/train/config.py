@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from typing import Any
@@ -97,6 +98,9 @@ class TrainConfig:
                 raise bad(field, "must be >= 1")
         if self.batch_size % self.accumulate_steps:
             raise bad("accumulate_steps", f"must divide batch_size {self.batch_size}")
+        for field, value in dataclasses.asdict(self).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise bad(field, "must be a finite number")
         if self.lr <= 0:
             raise bad("lr", "must be > 0")
         if not 0.0 <= self.label_smoothing < 1.0:

@@ -71,15 +71,6 @@ def merge_model(parts: ModelParts, state: TrainState, *, train: bool) -> nnx.Mod
     return nnx.merge(graph, *fresh)
 
 
-def normalize(images: jax.Array, mean: tuple[float, ...], std: tuple[float, ...], dtype: Any = jnp.float32) -> jax.Array:
-    """uint8 NHWC pixels -> (x / 255 - mean) / std, computed on the device; float inputs pass through."""
-    if images.dtype != jnp.uint8:
-        return images.astype(dtype)
-    scale = jnp.asarray([1.0 / (255.0 * s) for s in std], jnp.float32)
-    offset = jnp.asarray([m / s for m, s in zip(mean, std)], jnp.float32)
-    return (images.astype(jnp.float32) * scale[None, None, None, :] - offset[None, None, None, :]).astype(dtype)
-
-
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
     """Per-example softmax cross-entropy in float32, with optional label smoothing."""
     logits = logits.astype(jnp.float32)

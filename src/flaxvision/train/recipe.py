@@ -1,0 +1,195 @@
+"""A recipe (TrainConfig) -> the parts of a run: the model, the data loaders, the on-device augmentation.
+
+`fit`, `flaxvision report` and `flaxvision evaluate` build their model and data here, so a run, its report and its
+evaluation see the same classes, the same preprocessing and the same images.
+
+    parts = build_run(config)                      # opens config.dataset, builds config.model for its classes
+    parts.train, parts.val, parts.model, parts.class_names, parts.jitter
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from flaxvision.errors import ConfigError, FlaxvisionError
+from flaxvision.train.config import TrainConfig
+
+
+@dataclasses.dataclass
+class RunParts:
+    model: Any
+    train: Any  # a flaxvision.data Loader (this process's slice of every global batch)
+    val: Any
+    class_names: list[str]
+    jitter: Any  # the AugmentConfig whose colour jitter the device stage applies (None: none)
+
+
+def augment_config(config: TrainConfig) -> Any:
+    from flaxvision import data
+
+    if config.augment == "rrc":
+        return data.AugmentConfig(scale=(config.rrc_scale_min, 1.0), hflip=config.hflip, brightness=config.color_jitter,
+                                  contrast=config.color_jitter, saturation=config.color_jitter)  # fmt: skip
+    if config.augment == "cifar":
+        return data.AugmentConfig(crop="pad_crop", hflip=config.hflip, brightness=0.0, contrast=0.0, saturation=0.0)
+    return data.AugmentConfig(crop="resize", hflip=False, brightness=0.0, contrast=0.0, saturation=0.0)
+
+
+def build_model(config: TrainConfig, *, num_classes: int | None, in_chans: int | None = None) -> Any:
+    """`config.model` (pretrained from `config.pretrained`) for `num_classes` classes."""
+    from flaxvision.models import create_model
+
+    kwargs = dict(num_classes=num_classes, img_size=config.img_size, dtype=config.dtype, seed=config.seed)
+    if config.pretrained:
+        return create_model(config.model, pretrained=config.pretrained, head_init=config.head_init, **kwargs,
+                            **config.model_overrides)  # fmt: skip
+    return create_model(config.model, in_chans=in_chans, **kwargs, **config.model_overrides)
+
+
+def open_data(config: TrainConfig, *, split: str | None = None) -> Any:
+    """The dataset of a recipe (train and validation splits, class names); `split` evaluates all of that split."""
+    from flaxvision import data
+
+    if not config.dataset:
+        raise ConfigError("no dataset given: pass --dataset (a Hub id, a save_to_disk directory, parquet files or an image folder)")
+    classes: Any = config.classes
+    if isinstance(classes, str) and classes.isdigit():
+        classes = int(classes)
+    return data.load(
+        config.dataset, train_split=split or config.train_split, val_split=split or config.val_split, classes=classes,
+        max_train_samples=config.max_train_samples, max_val_samples=config.max_val_samples,
+        val_fraction=config.val_fraction, seed=config.seed,
+    )  # fmt: skip
+
+
+def check_class_count(model: Any, count: int) -> None:
+    """Labels beyond the head would train silently wrong: the data's class count must be the model's."""
+    if count != model.config.num_classes:
+        raise FlaxvisionError(
+            f"the data has {count} classes but the model predicts {model.config.num_classes}; "
+            "build the model with num_classes matching the data"
+        )
+
+
+def _process_share() -> tuple[int, int]:
+    import jax
+
+    return jax.process_index(), jax.process_count()
+
+
+def make_loaders(config: TrainConfig, model: Any, train_source: Any, val_source: Any) -> tuple[Any, Any]:
+    """(train loader or None, val loader) for a model: each process reads only its slice of every global batch."""
+    from flaxvision import data
+
+    index, count = _process_share()
+    common = dict(preprocessing=model.preprocessing, seed=config.seed, workers=config.workers,
+                  shard_index=index, shard_count=count)  # fmt: skip
+    train_loader = None
+    if train_source is not None:
+        train_loader = data.make_loader(train_source, batch_size=config.batch_size // count, train=True,
+                                        augment=augment_config(config), **common)  # fmt: skip
+    val_loader = data.make_loader(val_source, batch_size=config.global_eval_batch_size // count, train=False, **common)
+    return train_loader, val_loader
+
+
+def build_run(config: TrainConfig, model: Any = None) -> RunParts:
+    """Open `config.dataset` and build the model (unless given) and the loaders."""
+    splits = open_data(config)
+    class_names = list(splits.class_names)
+    if model is None:
+        model = build_model(config, num_classes=len(class_names), in_chans=splits.train.num_channels)
+    check_class_count(model, len(class_names))
+    train, val = make_loaders(config, model, splits.train, splits.val)
+    return RunParts(model=model, train=train, val=val, class_names=class_names, jitter=augment_config(config))
+
+
+# ---- will it fit? ------------------------------------------------------------------------------------------------
+
+
+def memory_limit_bytes(device: Any) -> tuple[int, str] | None:
+    """(bytes, what) the device can hold: an accelerator's memory, or for the CPU the machine's RAM (cgroup too)."""
+    if device.platform != "cpu":
+        stats = device.memory_stats() or {}
+        limit = stats.get("bytes_limit")
+        return (int(limit), f"{device.device_kind} memory") if limit else None
+    limits = []
+    try:
+        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError):
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = open(path).read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:
+            limits.append(int(text))
+    return (min(limits), "this machine's memory") if limits else None
+
+
+def check_fits(config: TrainConfig, model: Any, devices: list[Any]) -> None:
+    """Fail in a second, with the estimate and a fix, when one device cannot hold a training step."""
+    estimate = getattr(model.config, "train_memory_bytes", None)
+    if estimate is None or not devices:
+        return
+    per_device = max(1, config.batch_size // len(devices) // config.accumulate_steps)
+    slots = 2 if config.optimizer == "adamw" else 1
+    need = int(estimate(per_device, optimizer_slots=slots))
+    # CPU "devices" are one machine: they share its memory.
+    total = need * len(devices) if devices[0].platform == "cpu" else need
+    limit = memory_limit_bytes(devices[0])
+    if limit is None or total <= limit[0]:
+        return
+    gb = lambda b: f"{b / 1e9:.1f} GB"
+    fits = max(1, int(per_device * limit[0] / total * 0.8))
+    raise ConfigError(
+        f"this configuration needs about {gb(total)} to train at batch size {config.batch_size} (an estimate) but "
+        f"{limit[1]} is {gb(limit[0])}; lower --batch-size (about "
+        f"{fits * len(devices)} fits) or add --accumulate-steps {2 * config.accumulate_steps}, or a smaller "
+        "--img-size / a larger patch"
+    )
+
+
+# ---- a finished run's parts, rebuilt for its report ------------------------------------------------------------
+
+
+def report_inputs(run_dir: Any) -> dict[str, Any]:
+    """What `report.write_report` draws from, rebuilt from a run directory's config.json and model/: the model, the
+    loaders, the device stage (with the recipe's jitter) and the schedule; what cannot be rebuilt becomes a note."""
+    import json
+    from pathlib import Path
+
+    import jax
+
+    from flaxvision.data.device import DeviceStage
+    from flaxvision.train.optim import learning_rate_schedule
+
+    run_dir = Path(run_dir)
+    out: dict[str, Any] = {"notes": []}
+    try:
+        record = json.loads((run_dir / "config.json").read_text())
+        config = TrainConfig.from_dict(record["train_config"])
+    except (OSError, ValueError, KeyError) as err:
+        out["notes"].append(f"schedule and sample grids left out: the run's config.json could not be read ({err})")
+        return out
+    out["schedule"] = learning_rate_schedule(config, int(record.get("total_steps", 1)))
+    if (run_dir / "model").is_dir():
+        try:
+            from flaxvision.weights import load_pretrained
+
+            out["model"] = load_pretrained(run_dir / "model")
+        except (ImportError, FlaxvisionError) as err:
+            out["notes"].append(f"prediction grid left out: the exported model could not be loaded ({err})")
+    model = out.get("model")
+    if model is None:
+        return out
+    out["stage"] = DeviceStage(model.preprocessing, devices=jax.devices()[:1], jitter=augment_config(config),
+                               dtype=model.config.dtype)  # fmt: skip
+    try:
+        splits = open_data(config)
+        out["train_data"], out["val_data"] = make_loaders(config.replace(workers=0), model, splits.train, splits.val)
+    except FlaxvisionError as err:
+        out["notes"].append(f"sample grids left out: the dataset could not be opened ({err})")
+    return out

@@ -1,0 +1,274 @@
+"""The run directory: one object owns its lock, its files and the rules that keep them from being lost.
+
+    runs/x/
+      .lock            held while a process works on the run (pid, host); a killed holder's lock is taken over
+      config.json      the recipe (TrainConfig), model config, class names; changes accepted on resume
+      metrics.jsonl    one record per logged step and per evaluation
+      checkpoints/     Orbax run state (train.checkpoint)
+      diverged.json    written when a run stops on NaN/Inf: the bad step and the last good checkpoint
+      model/           the final model (export), eval.json, summary.json (written last: the run is finished)
+      *.png, report.html
+
+Rules: nothing is written before every check has passed; every file is written atomically (flaxvision.files);
+a finished run is never changed except by --overwrite, which validates the whole recipe first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from flaxvision import files
+from flaxvision.errors import FlaxvisionError
+
+# What a finished or started run leaves; --overwrite removes exactly these (nothing else the user put there).
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "eval.json", "diverged.json", "report.html",
+             "skipped_images.json", "skipped_images_val.json")  # fmt: skip
+RUN_DIRS = ("checkpoints", "model")
+# TrainConfig fields that change how a run is watched, not what it computes: free to differ on resume.
+NOT_RECIPE = ("progress", "report", "workers", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints")
+
+
+class RunInUse(FlaxvisionError):
+    """Another live process holds the run directory."""
+
+
+class RunDirectory:
+    """One run's directory. Only process 0 writes; the others read (see `lock`)."""
+
+    def __init__(self, path: str | os.PathLike, *, is_main: bool = True):
+        self.path = Path(path)
+        self.is_main = is_main
+        self._lock_fd: int | None = None
+
+    # ---- paths and state -------------------------------------------------------------------------------------
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def finished(self) -> bool:
+        return self.file("summary.json").is_file()
+
+    @property
+    def holds_run(self) -> bool:
+        from flaxvision.train.checkpoint import has_checkpoints
+
+        return self.finished or self.file("metrics.jsonl").exists() or has_checkpoints(self.checkpoints)
+
+    def read_json(self, name: str) -> Any:
+        path = self.file(name)
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, json.JSONDecodeError) as err:
+            raise FlaxvisionError(f"cannot read {path}: {err}; restore the file or start afresh with --overwrite") from None
+
+    # ---- checks before anything is written ---------------------------------------------------------------------
+    def check_mode(self, *, resume: bool, overwrite: bool) -> str:
+        """'new', 'resume', 'overwrite' or 'finished' (resume of a finished run: nothing to do); raise otherwise."""
+        if resume and overwrite:
+            raise FlaxvisionError("--resume and --overwrite exclude each other: --resume continues the run in "
+                                  f"{self.path}, --overwrite deletes it; pass one")  # fmt: skip
+        if self.path.exists() and not self.path.is_dir():
+            raise FlaxvisionError(f"run directory {self.path} is a file; pass a directory")
+        if resume:
+            if self.finished:
+                return "finished"
+            from flaxvision.train.checkpoint import has_checkpoints
+
+            if not has_checkpoints(self.checkpoints):
+                raise FlaxvisionError(f"no checkpoint in {self.checkpoints} to resume from; start the run without --resume "
+                                      "(or with --overwrite to replace what the directory holds)")  # fmt: skip
+            return "resume"
+        if overwrite:
+            return "overwrite"
+        if self.holds_run:
+            what = "a finished run" if self.finished else "a run"
+            raise FlaxvisionError(f"{self.path} already holds {what}; pass --resume to continue it or --overwrite to replace it")
+        return "new"
+
+    def saved_recipe(self) -> dict[str, Any] | None:
+        record = self.read_json("config.json")
+        return record.get("train_config") if isinstance(record, dict) else None
+
+    def recipe_changes(self, config: Any) -> dict[str, list[Any]]:
+        """Fields of `config` that differ from the recipe in config.json: {field: [saved, now]}."""
+        saved = self.saved_recipe()
+        if saved is None:
+            return {}
+        now = config.to_dict()
+        return {k: [saved.get(k), v] for k, v in now.items() if k not in NOT_RECIPE and _differs(saved.get(k), v)}
+
+    # ---- the lock ------------------------------------------------------------------------------------------------
+    def lock(self) -> None:
+        """Hold the run directory for this process (process 0 of a multi-process run), or fail naming the holder.
+
+        The lock is a kernel lock (flock) on `.lock`, so it goes with its process: a killed holder leaves a file
+        with its pid but no lock, which the next process takes over. The file keeps the holder's pid and host for
+        the message a second process prints.
+        """
+        files.make_dirs(self.path)
+        path = self.file(".lock")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise files.storage_error(err, path) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise RunInUse(
+                f"{self.path} is in use by pid {holder.get('pid', '?')} on host {holder.get('host', '?')} (since "
+                f"{holder.get('since', '?')}); wait for it to finish, stop it, or choose another --run-dir"
+            ) from None
+        previous = _read_holder(fd)
+        if previous.get("pid") and (previous.get("pid"), previous.get("host")) != (os.getpid(), socket.gethostname()):
+            print(f"flaxvision: took over the lock of {self.path} left by pid {previous['pid']} on {previous.get('host')} (no longer running)")
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        self._lock_fd = fd
+
+    def check_shared(self) -> None:
+        """Multi-process runs: process 0 holds the lock; every other process must see that same lock (the same
+        directory, on a shared filesystem), else two runs would write one directory. Every process calls this."""
+        import jax
+
+        from flaxvision import distributed
+
+        if jax.process_count() == 1:
+            return
+        lead = distributed.allgather_json(self.holder() if self.is_main else None)[0]
+        if not self.is_main and self.holder() != lead:
+            raise FlaxvisionError(
+                f"process {jax.process_index()} does not see process 0's lock in {self.path} (it sees {self.holder() or 'none'}); "
+                "every process needs the same --run-dir on a filesystem they share"
+            )
+
+    def holder(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.file(".lock").read_text() or "{}")
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def unlock(self) -> None:
+        """Release the lock. The file stays (empty): unlinking it would let a process that opened it just before
+        lock a file that no longer has a name while a third creates and locks a new one."""
+        if self._lock_fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._lock_fd, 0)
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+    def remove_if_empty(self) -> None:
+        """A new run that failed before writing anything leaves no directory behind."""
+        with contextlib.suppress(OSError):
+            if {p.name for p in self.path.iterdir()} <= {".lock"}:
+                self.file(".lock").unlink(missing_ok=True)
+                self.path.rmdir()
+
+    # ---- writing ---------------------------------------------------------------------------------------------------
+    def clear(self) -> None:
+        """--overwrite, after validation: remove what a run left (and nothing else)."""
+        import shutil
+
+        for name in RUN_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                self.file(name).unlink()
+        for name in RUN_DIRS:
+            shutil.rmtree(self.file(name), ignore_errors=True)
+        for png in self.path.glob("*.png"):
+            png.unlink(missing_ok=True)
+
+    def write_json(self, name: str, value: Any) -> None:
+        if self.is_main:
+            files.write_json(self.file(name), value)
+
+    def export_model(self, model: Any) -> Path:
+        """Write the final model with its label names into model/ (atomically) in its family's preferred format."""
+        from flaxvision.weights import save_pretrained
+
+        formats = _export_formats(model)
+        with files.atomic_directory(self.model_dir, overwrite=True) as tmp:
+            for fmt in formats:
+                try:
+                    save_pretrained(model, tmp, format=fmt)
+                    break
+                except FlaxvisionError as err:
+                    if fmt == formats[-1]:
+                        raise
+                    print(f"flaxvision: model/ not in {fmt} format ({err}); trying {formats[formats.index(fmt) + 1]}")
+                    for leftover in tmp.iterdir():
+                        leftover.unlink()
+        return self.model_dir
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON record per logged step and per evaluation (process 0 only), appended line by line."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop records a killed run wrote after its last checkpoint (rewritten atomically)."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [line for line in files.read_lines(self.path) if _record_step(line) <= step]
+        files.write_atomic(self.path, "".join(line + "\n" for line in keep))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            files.append_line(self.path, json.dumps(record))
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in files.read_lines(self.path)]
+
+
+def _record_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")  # a damaged line is dropped
+
+
+def _export_formats(model: Any) -> tuple[str, ...]:
+    """The family's preferred format (ViTs: transformers, which ViTForImageClassification reads too), then
+    flaxvision's own, which holds everything (a ViT with average pooling, say)."""
+    formats = tuple(getattr(model.config, "export_formats", ()) or ())
+    first = formats[0] if formats else "flaxvision"
+    return (first, "flaxvision") if first != "flaxvision" else ("flaxvision",)
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    try:
+        data = os.pread(fd, 4096, 0)
+        return json.loads(data) if data.strip() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _differs(saved: Any, now: Any) -> bool:
+    if isinstance(saved, (list, tuple)) or isinstance(now, (list, tuple)):
+        return list(saved or []) != list(now or [])
+    if isinstance(saved, (int, float)) and isinstance(now, (int, float)) and not isinstance(saved, bool):
+        return float(saved) != float(now)
+    return saved != now

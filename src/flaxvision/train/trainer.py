@@ -1,0 +1,122 @@
+"""The Trainer: the mesh, the sharded train state and the compiled steps of one run (no files, no loop).
+
+    trainer = Trainer(config, model, steps_per_epoch=len(loader), jitter=augment)
+    trainer.state = trainer.train_step(trainer.state, trainer.stage.put(batch))
+    metrics = trainer.read_train_metrics()           # the only host sync, every log_every steps
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+
+from flaxvision import distributed, host_memory
+from flaxvision.data.device import DeviceStage
+from flaxvision.errors import FlaxvisionError
+from flaxvision.train.config import TrainConfig
+from flaxvision.train.evaluation import run_evaluation
+from flaxvision.train.optim import make_optimizer, trainable_filter
+from flaxvision.train.step import TrainState, empty_metrics, make_eval_step, make_train_step, merge_model, split_model
+
+
+class Trainer:
+    """Holds the compiled steps and the sharded state of one run. `fit()` is the usual entry point."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        model: Any,
+        *,
+        steps_per_epoch: int,
+        preprocess: Callable[..., jax.Array] | None = None,
+        jitter: Any = None,
+        devices: list | None = None,
+    ):
+        host_memory.trim_after_compiles()
+        self.config = config
+        self.model = model
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = steps_per_epoch * config.epochs
+        # ---- mesh and device stage: one data axis over every device of every process ---------------------------
+        self.stage = DeviceStage(model.preprocessing, devices=devices, jitter=jitter, dtype=model.config.dtype,
+                                 preprocess=preprocess)  # fmt: skip
+        self.mesh = self.stage.mesh
+        n = self.stage.device_count
+        for field, size in (("batch_size", config.batch_size), ("eval_batch_size", config.global_eval_batch_size)):
+            if size % n:
+                flag = "--" + field.replace("_", "-")
+                raise FlaxvisionError(f"{field} {size} does not divide by the {n} devices; use a multiple of {n} "
+                                      f"such as {flag} {max(n, size // n * n)}")  # fmt: skip
+        if (config.batch_size // n) % config.accumulate_steps and n > 1:
+            raise FlaxvisionError(
+                f"accumulate_steps {config.accumulate_steps} must divide the per-device batch {config.batch_size // n}"
+            )
+        self.replicated = self.stage.replicated
+
+        # ---- model & optimizer ----------------------------------------------------------------------------------
+        self.parts, state = split_model(model, trainable_filter(config, model.config))
+        if not jax.tree.leaves(state.params):
+            raise FlaxvisionError("nothing to train: --train-only/--freeze froze every parameter")
+        self.tx, self.schedule = make_optimizer(config, state.params, model.config, self.total_steps)
+        state = state.replace(opt_state=self.tx.init(state.params))
+        # Replicated, or FSDP: big arrays (parameters and the optimizer state shaped like them) split over "data".
+        self.state_sharding = distributed.state_shardings(state, self.mesh, config.param_sharding, config.fsdp_min_size)
+        self.state: TrainState = jax.device_put(state, self.state_sharding)
+        host_memory.release_free_memory()  # what building the model and optimizer state left in the heap
+
+        # ---- steps ----------------------------------------------------------------------------------------------
+        train_step = make_train_step(
+            self.parts, self.tx, preprocess=self.stage.train_inputs, seed=config.seed,
+            accumulate_steps=config.accumulate_steps, label_smoothing=config.label_smoothing,
+        )  # fmt: skip
+        batch_sharding = self.stage.batch_sharding
+        self.train_step = jax.jit(train_step, in_shardings=(self.state_sharding, batch_sharding),
+                                  out_shardings=self.state_sharding, donate_argnums=0)  # fmt: skip
+        self.eval_step = jax.jit(
+            make_eval_step(self.parts, preprocess=self.stage.eval_inputs, num_classes=model.config.num_classes),
+            in_shardings=(self.state_sharding, batch_sharding),
+            out_shardings=self.replicated,  # the sums, readable in every process
+        )
+
+    # ---- metrics ---------------------------------------------------------------------------------------------
+    def read_train_metrics(self) -> dict[str, float]:
+        """Fetch and reset the running sums (the only host sync of the training loop, every log_every steps)."""
+        m = jax.device_get(self.state.metrics)
+        self.state = self.state.replace(metrics=jax.device_put(empty_metrics(), self.replicated))
+        count = int(m["count"])
+        return {
+            "loss": float(m["loss_sum"]) / count if count else float("nan"),
+            "accuracy": int(m["correct"]) / count if count else float("nan"),
+            "count": count,
+            "first_bad_step": int(m["first_bad_step"]),
+        }
+
+    def evaluate(self, batches: Iterable) -> dict[str, Any]:
+        return run_evaluation(self.eval_step, self.state, batches, self.config.global_eval_batch_size, self.stage)
+
+    def current_model(self) -> Any:
+        """The model with the current weights, in eval mode (a fresh module; the trainer's state is untouched)."""
+        # Sharded arrays (FSDP, several processes) are gathered first; every process must call this.
+        parts = (self.state.params, self.state.frozen, self.state.model_state)
+        if not all(leaf.is_fully_replicated for leaf in jax.tree.leaves(parts)):
+            parts = jax.jit(lambda x: x, out_shardings=self.replicated)(parts)
+        params, frozen, model_state = jax.device_get(parts)
+        state = self.state.replace(params=params, frozen=frozen, model_state=model_state, opt_state=None)
+        model = merge_model(self.parts, state, train=False)
+        model.preprocessing = self.model.preprocessing
+        model.label_names = self.model.label_names
+        return model
+
+
+def out_of_memory_error(err: Exception, config: TrainConfig) -> FlaxvisionError | None:
+    """A device out-of-memory error as a one-line message with options of `flaxvision train` to try, else None."""
+    text = str(err)
+    if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
+        return None
+    smaller = max(config.batch_size // 2, 1)
+    return FlaxvisionError(
+        f"the device ran out of memory at batch size {config.batch_size}; try --batch-size {smaller}, or keep the "
+        f"batch and add --accumulate-steps {2 * config.accumulate_steps} (or --dtype bfloat16 on a GPU/TPU)"
+    )
