@@ -72,3 +72,60 @@ def test_device_flip_is_about_half():
 def test_shape_mismatch_is_a_clear_error(images):
     with pytest.raises(ValueError, match="C == len\\(mean\\)"):
         device_preprocess(images, (0.5,), (0.5,))
+
+
+# ---- DeviceStage: the one owner of transfer, padding, prefetch, normalisation and jitter ---------------------------
+
+
+def _stage(jitter=None, **kw):
+    from flaxvision.data.device import DeviceStage
+    from flaxvision.data.transforms import AugmentConfig
+    from flaxvision.preprocessing import Preprocessing
+
+    pre = Preprocessing(img_size=8, mean=MEAN, std=STD)
+    return DeviceStage(pre, jitter=AugmentConfig(brightness=jitter, contrast=0.0, saturation=0.0) if jitter else None, **kw)
+
+
+def test_stage_puts_batches_sharded_over_the_data_axis(images, cpu_devices):
+    stage = _stage(devices=cpu_devices[:4])
+    on_device = stage.put({"image": images, "label": np.arange(16)})
+    assert on_device["image"].sharding.spec == jax.sharding.PartitionSpec("data")
+    assert len(on_device["image"].addressable_shards) == 4 and on_device["image"].addressable_shards[0].data.shape[0] == 4
+    np.testing.assert_array_equal(np.asarray(on_device["label"]), np.arange(16))
+
+
+def test_stage_prefetch_keeps_each_tag_with_its_batch(images):
+    stage = _stage(devices=jax.devices()[:1])
+    items = [({"image": images[i : i + 4], "label": np.full(4, i)}, f"after {i}") for i in range(0, 16, 4)]
+    out = list(stage.prefetch(iter(items), size=2))
+    assert [tag for _, tag in out] == ["after 0", "after 4", "after 8", "after 12"]
+    assert [int(b["label"][0]) for b, _ in out] == [0, 4, 8, 12]
+
+
+def test_stage_pads_eval_batches_to_one_shape_with_a_mask(images):
+    stage = _stage()
+    padded = stage.pad((images[:5], np.arange(5)), 8)  # an (image, label) tuple works too
+    assert padded["image"].shape == (8, 8, 8, 3) and padded["mask"].tolist() == [True] * 5 + [False] * 3
+    with pytest.raises(ValueError, match="more than the batch size 4"):
+        stage.pad({"image": images[:5], "label": np.arange(5)}, 4)
+
+
+def test_stage_jitters_training_inputs_only(images):
+    stage = _stage(jitter=0.4)
+    key = jax.random.key(1)
+    plain = np.asarray(device_preprocess(images, MEAN, STD))
+    np.testing.assert_allclose(np.asarray(jax.jit(stage.eval_inputs)(images)), plain, rtol=0, atol=1e-6)
+    jittered = np.asarray(jax.jit(stage.train_inputs)(images, key))
+    assert np.abs(jittered - plain).max() > 0.05  # brightness moved the pixels
+    floats = np.zeros((2, 8, 8, 3), np.float32) + 0.25  # already-normalised inputs pass through
+    np.testing.assert_array_equal(np.asarray(stage.train_inputs(jnp.asarray(floats), key)), floats)
+
+
+def test_stage_shows_what_the_model_sees_after_jitter(images):
+    """The report's 'after augmentation' grid: pixels that, normalised, are the model's training inputs."""
+    stage = _stage(jitter=0.4)
+    key = jax.random.key(2)
+    shown = stage.show(images, key)
+    assert shown.dtype == np.uint8 and not np.array_equal(shown, images)
+    expected = np.asarray(jax.jit(stage.train_inputs)(images, key))
+    np.testing.assert_allclose(np.asarray(device_preprocess(shown, MEAN, STD)), expected, atol=0.02)  # 8-bit rounding

@@ -183,7 +183,7 @@ def test_eight_devices_match_one_device(cpu_devices):
 
 
 def test_global_batch_must_divide_by_devices(cpu_devices):
-    with pytest.raises(flaxvision.FlaxvisionError, match="batch_size 12 does not divide by the 8 devices; use a multiple of 8 such as 8"):
+    with pytest.raises(flaxvision.FlaxvisionError, match="batch_size 12 does not divide by the 8 devices; use a multiple of 8 such as --batch-size 8"):
         Trainer(small_config(batch_size=12, eval_batch_size=16), tiny_vit(), steps_per_epoch=1, devices=cpu_devices)
 
 
@@ -213,7 +213,7 @@ def test_nan_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
     trainer = Trainer(config, tiny_vit(), steps_per_epoch=8)
     state, meta = checkpointer.restore(8, trainer.state)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state.params))
-    assert meta["epoch"] == 1
+    assert meta.epoch == 1
 
 
 def test_eval_covers_every_example_once_with_padding():

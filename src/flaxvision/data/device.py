@@ -204,14 +204,15 @@ class DeviceStage:
         return jax.device_put(tree, self.replicated)
 
     def prefetch(self, items: Iterable[tuple[dict[str, np.ndarray], Any]], size: int = 2) -> Iterator[tuple[Batch, Any]]:
-        """Put the next `size` batches on the devices while the current step runs (device_put is asynchronous).
+        """Keep `size` batches on the devices, the current one and the next, while steps run (device_put is
+        asynchronous): the source is read `size - 1` batches ahead of the step.
 
         Items are (batch, tag) pairs; the tag (e.g. the data position after the batch) travels with its batch.
         """
         queue: collections.deque[tuple[Batch, Any]] = collections.deque()
         for batch, tag in items:
             queue.append((self.put(batch), tag))
-            if len(queue) > size:
+            if len(queue) >= size:
                 yield queue.popleft()
         yield from queue
 

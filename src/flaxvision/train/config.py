@@ -35,6 +35,8 @@ class TrainConfig:
     val_split: str | None = None  # None: "validation", else "test", else a held-out fraction of train
     val_fraction: float = 0.1  # the stratified held-out fraction when the dataset has no validation split
     classes: str | None = None  # "20" = first 20 class ids, "apple_pie,ramen" = named classes
+    image_column: str | None = None  # the dataset's image column (None: detected)
+    label_column: str | None = None  # the dataset's label column (None: detected)
     max_train_samples: int | None = None
     max_val_samples: int | None = None
     augment: str = "rrc"  # "rrc" (RandomResizedCrop + flip + colour jitter), "cifar" (pad-crop + flip), "none"

@@ -60,7 +60,8 @@ def open_data(config: TrainConfig, *, split: str | None = None) -> Any:
     return data.load(
         config.dataset, train_split=split or config.train_split, val_split=split or config.val_split, classes=classes,
         max_train_samples=config.max_train_samples, max_val_samples=config.max_val_samples,
-        val_fraction=config.val_fraction, seed=config.seed,
+        val_fraction=config.val_fraction, seed=config.seed, image_column=config.image_column,
+        label_column=config.label_column,
     )  # fmt: skip
 
 
