@@ -22,17 +22,18 @@ from flaxvision.errors import TrainingDiverged, TrainingInterrupted
 from flaxvision.train import fit
 from tests.helpers import (
     CLASS_NAMES,
-    TINY_VIT,
+    SIX_EPOCHS,
     assert_unchanged,
-    compilation_cache,
     batches,
     checkpoint_steps,
     colour_data,
     colour_fit_kwargs,
     communicate_or_kill,
+    compilation_cache,
     delete_metadata,
     fit_process,
     last_json,
+    short_failure,
     small_config,
     snapshot,
     stop_after_first_epoch,
@@ -78,7 +79,8 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(damage, stopped, tmp_
     run_dir = copy_of(stopped, tmp_path)
     damage(run_dir / "checkpoints" / "4")
     capsys.readouterr()
-    result = fit(small_config(), run_dir=run_dir, resume=True, **colour_fit_kwargs())
+    with short_failure("resume with the newest checkpoint damaged"):
+        result = fit(small_config(), run_dir=run_dir, resume=True, **colour_fit_kwargs())
     out = "".join(capsys.readouterr())
     assert "skipped checkpoint 4" in out, out[-2000:]
     skipped = next(line for line in out.splitlines() if "skipped checkpoint 4" in line)
@@ -93,9 +95,10 @@ def test_every_checkpoint_damaged_is_refused_and_nothing_changes(stopped, tmp_pa
     for step in checkpoint_steps(run_dir):
         truncate_array_data(run_dir / "checkpoints" / str(step))
     before = snapshot(run_dir)
-    with pytest.raises(flaxvision.FlaxvisionError) as info:
+    with short_failure("resume with every checkpoint damaged"), pytest.raises(flaxvision.FlaxvisionError) as info:
         fit(small_config(), run_dir=run_dir, resume=True, **colour_fit_kwargs())
-    assert "no intact checkpoint" in one_line(info.value)
+    message = one_line(info.value)
+    assert "no intact checkpoint" in message, message[:1000]
     assert_unchanged(run_dir, before)
 
 
@@ -141,8 +144,9 @@ def test_diverged_run_names_a_good_checkpoint_and_resumes_from_it(tmp_path, caps
     assert Path(found.group(1)).is_dir() and Path(found.group(1)).resolve() == (run_dir / "checkpoints" / "4").resolve()
 
     capsys.readouterr()
-    result = fit(config.replace(lr=1e-4), run_dir=run_dir, resume=True, allow_changes=True, model=tiny_vit(),
-                 train_data=PoisonAt(batches(xt, yt, 32), None, 4), val_data=val, class_names=CLASS_NAMES)  # fmt: skip
+    with short_failure("resume with a lower lr"):
+        result = fit(config.replace(lr=1e-4), run_dir=run_dir, resume=True, allow_changes=True, model=tiny_vit(),
+                     train_data=PoisonAt(batches(xt, yt, 32), None, 4), val_data=val, class_names=CLASS_NAMES)  # fmt: skip
     out = capsys.readouterr().out
     assert f"resumed from step {good}" in out, out[-2000:]
     assert result.summary["steps"] == 8
@@ -154,19 +158,16 @@ def test_diverged_run_names_a_good_checkpoint_and_resumes_from_it(tmp_path, caps
 
 # ---- K: the disk fills up during training ----------------------------------------------------------------------
 
-BIGGER = {"width": 64, "mlp_dim": 128, "depth": 2}  # ~0.8 MB per checkpoint (params + AdamW moments)
-
-
-def test_disk_full_during_training_is_one_line_and_the_last_checkpoint_restores(tmp_path, capsys):
-    with tmpfs(tmp_path / "small", "3m") as mnt:
+def test_disk_full_during_training_is_one_line_and_the_last_checkpoint_restores(tmp_path):
+    # The recipe of the two-process test (same compiled programs), a checkpoint every step (~0.3 MB each), all kept.
+    spec = {**SIX_EPOCHS, "config": {**SIX_EPOCHS["config"], "checkpoint_every": 1, "keep_checkpoints": 100}}
+    with tmpfs(tmp_path / "small", "1m") as mnt:
         run_dir = mnt / "run"
-        spec = {"run_dir": str(run_dir), "overrides": BIGGER,
-                "config": {"epochs": 4, "checkpoint_every": 1, "keep_checkpoints": 100}}
-        child = fit_process(spec)  # a child: a write that fails in an async checkpoint thread must not hang pytest
-        code, out, err, _ = communicate_or_kill(child, 240)
+        # A child: a write that fails in an async checkpoint thread must not hang pytest.
+        code, out, err, _ = communicate_or_kill(fit_process({**spec, "run_dir": str(run_dir)}), 240)
         assert code == 0, (code, err[-3000:])
         result = last_json(out)
-        assert not result["ok"], "the run fitted in 3 MB: make the checkpoints bigger"
+        assert not result["ok"], "the run fitted in 1 MB: make the checkpoints bigger"
         assert result["flaxvision"], result  # a FlaxvisionError (exit 2 on the command line), not an OSError
         message = result["message"]
         assert "\n" not in message.strip(), message
@@ -175,12 +176,11 @@ def test_disk_full_during_training_is_one_line_and_the_last_checkpoint_restores(
         assert steps, "no complete checkpoint was left"
         roomy = tmp_path / "roomy"
         shutil.copytree(run_dir, roomy)
-    config = small_config(epochs=4, checkpoint_every=1, keep_checkpoints=100, model_overrides={**TINY_VIT, **BIGGER})
-    capsys.readouterr()
-    done = fit(config, run_dir=roomy, resume=True, **colour_fit_kwargs(overrides=BIGGER))
-    out = capsys.readouterr().out
+    code, out, err, _ = communicate_or_kill(fit_process({**spec, "run_dir": str(roomy), "resume": True}), 240)
+    assert code == 0, (code, err[-3000:])
     assert f"resumed from step {max(steps)}" in out, out[-2000:]
-    assert done.summary["steps"] == 16
+    result = last_json(out)
+    assert result["ok"] and result["summary"]["steps"] == 48, result
 
 
 # ---- M: atomic writes ----------------------------------------------------------------------------------------

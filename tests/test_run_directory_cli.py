@@ -23,12 +23,13 @@ import flaxvision
 from flaxvision.errors import TrainingInterrupted
 from flaxvision.train import fit
 from tests.helpers import (
+    SIX_EPOCHS,
     TINY_CLI,
     assert_unchanged,
-    compilation_cache,
     checkpoint_steps,
     cli_process,
     communicate_or_kill,
+    compilation_cache,
     error_lines,
     fit_process,
     kill_group,
@@ -209,7 +210,7 @@ def test_a_second_process_is_refused_while_the_first_trains_and_takes_over_after
     run_dir = tmp_path / "run"
     # 8 steps per epoch, 6 epochs, 1 s per batch: the first run trains for about 45 s after its first checkpoint
     # (it is killed as soon as the second processes have answered).
-    spec = {"run_dir": str(run_dir), "n_train": 256, "config": {"epochs": 6}}
+    spec = {**SIX_EPOCHS, "run_dir": str(run_dir)}
     first = fit_process({**spec, "delay": 1.0})
     try:
         deadline = time.monotonic() + 180
