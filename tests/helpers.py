@@ -1,0 +1,358 @@
+"""Shared helpers for the run-directory tests (tests/test_run_directory*.py): tiny data and models, directory
+snapshots, checkpoint damage, CLI runners, a tmpfs mount. Also a script (`python tests/helpers.py SPEC_JSON`) that
+runs one tiny in-process fit in a child process and prints its outcome as JSON (for kill/lock/disk-full tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).parent
+REPO = HERE.parent
+CLASS_NAMES = ["red", "green", "blue", "grey"]
+TINY_VIT = dict(img_size=16, patch_size=4, width=32, num_heads=2, mlp_dim=64, depth=1)
+
+# The tiny CLI recipe (builtin digits): 128 train images / batch 32 = 4 steps per epoch.
+TINY_CLI = [
+    "--dataset", "builtin:digits", "--max-train-samples", "128", "--max-val-samples", "64", "--batch-size", "32",
+    "--model-overrides", json.dumps({"patch_size": 4, "width": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64}),
+    "--img-size", "16", "--no-report", "--no-progress", "--checkpoint-every", "2", "--keep-checkpoints", "3",
+]  # fmt: skip
+
+
+def tiny_cli_config(**kw):
+    """The TrainConfig that `flaxvision train TINY_CLI ...` builds (the default preset plus the tiny overrides)."""
+    from flaxvision.presets import DEFAULT_PRESET, get_preset
+
+    base = dict(dataset="builtin:digits", max_train_samples=128, max_val_samples=64, batch_size=32,
+                model_overrides={"patch_size": 4, "width": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64},
+                img_size=16, report=False, progress=False, checkpoint_every=2, keep_checkpoints=3)  # fmt: skip
+    return get_preset(DEFAULT_PRESET).replace(**{**base, **kw})
+
+
+# ---- tiny in-memory data (as tests/trainer_utils.py, copied: test modules import helpers only from here) -------
+
+
+def colour_data(n: int, seed: int, size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images whose class is their dominant colour (red, green, blue, grey) under noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, n)
+    images = rng.integers(0, 90, (n, size, size, 3))
+    for i, c in enumerate(labels):
+        if c < 3:
+            images[i, :, :, c] += 120
+        else:
+            images[i] += 60
+    return images.astype(np.uint8), labels.astype(np.int32)
+
+
+class Batches(list):
+    """A re-iterable list of batches; `delay` seconds per batch (to pace a run another process races)."""
+
+    def __init__(self, items, delay: float = 0.0):
+        super().__init__(items)
+        self.delay = delay
+
+    def __iter__(self):
+        for item in super().__iter__():
+            if self.delay:
+                time.sleep(self.delay)
+            yield item
+
+
+def batches(images, labels, batch_size: int, delay: float = 0.0) -> Batches:
+    return Batches([{"image": images[i : i + batch_size], "label": labels[i : i + batch_size]}
+                    for i in range(0, len(labels), batch_size)], delay)  # fmt: skip
+
+
+def tiny_vit(seed: int = 0, **kw):
+    import flaxvision
+
+    return flaxvision.create_model("vit_tiny_patch16_224", num_classes=4, seed=seed, **{**TINY_VIT, **kw})
+
+
+def small_config(**kw):
+    from flaxvision.train import TrainConfig
+
+    base = dict(model="vit_tiny_patch16_224", epochs=2, batch_size=32, eval_batch_size=16, optimizer="adamw", lr=3e-3,
+                log_every=2, progress=False, report=False, model_overrides=dict(TINY_VIT), checkpoint_every=2,
+                keep_checkpoints=3, seed=1)  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def colour_fit_kwargs(n_train: int = 128, delay: float = 0.0, overrides: dict | None = None) -> dict[str, Any]:
+    """Everything but config/run_dir for a tiny fit on colour data (n_train / 32 steps per epoch)."""
+    xt, yt = colour_data(n_train, 0)
+    xv, yv = colour_data(32, 1)
+    return dict(model=tiny_vit(**(overrides or {})), train_data=batches(xt, yt, 32, delay), val_data=batches(xv, yv, 16),
+                class_names=CLASS_NAMES)  # fmt: skip
+
+
+def stop_after_first_epoch(*_args, **_kw):
+    """An on_epoch_end callback that interrupts the run (as Ctrl-C would) once epoch 1 is checkpointed."""
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def short_failure(what: str):
+    """An unexpected exception from deep inside the training stack fails the test on one line (no traceback:
+    pytest's formatting of Orbax/asyncio tracebacks has hit a CPython 3.11 AST bug and aborted the session)."""
+    import pytest
+
+    try:
+        yield
+    except Exception as err:
+        if isinstance(err, AssertionError):
+            raise
+        pytest.fail(f"{what}: {type(err).__name__}: {str(err)[:1500]}", pytrace=False)
+
+
+# ---- directories ---------------------------------------------------------------------------------------------
+
+
+def snapshot(root: str | os.PathLike) -> dict[str, tuple]:
+    """Every entry under `root` (itself included): relative name -> (kind, mode, mtime_ns, size, content).
+
+    Directories are compared by name and mode, not mtime: a lock file created and removed again inside a run
+    directory touches only the directory's mtime, and the contract is about files. A file left behind (a lock
+    file that stays, a temporary) is a change.
+    """
+    root = Path(root)
+    out: dict[str, tuple] = {}
+    for path in [root, *sorted(root.rglob("*"))]:
+        st = path.lstat()
+        rel = str(path.relative_to(root))
+        if path.is_symlink():
+            out[rel] = ("link", st.st_mode, st.st_mtime_ns, os.readlink(path))
+        elif path.is_dir():
+            out[rel] = ("dir", st.st_mode)
+        else:
+            out[rel] = ("file", st.st_mode, st.st_mtime_ns, st.st_size, path.read_bytes())
+    return out
+
+
+def snapshot_diff(before: dict, after: dict) -> list[str]:
+    """Names that appeared, vanished or changed (content, mode or mtime) between two snapshots."""
+    diff = [f"+{k}" for k in after.keys() - before.keys()] + [f"-{k}" for k in before.keys() - after.keys()]
+    diff += [f"~{k}" for k in before.keys() & after.keys() if before[k] != after[k]]
+    return sorted(diff)
+
+
+def assert_unchanged(root, before: dict) -> None:
+    diff = snapshot_diff(before, snapshot(root))
+    assert not diff, f"{root} changed: {diff[:20]}"
+
+
+def temp_leftovers(root) -> list[str]:
+    """Files named like flaxvision.files' temporaries (.NAME.*.tmp) anywhere under root."""
+    return [str(p) for p in Path(root).rglob(".*") if p.name.endswith(".tmp")]
+
+
+def checkpoint_steps(run_dir) -> list[int]:
+    d = Path(run_dir) / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()) if d.is_dir() else []
+
+
+def truncate_array_data(checkpoint) -> list[Path]:
+    """Cut every array data file of a checkpoint (the files under its `state/**/d/` folders) to half its size.
+
+    Cutting only the largest file is not enough: with OCDBT a checkpoint holds data files that the restore never
+    reads (the per-process files superseded by the merged ones), and a damaged unread file is no damage at all.
+    """
+    files = [p for p in (Path(checkpoint) / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert files, f"no array data files under {checkpoint}"
+    for path in files:
+        size = path.stat().st_size
+        with open(path, "r+b") as f:
+            f.truncate(size // 2)
+    return files
+
+
+def delete_metadata(directory) -> list[Path]:
+    """Delete a checkpoint's metadata: both `_CHECKPOINT_METADATA` and `state/_METADATA` (where present)."""
+    gone = []
+    for name in ("_CHECKPOINT_METADATA", "state/_METADATA"):
+        p = Path(directory) / name
+        if p.exists():
+            p.unlink()
+            gone.append(p)
+    assert gone, f"no metadata file found in {directory}: {sorted(os.listdir(directory))}"
+    return gone
+
+
+# ---- the command line ----------------------------------------------------------------------------------------
+
+
+def cli_env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]), "FLAXVISION_HUGE_PAGES": "0",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}  # fmt: skip
+    # One CPU device in children (conftest gives this process 8 virtual ones): they compile and save faster.
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join(flags)
+    if _CACHE_DIR is not None:  # children share this session's compiled programs
+        env.update(JAX_COMPILATION_CACHE_DIR=str(_CACHE_DIR), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")  # fmt: skip
+    return env
+
+
+# ---- speed: one persistent compilation cache for the session ---------------------------------------------------
+
+_CACHE_DIR: Path | None = None
+_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                  "jax_persistent_cache_min_entry_size_bytes")  # fmt: skip
+
+
+def compilation_cache(tmp_path_factory):
+    """Generator for a module fixture: every fit of these tests compiles the same few programs; keep them in a
+    persistent cache under the session's temp directory (shared with child processes), restore JAX's settings
+    afterwards. A second fit of one recipe then takes seconds instead of a recompilation."""
+    global _CACHE_DIR
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    old = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
+    _CACHE_DIR = tmp_path_factory.getbasetemp() / "jax-compilation-cache"
+    jax.config.update("jax_compilation_cache_dir", str(_CACHE_DIR))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    cc.reset_cache()
+    try:
+        yield _CACHE_DIR
+    finally:
+        for name, value in old.items():
+            jax.config.update(name, value)
+        cc.reset_cache()
+        _CACHE_DIR = None
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """`flaxvision ARGS` in this process: (exit code, stdout, stderr). argparse's SystemExit becomes its code."""
+    from flaxvision.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as err:
+        code = err.code if isinstance(err.code, int) else (0 if err.code is None else 2)
+    except Exception as err:  # the command let an exception out instead of a one-line error and an exit code
+        import pytest
+
+        out, errs = capsys.readouterr()
+        pytest.fail(f"flaxvision {' '.join(map(str, args))[:300]} raised {type(err).__name__}: {str(err)[:1500]}",
+                    pytrace=False)  # fmt: skip
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def cli_process(args: list[str], **popen) -> subprocess.Popen:
+    """The `flaxvision` console script (flaxvision.cli:main) as a child process, in its own process group.
+
+    Started as `python -c` over flaxvision.cli.main rather than `python -m flaxvision`: the package has no
+    __main__ today, and these tests are about the run directory, not about that entry point.
+    """
+    cmd = [sys.executable, "-c", "import sys; from flaxvision.cli import main; sys.exit(main())", *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(),
+                            cwd=popen.pop("cwd", None), start_new_session=True, **popen)  # fmt: skip
+
+
+def communicate_or_kill(proc: subprocess.Popen, timeout: float) -> tuple[int | None, str, str, float]:
+    """(exit code or None when it ran past `timeout` and was killed, stdout, stderr, seconds)."""
+    start = time.monotonic()
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        out, err = proc.communicate()
+        code = None
+    return code, out, err, time.monotonic() - start
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.strip()]
+
+
+def fit_process(spec: dict[str, Any], **popen) -> subprocess.Popen:
+    """This file as a script: one tiny colour-data fit described by `spec` (see `_child`)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), json.dumps(spec)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(),
+                            start_new_session=True, **popen)  # fmt: skip
+
+
+def last_json(out: str) -> dict[str, Any]:
+    for line in reversed(out.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise AssertionError(f"no JSON line in the child's output:\n{out[-3000:]}")
+
+
+# A child run of 8 steps per epoch, 6 epochs (48 steps): the two-process and the disk-full tests share its programs.
+SIX_EPOCHS: dict[str, Any] = {"n_train": 256, "config": {"epochs": 6}}
+
+
+def _child(spec: dict[str, Any]) -> None:
+    """spec: run_dir, config (TrainConfig fields over small_config), n_train, delay, resume, overwrite, overrides."""
+    import flaxvision
+    from flaxvision.train import fit
+
+    overrides = spec.get("overrides")
+    config = small_config(**({"model_overrides": {**TINY_VIT, **overrides}} if overrides else {}), **spec.get("config", {}))
+    kwargs = colour_fit_kwargs(spec.get("n_train", 128), spec.get("delay", 0.0), spec.get("overrides"))
+    try:
+        result = fit(config, run_dir=spec["run_dir"], resume=spec.get("resume", False),
+                     overwrite=spec.get("overwrite", False), **kwargs)  # fmt: skip
+    except (flaxvision.FlaxvisionError, Exception) as err:
+        print(json.dumps({"ok": False, "error": type(err).__name__, "flaxvision": isinstance(err, flaxvision.FlaxvisionError),
+                          "message": str(err)}), flush=True)  # fmt: skip
+        return
+    print(json.dumps({"ok": True, "summary": result.summary}), flush=True)
+
+
+# ---- a small file system -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def tmpfs(path, size: str):
+    """Mount a tmpfs of `size` at `path` (skips the test when mounting is not permitted); always unmounted."""
+    import pytest
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+    try:
+        yield path
+    finally:
+        for _ in range(20):
+            if subprocess.run(["umount", str(path)], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.25)
+
+
+def remount_read_only(path) -> None:
+    import pytest
+
+    done = subprocess.run(["mount", "-o", "remount,ro", str(path)], capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot remount {path} read-only here: {done.stderr.strip() or done.returncode}")
+
+
+if __name__ == "__main__":
+    _child(json.loads(sys.argv[1]))
