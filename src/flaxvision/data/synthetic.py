@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+
 def _noise_texture(seed: int, side: int = 1024) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return rng.normal(0.0, 10.0, (side, side, 1)).astype(np.int16)
