@@ -145,8 +145,8 @@ def test_class_subsets_remap_labels_and_keep_names(disk):
     named = load(str(disk), classes=["class_003", "class_001"])
     assert named.class_names == ("class_003", "class_001")
     full = load(str(disk))
-    original = dict(zip(full.train.ids.tolist(), full.train.labels.tolist()))
-    for example_id, label in zip(named.train.ids.tolist(), named.train.labels.tolist()):
+    original = dict(zip(full.train.ids.tolist(), full.train.labels.tolist(), strict=True))
+    for example_id, label in zip(named.train.ids.tolist(), named.train.labels.tolist(), strict=True):
         assert original[example_id] == (3, 1)[label]
     assert load(str(disk), classes="class_002,class_000").class_names == ("class_002", "class_000")
     with pytest.raises(FlaxvisionError, match="no class 'class_9'"):

@@ -48,7 +48,7 @@ def test_broken_images_raise_bad_image():
         "garbage": b"\x00\x01garbage" * 50,
         "bomb": png_header_only(100_000, 100_000),
     }
-    for name, data in cases.items():
+    for data in cases.values():
         with pytest.raises(BadImage):
             decode_eval(data, EVAL)
         with pytest.raises(BadImage):
