@@ -110,9 +110,10 @@ def _close_running_streams() -> None:
 def _wait_for_unlinks(timeout: float = 10.0) -> None:
     """Wait until grain has unlinked the shared memory of every batch array already dropped.
 
-    grain unlinks a segment when its array is garbage-collected, on a one-thread pool (`enable_async_del`) whose
-    thread is a daemon: what it had not done yet at exit would stay linked. A no-op task through that single
-    thread completes after every unlink queued before it.
+    grain unlinks a segment when its array is garbage-collected, as a task on a one-thread ThreadPool
+    (`enable_async_del`). At exit, multiprocessing's exit handler terminates that pool and drops the tasks it has
+    not run yet, so those segments would stay linked. A no-op task through the same single thread completes after
+    every unlink queued before it. (Not observed to matter in the tests on an idle machine; it closes the race.)
     """
     try:
         from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
