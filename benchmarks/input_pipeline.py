@@ -29,6 +29,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -78,7 +79,9 @@ def baseline_batches(path: Path, workers: int, batch_size: int, img_size: int, s
     from absl import flags
 
     flags.FLAGS.mark_as_parsed()  # grain workers read absl flags (google/grain#1355); a plain script never parses
-    train = datasets.load_from_disk(str(path))["train"].with_transform(TutorialTransform(img_size))
+    splits = datasets.load_from_disk(str(path))
+    assert isinstance(splits, datasets.DatasetDict)
+    train: Any = splits["train"].with_transform(TutorialTransform(img_size))  # a grain RandomAccessDataSource
     sampler = pygrain.IndexSampler(len(train), shuffle=True, seed=seed, shard_options=pygrain.NoSharding(),
                                    num_epochs=None)
     loader = pygrain.DataLoader(data_source=train, sampler=sampler, worker_count=workers, worker_buffer_size=2,
@@ -100,8 +103,9 @@ def flaxvision_batches(path: Path, workers: int, batch_size: int, img_size: int,
                          num_epochs=None, workers=workers, augment=AugmentConfig(draft_min_fraction=draft_min_fraction))
     augment = loader.augment
     assert augment is not None
-    jitter = {"brightness": augment.brightness, "contrast": augment.contrast, "saturation": augment.saturation}
-    preprocess = jax.jit(lambda images, key: device_preprocess(images, pre.mean, pre.std, rng=key, **jitter))
+    preprocess = jax.jit(lambda images, key: device_preprocess(
+        images, pre.mean, pre.std, rng=key, brightness=augment.brightness, contrast=augment.contrast,
+        saturation=augment.saturation))
     key = jax.random.key(seed)
     try:
         for step, host in enumerate(loader):

@@ -30,6 +30,12 @@ def disk(folder, tmp_path_factory):
     return folder_to_disk(folder, tmp_path_factory.mktemp("disk") / "ds")
 
 
+def _splits(path) -> datasets.DatasetDict:
+    splits = datasets.load_from_disk(str(path))
+    assert isinstance(splits, datasets.DatasetDict)
+    return splits
+
+
 def _png(color, mode="RGB"):
     buffer = io.BytesIO()
     Image.new(mode, (12, 10), color).save(buffer, "PNG")
@@ -39,7 +45,7 @@ def _png(color, mode="RGB"):
 def test_resolve_kind(folder, disk, tmp_path):
     assert resolve_kind(str(folder)) == "folder"
     assert resolve_kind(str(disk)) == "disk"
-    datasets.load_from_disk(str(disk))["train"].to_parquet(str(tmp_path / "train.parquet"))
+    _splits(disk)["train"].to_parquet(str(tmp_path / "train.parquet"))
     assert resolve_kind(str(tmp_path / "train.parquet")) == "parquet"
     assert resolve_kind(str(tmp_path)) == "parquet"
     for hub_id in ("ethz/food101", "uoft-cs/cifar10", "ylecun/mnist", "cifar10"):
@@ -95,7 +101,7 @@ def test_save_to_disk_dir(disk):
 
 
 def test_parquet_file_and_directory(disk, tmp_path):
-    ds = datasets.load_from_disk(str(disk))
+    ds = _splits(disk)
     single = tmp_path / "one" / "food.parquet"
     single.parent.mkdir()
     ds["train"].to_parquet(str(single))

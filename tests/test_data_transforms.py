@@ -165,7 +165,7 @@ def test_eval_box_geometry():
 def test_draft_decoding_is_used_and_close_to_full_decoding():
     rng = np.random.default_rng(0)
     small = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
-    big = Image.fromarray(small).resize((1024, 768), Image.BICUBIC)  # smooth, so a reduced decode loses nothing
+    big = Image.fromarray(small).resize((1024, 768), Image.Resampling.BICUBIC)  # smooth, so a reduced decode loses nothing
     data = encode(big, "JPEG", quality=95)
     image = open_image(data)
     image.draft("RGB", (1024 // 4, 768 // 4))
@@ -178,7 +178,7 @@ def test_draft_decoding_is_used_and_close_to_full_decoding():
 
 def test_draft_min_fraction_trades_a_little_resolution_for_speed():
     rng = np.random.default_rng(0)
-    photo = Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).resize((512, 384), Image.BICUBIC)
+    photo = Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).resize((512, 384), Image.Resampling.BICUBIC)
     data = encode(photo, "JPEG", quality=90)
 
     def crop(draft, fraction):

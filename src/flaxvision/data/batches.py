@@ -107,7 +107,7 @@ class BatchMaker:
 
     def _decode(self, position: int, rng: np.random.Generator | None) -> np.ndarray:
         data = self.source[position]["image"]
-        if self.augment is None:
+        if self.augment is None or rng is None:
             return decode_eval(data, self.preprocessing, draft=self.draft, max_image_pixels=self.max_image_pixels)
         return decode_train(data, self.preprocessing, self.augment, rng, draft=self.draft,
                             max_image_pixels=self.max_image_pixels)

@@ -37,12 +37,12 @@ class ArrowImages:
         self.__init__(**state)
 
     def _locate(self, row: int) -> tuple[Any, int]:
-        if self._chunks is None:
-            chunks = self.table.table.column(self.column).chunks
+        chunks = self._chunks
+        if chunks is None:
+            chunks = self._chunks = self.table.table.column(self.column).chunks
             self._offsets = np.cumsum([0] + [len(c) for c in chunks])
-            self._chunks = chunks
         c = int(np.searchsorted(self._offsets, row, side="right")) - 1
-        return self._chunks[c], row - int(self._offsets[c])
+        return chunks[c], row - int(self._offsets[c])
 
     def get(self, row: int) -> Any:
         import pyarrow as pa
@@ -123,8 +123,8 @@ def _hf_splits(spec: str, kind: str, cache_dir: str | None) -> tuple[dict[str, A
         where = "Hub dataset" if kind == "hub" else f"{kind} dataset"
         raise FlaxvisionError(f"cannot load {where} {spec!r}: {type(err).__name__}: {first_line}") from err
     if isinstance(loaded, datasets.Dataset):
-        loaded = {"train": loaded}
-    return dict(loaded), root
+        return {"train": loaded}, root
+    return {str(name): split for name, split in loaded.items()}, root
 
 
 def _pick_column(names: Sequence[str], features: Any, wanted: str | None, candidates: Sequence[str], what: str,

@@ -197,7 +197,7 @@ class LoaderIterator:
     def __init__(self, loader: Loader, start: int):
         self.loader = loader
         self._position = start  # global index of the next batch
-        self._end = None if loader.num_epochs is None else start + loader.num_batches
+        self._end = None if loader.num_epochs is None else start + len(loader) * loader.num_epochs
         self._reported_epoch = start // len(loader) - 1
 
     # -- state ------------------------------------------------------------------------------------------------

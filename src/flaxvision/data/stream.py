@@ -38,7 +38,7 @@ class Stream:
     def take(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """(the next batch, ids of the unusable images it met)."""
         if self._host is None:
-            self._start()
+            self._host = self._start()
         batch = next(self._host)
         if self.loader.workers:
             # Copy out of grain's shared-memory segments into ordinary arrays the caller may keep as long as it
@@ -48,7 +48,7 @@ class Stream:
         self.position += 1
         return batch, skipped[skipped >= 0]
 
-    def _start(self) -> None:
+    def _start(self) -> Any:
         import grain
 
         ds = self.loader.batches()[self.position:]
@@ -59,7 +59,7 @@ class Stream:
             options = grain.MultiprocessingOptions(num_workers=self.loader.workers, per_worker_buffer_size=2)
             ds = ds.mp_prefetch(options, worker_init_fn=worker_init)
             _close_at_exit(self)
-        self._host = iter(ds)
+        return iter(ds)
 
     def close(self) -> None:
         host, self._host = self._host, None

@@ -255,7 +255,7 @@ def eval_box(width: int, height: int, preprocessing: Preprocessing) -> tuple[flo
 
 
 def _draft(
-    image: Image.Image, box: tuple[float, float, float, float], out_size: tuple[int, int], channels: int
+    image: Image.Image, box: tuple[float, float, float, float], out_size: tuple[float, float], channels: int
 ) -> tuple[Image.Image, tuple[float, float, float, float]]:
     """Start a reduced-size JPEG decode when `box` keeps >= out_size pixels; return the image and the scaled box.
 
