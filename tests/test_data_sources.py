@@ -3,6 +3,7 @@
 import glob
 import io
 import json
+import logging
 import os
 import shutil
 
@@ -29,6 +30,12 @@ def disk(folder, tmp_path_factory):
     return folder_to_disk(folder, tmp_path_factory.mktemp("disk") / "ds")
 
 
+def _splits(path) -> datasets.DatasetDict:
+    splits = datasets.load_from_disk(str(path))
+    assert isinstance(splits, datasets.DatasetDict)
+    return splits
+
+
 def _png(color, mode="RGB"):
     buffer = io.BytesIO()
     Image.new(mode, (12, 10), color).save(buffer, "PNG")
@@ -38,7 +45,7 @@ def _png(color, mode="RGB"):
 def test_resolve_kind(folder, disk, tmp_path):
     assert resolve_kind(str(folder)) == "folder"
     assert resolve_kind(str(disk)) == "disk"
-    datasets.load_from_disk(str(disk))["train"].to_parquet(str(tmp_path / "train.parquet"))
+    _splits(disk)["train"].to_parquet(str(tmp_path / "train.parquet"))
     assert resolve_kind(str(tmp_path / "train.parquet")) == "parquet"
     assert resolve_kind(str(tmp_path)) == "parquet"
     for hub_id in ("ethz/food101", "uoft-cs/cifar10", "ylecun/mnist", "cifar10"):
@@ -94,7 +101,7 @@ def test_save_to_disk_dir(disk):
 
 
 def test_parquet_file_and_directory(disk, tmp_path):
-    ds = datasets.load_from_disk(str(disk))
+    ds = _splits(disk)
     single = tmp_path / "one" / "food.parquet"
     single.parent.mkdir()
     ds["train"].to_parquet(str(single))
@@ -123,8 +130,8 @@ def test_columns_detected_or_named(tmp_path):
     data = load(str(tmp_path / "d"))
     assert data.class_names == ("x", "y")
     assert np.array_equal(data.train.labels, np.asarray([0, 1] * 4)[data.train.ids])
-    named = load(str(tmp_path / "d"), label_column="coarse")
-    assert named.class_names == ("0",)
+    with pytest.raises(FlaxvisionError, match=r"has only one class \('0'\); a classifier needs at least two"):
+        load(str(tmp_path / "d"), label_column="coarse")  # the column is found; all its labels are 0
     with pytest.raises(FlaxvisionError, match="no label column 'fine'.*did you mean fine_label"):
         load(str(tmp_path / "d"), label_column="fine")
 
@@ -144,8 +151,8 @@ def test_class_subsets_remap_labels_and_keep_names(disk):
     named = load(str(disk), classes=["class_003", "class_001"])
     assert named.class_names == ("class_003", "class_001")
     full = load(str(disk))
-    original = dict(zip(full.train.ids.tolist(), full.train.labels.tolist()))
-    for example_id, label in zip(named.train.ids.tolist(), named.train.labels.tolist()):
+    original = dict(zip(full.train.ids.tolist(), full.train.labels.tolist(), strict=True))
+    for example_id, label in zip(named.train.ids.tolist(), named.train.labels.tolist(), strict=True):
         assert original[example_id] == (3, 1)[label]
     assert load(str(disk), classes="class_002,class_000").class_names == ("class_002", "class_000")
     with pytest.raises(FlaxvisionError, match="no class 'class_9'"):
@@ -199,7 +206,7 @@ def test_no_usable_images_is_an_error(tmp_path):
     with pytest.raises(FlaxvisionError, match="none of the .* images checked could be read"):
         load(str(tmp_path))
     (tmp_path / "empty" / "x").mkdir(parents=True)
-    with pytest.raises(FlaxvisionError, match="holds no image files"):
+    with pytest.raises(FlaxvisionError, match="empty/x holds no images"):
         load(str(tmp_path / "empty"))
 
 
@@ -243,3 +250,67 @@ def test_hub_id_loads_from_the_datasets_cache_offline(tmp_path, monkeypatch):
     assert data.class_names == ("cat", "dog") and not data.val_held_out  # "test" serves as validation
     assert (len(data.train), len(data.val)) == (10, 10)
     assert isinstance(data.train[0]["image"], bytes)
+
+
+def _images(directory, count, color=(90, 30, 200), suffix=".png"):
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.new("RGB", (8, 8), (color[0], i * 20, color[2])).save(directory / f"{i}{suffix}")
+
+
+def test_an_empty_class_folder_is_an_error_naming_it(tmp_path):
+    _images(tmp_path / "train" / "dog", 3)
+    (tmp_path / "train" / "cat").mkdir()
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
+    _images(tmp_path / "val" / "dog", 1)
+    with pytest.raises(FlaxvisionError) as err:
+        load(str(tmp_path))
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path}/train/cat holds no images (suffixes ")
+    assert ".jpg" in message and ".png" in message and message.endswith("remove the folder or add images")
+
+
+def test_a_single_class_training_split_is_an_error_naming_the_class(tmp_path):
+    _images(tmp_path / "train" / "cat", 4)
+    _images(tmp_path / "val" / "cat", 2)
+    with pytest.raises(FlaxvisionError, match=r"\[train\] has only one class \('cat'\); a classifier needs at least two"):
+        load(str(tmp_path))
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])})
+    rows = {"image": [_png((1, 2, 3))] * 4, "label": [1] * 4}  # two names, but only "dog" has examples
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "d"))
+    with pytest.raises(FlaxvisionError, match=r"has only one class \('dog'\)"):
+        load(str(tmp_path / "d"), val_fraction=0.5)
+    two = tmp_path / "two"
+    _images(two / "cat", 2)
+    _images(two / "dog", 2)
+    with pytest.raises(FlaxvisionError, match=r"has only one class \('cat'\)"):
+        load(str(two), classes=["cat"])  # a subset of one class is the same mistake
+
+
+def test_a_class_missing_from_validation_is_a_warning_naming_it(tmp_path, caplog):
+    for name in ("cat", "dog", "emu"):
+        _images(tmp_path / "train" / name, 3)
+    for name in ("cat", "dog"):
+        _images(tmp_path / "val" / name, 1)
+    with caplog.at_level(logging.WARNING, logger="flaxvision.data"):
+        data = load(str(tmp_path))
+    assert data.class_names == ("cat", "dog", "emu") and len(data.val) == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "[validation] has no example of class(es) 'emu'" in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="flaxvision.data"):
+        load(str(tmp_path), classes=["cat", "dog"])
+    assert not caplog.records
+
+
+def test_image_suffixes_are_one_constant_for_folders_and_predict(tmp_path):
+    from flaxvision.commands import predict
+    from flaxvision.data import IMAGE_SUFFIXES
+
+    assert {".jpg", ".jpeg", ".png", ".webp", ".tga"} <= IMAGE_SUFFIXES
+    _images(tmp_path / "a", 2, suffix=".tga")
+    _images(tmp_path / "b", 2, suffix=".jpeg")
+    (tmp_path / "a" / "readme.txt").write_text("skipped by both")
+    data = load(str(tmp_path), val_fraction=0.5)
+    found = sorted(os.path.basename(data.train.describe(i)) for i in np.concatenate([data.train.ids, data.val.ids]))
+    assert found == sorted(p.name for p in predict._expand([str(tmp_path)])) == ["0.jpeg", "0.tga", "1.jpeg", "1.tga"]

@@ -11,7 +11,6 @@ from PIL import Image
 from flaxvision.data.transforms import (
     AugmentConfig,
     BadImage,
-    ImageOptions,
     decode_eval,
     decode_train,
     eval_box,
@@ -20,6 +19,7 @@ from flaxvision.data.transforms import (
     random_resized_box,
 )
 from flaxvision.errors import ConfigError
+from flaxvision.preprocessing import Preprocessing
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -37,7 +37,7 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + body + end
 
 
-EVAL = ImageOptions(size=16)
+EVAL = Preprocessing(img_size=16)
 
 
 def test_broken_images_raise_bad_image():
@@ -48,7 +48,7 @@ def test_broken_images_raise_bad_image():
         "garbage": b"\x00\x01garbage" * 50,
         "bomb": png_header_only(100_000, 100_000),
     }
-    for name, data in cases.items():
+    for data in cases.values():
         with pytest.raises(BadImage):
             decode_eval(data, EVAL)
         with pytest.raises(BadImage):
@@ -88,7 +88,7 @@ def test_odd_modes_become_correct_rgb():
 
 def test_one_channel_models_get_one_channel():
     rgb = encode(Image.new("RGB", (20, 20), (255, 0, 0)), "JPEG", quality=100)
-    out = decode_eval(rgb, ImageOptions(size=8, channels=1))
+    out = decode_eval(rgb, Preprocessing(img_size=8, mean=(0.5,), std=(0.5,)))
     assert out.shape == (8, 8, 1)
     assert abs(int(out.mean()) - 76) <= 2  # luminance of pure red: 0.299 * 255
 
@@ -100,7 +100,7 @@ def test_exif_rotation_is_applied():
     exif = Image.Exif()
     exif[0x0112] = 6
     data = encode(Image.fromarray(pixels), "JPEG", exif=exif, quality=100)
-    out = decode_eval(data, ImageOptions(size=20, resize_mode="squash"))
+    out = decode_eval(data, Preprocessing(img_size=20, resize_mode="squash"))
     # Displayed upright the picture is 20 wide and 40 tall: the black half is on top.
     assert out[:8].mean() < 30 and out[12:].mean() > 225
 
@@ -134,10 +134,10 @@ def test_train_flip_probability_is_one_half():
     data = encode(Image.fromarray(pixels), "PNG")
     augment = AugmentConfig(crop="resize", brightness=0, contrast=0, saturation=0)
     rng = np.random.default_rng(1)
-    flipped = [decode_train(data, ImageOptions(size=32), augment, rng)[:, :4].mean() < 128 for _ in range(1000)]
+    flipped = [decode_train(data, Preprocessing(img_size=32), augment, rng)[:, :4].mean() < 128 for _ in range(1000)]
     assert 0.45 < np.mean(flipped) < 0.55
     no_flip = AugmentConfig(crop="resize", hflip=False)
-    assert decode_train(data, ImageOptions(size=32), no_flip, rng)[:, :4].mean() > 250
+    assert decode_train(data, Preprocessing(img_size=32), no_flip, rng)[:, :4].mean() > 250
 
 
 def test_pad_crop_shifts_by_at_most_the_padding():
@@ -146,7 +146,7 @@ def test_pad_crop_shifts_by_at_most_the_padding():
     rng = np.random.default_rng(0)
     borders = set()
     for _ in range(200):
-        out = decode_train(data, ImageOptions(size=32), AugmentConfig.cifar(), rng)
+        out = decode_train(data, Preprocessing(img_size=32), AugmentConfig.cifar(), rng)
         assert out.shape == (32, 32, 3)
         black_cols = int((out[16, :, 0] == 0).sum())
         black_rows = int((out[:, 16, 0] == 0).sum())
@@ -156,35 +156,34 @@ def test_pad_crop_shifts_by_at_most_the_padding():
 
 
 def test_eval_box_geometry():
-    assert eval_box(400, 200, ImageOptions(size=10, crop_pct=1.0)) == (0, 0, 400, 200)
-    assert eval_box(400, 200, ImageOptions(size=10, crop_pct=0.5)) == (100, 50, 300, 150)
-    assert eval_box(400, 200, ImageOptions(size=10, crop_pct=0.875, resize_mode="shortest")) == (
+    assert eval_box(400, 200, Preprocessing(img_size=10, crop_pct=1.0)) == (0, 0, 400, 200)
+    assert eval_box(400, 200, Preprocessing(img_size=10, crop_pct=0.5)) == (100, 50, 300, 150)
+    assert eval_box(400, 200, Preprocessing(img_size=10, crop_pct=0.875, resize_mode="shortest")) == (
         112.5, 12.5, 287.5, 187.5)
 
 
 def test_draft_decoding_is_used_and_close_to_full_decoding():
     rng = np.random.default_rng(0)
     small = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
-    big = Image.fromarray(small).resize((1024, 768), Image.BICUBIC)  # smooth, so a reduced decode loses nothing
+    big = Image.fromarray(small).resize((1024, 768), Image.Resampling.BICUBIC)  # smooth, so a reduced decode loses nothing
     data = encode(big, "JPEG", quality=95)
     image = open_image(data)
     image.draft("RGB", (1024 // 4, 768 // 4))
     assert image.size == (256, 192)  # Pillow's DCT scaling is available for this JPEG
-    fast = decode_eval(data, ImageOptions(size=64))
-    full = decode_eval(data, ImageOptions(size=64, draft=False))
+    fast = decode_eval(data, Preprocessing(img_size=64))
+    full = decode_eval(data, Preprocessing(img_size=64), draft=False)
     assert fast.shape == full.shape == (64, 64, 3)
     assert np.abs(fast.astype(int) - full.astype(int)).mean() < 3
 
 
 def test_draft_min_fraction_trades_a_little_resolution_for_speed():
     rng = np.random.default_rng(0)
-    photo = Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).resize((512, 384), Image.BICUBIC)
+    photo = Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).resize((512, 384), Image.Resampling.BICUBIC)
     data = encode(photo, "JPEG", quality=90)
 
     def crop(draft, fraction):
-        options = ImageOptions(size=224, draft=draft)
         augment = AugmentConfig(hflip=False, draft_min_fraction=fraction)
-        return decode_train(data, options, augment, np.random.default_rng(5))
+        return decode_train(data, Preprocessing(img_size=224), augment, np.random.default_rng(5), draft=draft)
 
     exact = crop(False, 1.0)
     np.testing.assert_array_equal(crop(True, 1.0), exact)  # strict: a 224 crop of a 512 photo is never reduced
@@ -200,3 +199,17 @@ def test_augment_config_validation():
         AugmentConfig(crop="center")
     with pytest.raises(ConfigError, match="brightness"):
         AugmentConfig(brightness=1.5)
+
+
+def test_decode_takes_the_models_preprocessing_and_a_path_or_bytes(tmp_path):
+    image = Image.new("RGB", (40, 30), (10, 200, 30))
+    path = tmp_path / "green.png"
+    image.save(path)
+    pre = Preprocessing(img_size=12, crop_pct=0.875, resize_mode="shortest")
+    from_path = decode_eval(str(path), pre)  # what `flaxvision verify` and `predict` call
+    np.testing.assert_array_equal(from_path, decode_eval(path.read_bytes(), pre))
+    assert from_path.shape == (12, 12, 3) and from_path[6, 6].tolist() == [10, 200, 30]
+    with pytest.raises(BadImage, match="above the limit of 100"):
+        decode_eval(str(path), pre, max_image_pixels=100)
+    with pytest.raises(BadImage, match="above the limit of 100"):
+        decode_train(str(path), pre, AugmentConfig(), np.random.default_rng(0), max_image_pixels=100)

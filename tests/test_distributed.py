@@ -90,7 +90,7 @@ def data(tmp_path_factory):
 
 def test_process_slices_concatenate_to_the_one_process_global_batch(data):
     pre = Preprocessing(img_size=16)
-    common = dict(preprocessing=pre, train=True, seed=5, to_device=False)
+    common = dict(preprocessing=pre, train=True, seed=5)
     whole = make_loader(data.train, batch_size=8, **common)
     parts = [make_loader(data.train, batch_size=4, shard_index=i, shard_count=2, **common) for i in range(2)]
     assert len(whole) == len(parts[0]) == len(parts[1]) == 3  # 27 examples: 3 global batches of 8
@@ -102,8 +102,7 @@ def test_process_slices_concatenate_to_the_one_process_global_batch(data):
                 np.testing.assert_array_equal(w[key], np.concatenate([p0[key], p1[key]]))
             assert not set(p0["id"].tolist()) & set(p1["id"].tolist())
     # Eval: every example exactly once across processes, the remainder padded with masked rows.
-    evals = [make_loader(data.val, batch_size=2, train=False, shard_index=i, shard_count=2, preprocessing=pre,
-                         to_device=False) for i in range(2)]  # fmt: skip
+    evals = [make_loader(data.val, batch_size=2, train=False, shard_index=i, shard_count=2, preprocessing=pre) for i in range(2)]  # fmt: skip
     seen = [i for loader in evals for b in loader for i, m in zip(b["id"], b["mask"]) if m]
     assert sorted(seen) == sorted(data.val.ids.tolist()) and len(evals[0]) == len(evals[1]) == 3
 

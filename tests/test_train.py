@@ -341,7 +341,7 @@ def test_resume_mid_epoch_with_the_grain_loader_is_exact(tmp_path):
     def run(run_dir, stop_after=None, resume=False):
         model = tiny_vit()
         splits = data.load(str(root))
-        common = dict(preprocessing=model.preprocessing, seed=5, to_device=False)
+        common = dict(preprocessing=model.preprocessing, seed=5)
         train = data.make_loader(splits.train, batch_size=8, train=True, **common)
         val = data.make_loader(splits.val, batch_size=8, train=False, **common)
         source = StopAfter(train, stop_after) if stop_after else train

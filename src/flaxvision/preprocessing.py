@@ -79,5 +79,5 @@ class Preprocessing:
         unknown = set(data) - fields
         if unknown:
             raise ConfigError(f"Preprocessing: unknown field(s) {', '.join(sorted(unknown))}")
-        values = {k: tuple(v) if k in ("mean", "std") else v for k, v in data.items()}
+        values: dict[str, Any] = {k: tuple(v) if k in ("mean", "std") else v for k, v in data.items()}
         return cls(**values)

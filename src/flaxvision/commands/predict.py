@@ -13,9 +13,6 @@ EPILOG = """examples:
   flaxvision predict runs/digits-vit-20261122-101500 digit0.png digit1.png
   flaxvision predict runs/food/model photos/ --top-k 3 --json"""
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "predict", help="classify image files", epilog=EPILOG,
@@ -31,6 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _expand(paths: list[str]) -> list[Path]:
+    from flaxvision.data.transforms import IMAGE_SUFFIXES
+
     out = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -46,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     from flaxvision.commands.common import class_names_of, load_model
     from flaxvision.data.device import DeviceStage, pad_batch
-    from flaxvision.data.transforms import BadImage, ImageOptions, decode_eval
+    from flaxvision.data.transforms import BadImage, decode_eval
 
     if args.top_k < 1:
         raise FlaxvisionError(f"--top-k must be >= 1, got {args.top_k}")
@@ -56,15 +55,13 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     names = class_names_of(model)
     pre = model.preprocessing
-    options = ImageOptions(size=pre.img_size, channels=pre.channels, crop_pct=pre.crop_pct,
-                           resize_mode=pre.resize_mode, interpolation=pre.interpolation)  # fmt: skip
     stage = DeviceStage(pre, devices=jax.devices()[:1], dtype=model.config.dtype)
     forward = jax.jit(lambda x: jax.nn.softmax(model(stage.eval_inputs(x)), axis=-1))
     results: list[dict] = []
     decoded: list[tuple[int, np.ndarray]] = []
     for path in paths:
         try:
-            decoded.append((len(results), decode_eval(str(path), options)))
+            decoded.append((len(results), decode_eval(str(path), pre)))
             results.append({"path": str(path), "predictions": None})
         except (BadImage, OSError) as err:
             results.append({"path": str(path), "error": f"unreadable: {err}"})

@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +25,7 @@ def _digits() -> tuple[list[np.ndarray], list[int], list[str]]:
     """scikit-learn's 1,797 8 x 8 handwritten digits (UCI optical recognition), as uint8 grayscale."""
     from sklearn.datasets import load_digits
 
-    digits = load_digits()
+    digits: Any = load_digits()
     images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
     return list(images), [int(t) for t in digits.target], [str(i) for i in range(10)]
 

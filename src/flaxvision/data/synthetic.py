@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+
 def _noise_texture(seed: int, side: int = 1024) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return rng.normal(0.0, 10.0, (side, side, 1)).astype(np.int16)
@@ -23,7 +24,7 @@ def _noise_texture(seed: int, side: int = 1024) -> np.ndarray:
 
 def photo(rng: np.random.Generator, width: int, height: int, noise: np.ndarray | None = None) -> Image.Image:
     """A photograph-like RGB picture of width x height; `noise` (a texture at least that large) adds grain."""
-    base = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
+    base = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((width, height), Image.Resampling.BICUBIC)
     draw = ImageDraw.Draw(base)
     for _ in range(int(rng.integers(3, 7))):
         x0, y0 = int(rng.integers(-width // 4, width)), int(rng.integers(-height // 4, height))

@@ -26,6 +26,10 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from flaxvision.errors import ConfigError
+from flaxvision.preprocessing import Preprocessing
+
+# File name suffixes read as images: by image-folder datasets and by `flaxvision predict` on a directory.
+IMAGE_SUFFIXES = frozenset(".jpg .jpeg .jfif .png .bmp .gif .webp .tif .tiff .ppm .pgm .pbm .pnm .tga".split())
 
 # Pillow's own bomb check: a warning above MAX_IMAGE_PIXELS, an error above twice that. We check the header size
 # ourselves against `max_image_pixels` before decoding anything.
@@ -99,19 +103,6 @@ class AugmentConfig:
     def none(cls) -> AugmentConfig:
         """No augmentation at all: training images get the eval geometry."""
         return cls(crop="resize", hflip=False, brightness=0.0, contrast=0.0, saturation=0.0)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ImageOptions:
-    """What one decoded image must look like (derived from the model's `Preprocessing`)."""
-
-    size: int
-    channels: int = 3
-    crop_pct: float = 1.0
-    resize_mode: str = "squash"
-    interpolation: str = "bilinear"
-    draft: bool = True
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -248,23 +239,23 @@ def random_resized_box(
     return (left, top, left + w, top + h)
 
 
-def eval_box(width: int, height: int, options: ImageOptions) -> tuple[float, float, float, float]:
-    """The region that eval preprocessing maps onto the size x size output.
+def eval_box(width: int, height: int, preprocessing: Preprocessing) -> tuple[float, float, float, float]:
+    """The region that eval preprocessing maps onto the img_size x img_size output.
 
-    "squash" resizes both sides to size / crop_pct and takes the centre size x size: the central crop_pct of each
-    side. "shortest" scales the shorter side to size / crop_pct (keeping the aspect ratio) and takes the centre:
-    a centred square of crop_pct x the shorter side.
+    "squash" resizes both sides to img_size / crop_pct and takes the centre img_size x img_size: the central
+    crop_pct of each side. "shortest" scales the shorter side to img_size / crop_pct (keeping the aspect ratio) and
+    takes the centre: a centred square of crop_pct x the shorter side.
     """
-    if options.resize_mode == "squash":
-        w, h = width * options.crop_pct, height * options.crop_pct
+    if preprocessing.resize_mode == "squash":
+        w, h = width * preprocessing.crop_pct, height * preprocessing.crop_pct
     else:
-        w = h = min(width, height) * options.crop_pct
+        w = h = min(width, height) * preprocessing.crop_pct
     left, top = (width - w) / 2, (height - h) / 2
     return (left, top, left + w, top + h)
 
 
 def _draft(
-    image: Image.Image, box: tuple[float, float, float, float], out_size: tuple[int, int], channels: int
+    image: Image.Image, box: tuple[float, float, float, float], out_size: tuple[float, float], channels: int
 ) -> tuple[Image.Image, tuple[float, float, float, float]]:
     """Start a reduced-size JPEG decode when `box` keeps >= out_size pixels; return the image and the scaled box.
 
@@ -291,35 +282,54 @@ def _display_size(image: Image.Image, orientation: int) -> tuple[int, int]:
     return (height, width) if orientation in _ROTATED_ORIENTATIONS else (width, height)
 
 
-def decode_eval(data: Any, options: ImageOptions) -> np.ndarray:
-    """Eval preprocessing of one image: resize (+ centre crop) per `options`, uint8 (size, size, channels)."""
-    image = open_image(data, options.max_image_pixels)
+def decode_eval(data: Any, preprocessing: Preprocessing, *, draft: bool = True,
+                max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Eval preprocessing of one image for a model with this `preprocessing`: uint8 (img_size, img_size, channels).
+
+    Resizes (+ centre crop) by the preprocessing's resize_mode, crop_pct and interpolation; normalisation is left
+    to the device.
+
+    Args:
+      data: encoded bytes, a file path or an array.
+      preprocessing: the model's `Preprocessing` (img_size, channels = len(mean), crop_pct, resize_mode,
+        interpolation).
+      draft: decode JPEGs at a reduced size when the region still has at least the output size in pixels.
+      max_image_pixels: images with more pixels (by their header) raise `BadImage` (decompression bombs).
+
+    Raises:
+      BadImage: the image is unusable.
+
+    Example: `decode_eval("cat.jpg", model.preprocessing)`.
+    """
+    image = open_image(data, max_image_pixels)
     orientation = _orientation(image)
-    box = eval_box(*_display_size(image, orientation), options)
-    out = (options.size, options.size)
-    if options.draft:
-        image, box = _draft(image, box, out, options.channels)
-    image = to_mode(_load(image, orientation), options.channels)
-    return _as_array(image.resize(out, _RESAMPLE[options.interpolation], box=box), options.channels)
+    box = eval_box(*_display_size(image, orientation), preprocessing)
+    size, channels = preprocessing.img_size, preprocessing.channels
+    if draft:
+        image, box = _draft(image, box, (size, size), channels)
+    image = to_mode(_load(image, orientation), channels)
+    return _as_array(image.resize((size, size), _RESAMPLE[preprocessing.interpolation], box=box), channels)
 
 
-def decode_train(data: Any, options: ImageOptions, augment: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
-    """Training preprocessing of one image: random geometry per `augment`, uint8 (size, size, channels)."""
+def decode_train(data: Any, preprocessing: Preprocessing, augment: AugmentConfig, rng: np.random.Generator, *,
+                 draft: bool = True, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Training preprocessing of one image: random geometry and flip per `augment`, drawn from `rng`; uint8
+    (img_size, img_size, channels). `draft` and `max_image_pixels` as in `decode_eval`."""
     if augment.crop == "resize":
-        array = decode_eval(data, options)
+        array = decode_eval(data, preprocessing, draft=draft, max_image_pixels=max_image_pixels)
     elif augment.crop == "pad_crop":
-        array = _pad_crop(decode_eval(data, dataclasses.replace(options, crop_pct=1.0, resize_mode="squash")),
-                          augment.pad, rng)
+        whole = dataclasses.replace(preprocessing, crop_pct=1.0, resize_mode="squash")
+        array = _pad_crop(decode_eval(data, whole, draft=draft, max_image_pixels=max_image_pixels), augment.pad, rng)
     else:
-        image = open_image(data, options.max_image_pixels)
+        image = open_image(data, max_image_pixels)
         orientation = _orientation(image)
         box = random_resized_box(*_display_size(image, orientation), augment.scale, augment.ratio, rng)
-        out = (options.size, options.size)
-        if options.draft:
-            enough = options.size * augment.draft_min_fraction
-            image, box = _draft(image, box, (enough, enough), options.channels)
-        image = to_mode(_load(image, orientation), options.channels)
-        array = _as_array(image.resize(out, _RESAMPLE[options.interpolation], box=box), options.channels)
+        size, channels = preprocessing.img_size, preprocessing.channels
+        if draft:
+            enough = size * augment.draft_min_fraction
+            image, box = _draft(image, box, (enough, enough), channels)
+        image = to_mode(_load(image, orientation), channels)
+        array = _as_array(image.resize((size, size), _RESAMPLE[preprocessing.interpolation], box=box), channels)
     if augment.hflip and rng.random() < 0.5:
         array = array[:, ::-1]
     return array

@@ -1,0 +1,131 @@
+"""The worker side of the pipeline: batch number -> decoded numpy batch. Pickled into every worker process.
+
+Runs in grain's worker processes (or in the main process without workers): it uses numpy, PIL (through
+`transforms`) and the source, never jax.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+from flaxvision.data.image_source import ImageSource
+from flaxvision.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, AugmentConfig, BadImage, decode_eval, decode_train
+from flaxvision.preprocessing import Preprocessing
+
+_REPLACEMENT_TRIES = 8  # a training image that cannot be decoded is replaced by one of up to 8 random others
+
+
+class BatchMaker:
+    """Batch number g (of the endless stream) -> {"image", "label", "mask", "id", "skipped"} numpy arrays.
+
+    Runs in the worker processes. Everything a batch holds is a function of (seed, g) alone: the epoch's example
+    order comes from a permutation seeded by (seed, epoch), each example's augmentation from an RNG seeded by
+    (seed, g, its row in the global batch). This process reads rows [shard_index x batch_size, + batch_size) of
+    each global batch of batch_size x shard_count examples, and nothing else.
+    Images are decoded straight into the batch array (no per-example objects, no stacking copy).
+
+    A training image that cannot be used is replaced by a random other one (drawn from the batch's RNG, so
+    deterministically); an eval image that cannot be used becomes a masked row, so that eval still covers every
+    other example exactly once. Either way "skipped" carries the unusable example's id (else -1).
+    """
+
+    def __init__(self, source: ImageSource, preprocessing: Preprocessing, augment: AugmentConfig | None, *,
+                 batch_size: int, batches_per_epoch: int, seed: int, shuffle: bool, shard_index: int,
+                 shard_count: int, draft: bool = True, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+        self.source = source
+        self.preprocessing = preprocessing
+        self.draft = draft
+        self.max_image_pixels = max_image_pixels
+        self.augment = augment
+        self.batch_size = batch_size
+        self.batches_per_epoch = batches_per_epoch
+        self.seed = seed
+        self.shuffle = shuffle
+        self.shard = (shard_index, shard_count)
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_order": None}
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Source positions of every process's examples in `epoch` (the global order), padded with -1 to whole
+        global batches (eval: in order, every example once; training: a permutation, the remainder dropped)."""
+        if self._order is not None and self._order[0] == epoch:
+            return self._order[1]
+        n = len(self.source)
+        positions = np.arange(n, dtype=np.int64)
+        if self.shuffle and self.augment is not None:
+            positions = np.random.default_rng([self.seed, epoch]).permutation(n)
+        padded = np.full(self.batches_per_epoch * self.batch_size * self.shard[1], -1, np.int64)
+        kept = min(len(positions), len(padded))
+        padded[:kept] = positions[:kept]
+        self._order = (epoch, padded)
+        return padded
+
+    def rows(self, g: int) -> tuple[np.ndarray, int]:
+        """(source positions of this process's rows of batch g, row of the first one in the global batch)."""
+        epoch, b = divmod(int(g), self.batches_per_epoch)
+        (index, count), size = self.shard, self.batch_size
+        first = index * size
+        start = b * size * count + first
+        return self.order(epoch)[start:start + size], first
+
+    def __call__(self, g: int) -> dict[str, np.ndarray]:
+        g = int(g)
+        positions, first_row = self.rows(g)
+        size, channels, batch = self.preprocessing.img_size, self.preprocessing.channels, self.batch_size
+        out = {
+            "image": np.zeros((batch, size, size, channels), np.uint8),
+            "label": np.zeros(batch, np.int32),
+            "mask": np.zeros(batch, np.bool_),
+            "id": np.full(batch, -1, np.int32),
+            "skipped": np.full(batch, -1, np.int64),
+        }
+        for row, position in enumerate(positions.tolist()):
+            if position < 0:
+                continue  # padding: a blank, masked row
+            rng = np.random.default_rng([self.seed, g, first_row + row]) if self.augment is not None else None
+            candidates = [position]
+            if rng is not None:
+                candidates += rng.integers(len(self.source), size=_REPLACEMENT_TRIES).tolist()
+            for candidate in candidates:
+                try:
+                    out["image"][row] = self._decode(candidate, rng)
+                except BadImage:
+                    if candidate == position:
+                        out["skipped"][row] = self.source.ids[position]
+                    continue
+                out["label"][row] = self.source.labels[candidate]
+                out["id"][row] = self.source.ids[candidate]
+                out["mask"][row] = True
+                break
+        return out
+
+    def _decode(self, position: int, rng: np.random.Generator | None) -> np.ndarray:
+        data = self.source[position]["image"]
+        if self.augment is None or rng is None:
+            return decode_eval(data, self.preprocessing, draft=self.draft, max_image_pixels=self.max_image_pixels)
+        return decode_train(data, self.preprocessing, self.augment, rng, draft=self.draft,
+                            max_image_pixels=self.max_image_pixels)
+
+
+def worker_init(worker_index: int, worker_count: int) -> None:
+    """Runs first in every grain worker process: JAX there may only ever see the CPU."""
+    del worker_index, worker_count
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    jax = sys.modules.get("jax")
+    if jax is not None:  # imported by the spawn bootstrap (the parent's __main__); backends are not up yet
+        jax.config.update("jax_platforms", "cpu")
+
+
+def mark_absl_flags_parsed() -> None:
+    """grain reads absl flags in its workers; a script or CLI that does not use absl.app never parsed them."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
