@@ -120,6 +120,18 @@ class Checkpointer:
             if skipped else f"no checkpoint in {self.directory} to resume from; start the run without --resume"
         )
 
+    def set_aside(self, steps: list[int], where: Path) -> None:
+        """Move damaged checkpoints out of the way (into `where`, kept for inspection) so that new saves of those
+        steps do not collide with them."""
+        where.mkdir(parents=True, exist_ok=True)
+        for step in steps:
+            source = self.directory / str(step)
+            if source.exists():
+                target = where / str(step)
+                shutil.rmtree(target, ignore_errors=True)
+                source.rename(target)
+        self.manager.reload()
+
     def delete_after(self, step: int) -> list[int]:
         """Remove the checkpoints saved after `step` (they continue a trajectory that is being abandoned)."""
         later = [s for s in self.all_steps() if s > step]

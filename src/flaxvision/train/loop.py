@@ -133,6 +133,8 @@ def _fit_locked(run: RunDirectory, mode: str, config: TrainConfig, changes: dict
         progress.data_state = _data_state_for_this_process(progress)
         for s in skipped:
             print(f"flaxvision: {s}")
+        if skipped and is_main_process():  # kept beside the run; new saves of those steps must not collide
+            checkpointer.set_aside([s.step for s in skipped if s.step > step], run.file("damaged-checkpoints"))
         if diverged and is_main_process():
             dropped = checkpointer.delete_after(step)
             print(f"flaxvision: continuing the diverged run from its last good checkpoint {step}"
