@@ -120,6 +120,8 @@ def _decode_eval(data: str | bytes, prep: Preprocessing) -> np.ndarray:
 def preprocess(image: str | bytes | np.ndarray, prep: Preprocessing) -> np.ndarray:
     """One image (a path, encoded bytes or a uint8 HWC array) -> the model input (img_size, img_size, C) float32,
     exactly as `flaxvision evaluate` and the data pipeline prepare it."""
+    import jax.numpy as jnp
+
     from flaxvision.data.device import device_preprocess
     from flaxvision.data.transforms import BadImage
 
@@ -128,7 +130,7 @@ def preprocess(image: str | bytes | np.ndarray, prep: Preprocessing) -> np.ndarr
         pixels = _decode_eval(data, prep)
     except BadImage as err:
         raise FlaxvisionError(f"cannot read image '{image if isinstance(image, str) else '<bytes>'}': {err}; pass a JPEG/PNG/WebP file") from None
-    return np.asarray(device_preprocess(pixels[None], prep.mean, prep.std)[0], dtype=np.float32)
+    return np.asarray(device_preprocess(jnp.asarray(pixels[None]), prep.mean, prep.std)[0], dtype=np.float32)
 
 
 # ---- the reference -------------------------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ def model_config(
 ) -> Any:
     """The config `create_model` would build: the registered default with the given fields replaced."""
     config = get_model_spec(name).config
-    changes = {k: v for k, v in dict(num_classes=num_classes, img_size=img_size, in_chans=in_chans).items() if v is not None}
+    changes: dict[str, Any] = {k: v for k, v in dict(num_classes=num_classes, img_size=img_size, in_chans=in_chans).items() if v is not None}
     if dtype is not None:
         changes["dtype"] = dtype_name(dtype)
     fields = {f.name for f in dataclasses.fields(config)}
