@@ -411,6 +411,8 @@ def test_a_missing_capability_names_the_model():
         make_optimizer(TrainConfig(layer_decay=0.75), params, resnet, 10)
     with pytest.raises(flaxvision.ConfigError, match=r"train_only='last:2' needs a model with layers .*; resnet18 has none"):
         trainable_predicate(TrainConfig(train_only="last:2"), resnet)
+    with pytest.raises(flaxvision.ConfigError, match=r"layer_decay=0.5 needs a model with layers .*; a ResNet has none"):
+        make_optimizer(TrainConfig(layer_decay=0.5), params, dataclasses.replace(resnet, stage_depths=(1, 1, 1, 1)), 10)
 
 
 def test_head_inits_and_param_path_are_shared():

@@ -269,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
     if not references:
         raise FlaxvisionError(
             f"verify compares a model with its PyTorch reference ({'/'.join(REFERENCES)}); there is none for "
-            f"{name_of(model.config)} (a {type(model).__name__}), which '{args.source}' holds"
+            f"{name_of(model.config)}, which '{args.source}' holds"
         )
     if args.reference and args.reference not in references:
         raise FlaxvisionError(f"--reference {args.reference} cannot build a {type(model).__name__}; use {' or '.join(references)}")

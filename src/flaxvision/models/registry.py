@@ -99,13 +99,13 @@ def name_of(config: Any) -> str:
     """The registered name with this config's architecture (sizes and training options aside), for messages.
 
     Example: `name_of(model_config("resnet18", num_classes=5))` -> "resnet18"; an unregistered architecture
-    gives its family, e.g. "this ViT".
+    gives its family, e.g. "a ViT".
     """
     fields = [f.name for f in dataclasses.fields(config) if f.name not in RUN_FIELDS]
     for spec in _REGISTRY.values():
         if type(spec.config) is type(config) and all(getattr(spec.config, f) == getattr(config, f) for f in fields):
             return spec.name
-    return f"this {type(config).__name__.removesuffix('Config')}"
+    return f"a {type(config).__name__.removesuffix('Config')}"
 
 
 def dtype_name(dtype: Any) -> str:

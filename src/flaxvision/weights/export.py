@@ -49,7 +49,7 @@ def save_pretrained(model: Classifier, out: str | Path, *, format: str = "flaxvi
     config = model.config
     if format not in config.export_formats:
         choices = " or ".join(repr(f) for f in config.export_formats)
-        raise FlaxvisionError(f"format {format!r} cannot hold {name_of(config)} (a {type(model).__name__}); save it with format={choices}")
+        raise FlaxvisionError(f"format {format!r} cannot hold {name_of(config)}; save it with format={choices}")
     prep = getattr(model, "preprocessing", None) or default_preprocessing(config)
     labels = getattr(model, "label_names", None)
     # Everything a format cannot hold is refused before any file is written.
