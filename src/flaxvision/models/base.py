@@ -67,7 +67,11 @@ class ModelConfig(Protocol):
         ...
 
     def train_memory_bytes(self, batch_size: int, *, optimizer_slots: int = 2) -> int:
-        """Device memory of one training step: parameters, gradients, optimizer state, saved activations."""
+        """Device memory of one training step: parameters, gradients, optimizer state, saved activations.
+
+        `batch_size` is the examples one device computes (per micro-batch with gradient accumulation); the
+        parameter and optimizer part assumes they are replicated (divide it under FSDP).
+        """
         ...
 
 
