@@ -1,6 +1,8 @@
 """Model zoo tests, parametrized over the registry: a newly registered model is tested for free."""
 
+import ast
 import dataclasses
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,7 @@ import pytest
 from flax import nnx
 
 import flaxvision
-from flaxvision.models import ViTConfig, abstract_model, build_model, model_config
+from flaxvision.models import ModelConfig, ViTConfig, abstract_model, build_model, model_config
 
 # Parameter counts the reference implementations report (timm / torchvision / transformers, 1000 classes
 # unless the model's default says otherwise). vit_tiny_patch32_224 has no timm counterpart: computed by hand.
@@ -272,7 +274,7 @@ def test_bad_vit_config_is_a_clear_error(kwargs, message, monkeypatch):
     def no_build(*a, **k):
         raise AssertionError("the model must not be built for an invalid config")
 
-    monkeypatch.setattr("flaxvision.models.registry.build_model", no_build)
+    monkeypatch.setattr("flaxvision.models.factory.build_model", no_build)
     with pytest.raises(flaxvision.ConfigError, match=message):
         flaxvision.create_model("vit_base_patch16_224", **kwargs)
 
@@ -312,10 +314,10 @@ def test_scanned_encoder_matches_the_unrolled_loop(scan_blocks, remat):
 
     unrolled, scanned = run(False, "none"), run(scan_blocks, remat)
     assert not np.allclose(unrolled[1], unrolled[2])
-    for a, b in zip(unrolled[:3], scanned[:3]):
+    for a, b in zip(unrolled[:3], scanned[:3], strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
     assert len(unrolled[3]) == len(scanned[3])
-    for a, b in zip(unrolled[3], scanned[3]):
+    for a, b in zip(unrolled[3], scanned[3], strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
@@ -330,3 +332,129 @@ def test_scanned_encoder_does_not_mutate_model_state_in_eval():
 def test_unknown_remat_policy_is_a_clear_error():
     with pytest.raises(flaxvision.ConfigError, match=r"remat must be one of none, dots, full, got 'some'"):
         ViTConfig(remat="some")
+
+
+# ---- layering and capabilities ---------------------------------------------------------------------------------
+
+SRC = Path(flaxvision.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every flaxvision module an `import` anywhere in the file names (function-level ones included)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return {name for name in out if name.startswith("flaxvision")}
+
+
+def test_registry_is_a_leaf():
+    imported = _imports(SRC / "models" / "registry.py")
+    assert imported <= {"flaxvision.errors", "flaxvision.preprocessing", "flaxvision.errors.ConfigError",
+                        "flaxvision.errors.FlaxvisionError", "flaxvision.errors.did_you_mean",
+                        "flaxvision.preprocessing.Preprocessing"}, imported  # fmt: skip
+
+
+def test_models_and_weights_import_without_cycles():
+    """A walk over the import graph of models/ and weights/ (function-level imports count) finds no cycle."""
+    files = {_module_name(p): p for d in ("models", "weights") for p in (SRC / d).glob("*.py")}
+    known = {_module_name(p) for p in SRC.rglob("*.py")}
+    graph = {name: {m for m in _imports(path) if m in known and m != name} for name, path in files.items()}
+
+    def reach(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph.get(todo.pop(), ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    cycles = [name for name in graph if name in reach(name)]
+    assert not cycles, cycles
+    assert not any(m.startswith("flaxvision.weights") for m in reach("flaxvision.models.registry"))
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_every_config_has_the_capabilities(name):
+    config = model_config(name)
+    assert isinstance(config, ModelConfig)
+    assert config.export_formats[-1] == "flaxvision" and isinstance(config.export_formats, tuple)
+    assert config.train_memory_bytes(8) > config.train_memory_bytes(1) > 4 * config.param_count()
+    assert config.train_memory_bytes(8, optimizer_slots=0) < config.train_memory_bytes(8)
+
+
+def test_vit_layers_and_formats():
+    config = model_config("vit_tiny_patch16_224", depth=3)
+    assert config.num_layers() == 3 and config.position_grid() == 14
+    assert [config.layer_index(p) for p in ("pos_embed", "patch_embed.kernel", "blocks.0.attn.qkv.kernel",
+                                            "blocks.2.mlp.fc2.bias", "norm.scale", "head.kernel")] == [0, 0, 1, 3, 4, 4]  # fmt: skip
+    assert config.export_formats == ("transformers", "timm", "npz", "flaxvision")
+    assert config.verify_references == ("timm", "transformers")
+
+
+def test_a_missing_capability_names_the_model():
+    from flaxvision.train.config import TrainConfig
+    from flaxvision.train.optim import make_optimizer, trainable_predicate
+
+    resnet = model_config("resnet18", num_classes=5)
+    assert resnet.num_layers() == 0 and resnet.position_grid() is None and resnet.export_formats == ("flaxvision",)
+    params = nnx.state(abstract_model(resnet), nnx.Param)
+    with pytest.raises(flaxvision.ConfigError, match=r"layer_decay=0.75 needs a model with layers .*; resnet18 has none"):
+        make_optimizer(TrainConfig(layer_decay=0.75), params, resnet, 10)
+    with pytest.raises(flaxvision.ConfigError, match=r"train_only='last:2' needs a model with layers .*; resnet18 has none"):
+        trainable_predicate(TrainConfig(train_only="last:2"), resnet)
+    with pytest.raises(flaxvision.ConfigError, match=r"layer_decay=0.5 needs a model with layers .*; a ResNet has none"):
+        make_optimizer(TrainConfig(layer_decay=0.5), params, dataclasses.replace(resnet, stage_depths=(1, 1, 1, 1)), 10)
+
+
+def test_head_inits_and_param_path_are_shared():
+    from flaxvision.models import HEAD_INITS, param_path
+
+    assert HEAD_INITS == ("zeros", "random")
+    assert param_path(("blocks", 0, "attn", "qkv", "kernel")) == "blocks.0.attn.qkv.kernel"
+
+
+def _xla_train_step_bytes(config, batch: int) -> int:
+    """temp + argument bytes of the compiled train step (AdamW, everything trained), as the trainer compiles it."""
+    from flaxvision.train.step import make_train_step, split_model
+
+    parts, state = split_model(abstract_model(config), nnx.Param)
+    tx = optax.adamw(1e-3)
+    state = state.replace(opt_state=jax.eval_shape(tx.init, state.params))
+    step = make_train_step(parts, tx, preprocess=lambda x, key: x.astype(jnp.float32), seed=0)
+    shape = (batch, config.img_size, config.img_size, config.in_chans)
+    images = {"image": jax.ShapeDtypeStruct(shape, jnp.float32), "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    memory = jax.jit(step, donate_argnums=0).lower(abstract, images).compile().memory_analysis()
+    return memory.temp_size_in_bytes + memory.argument_size_in_bytes
+
+
+@pytest.mark.parametrize(
+    "name, batch, kw",
+    [
+        ("vit_tiny_patch16_224", 4, dict(num_classes=10, img_size=64, patch_size=4, depth=2)),  # 257 tokens: scores matter
+        ("cnn", 64, {}),
+    ],
+)
+def test_memory_estimate_is_within_2x_of_xla(name, batch, kw):
+    config = model_config(name, **kw)
+    estimate, compiled = config.train_memory_bytes(batch), _xla_train_step_bytes(config, batch)
+    assert compiled / 2 <= estimate <= 2 * compiled, (estimate, compiled)
+
+
+def test_memory_estimate_grows_with_tokens_and_remat():
+    small = model_config("vit_tiny_patch16_224")  # 197 tokens
+    many = model_config("vit_tiny_patch16_224", patch_size=4)  # 3,137 tokens
+    assert many.num_patches + 1 == 3137
+    assert small.train_memory_bytes(32) < 3e9 and 20e9 < many.train_memory_bytes(32) < 200e9  # tens of GB
+    by_remat = [dataclasses.replace(many, remat=r).train_memory_bytes(32) for r in ("full", "dots", "none")]
+    assert by_remat == sorted(by_remat) and by_remat[0] < by_remat[2] / 3
+    assert dataclasses.replace(many, dtype="bfloat16").train_memory_bytes(32) < many.train_memory_bytes(32)

@@ -96,7 +96,7 @@ def test_verify_bad_input_is_exit_code_2(tmp_path, capsys):
     cnn = materialise(config, {k: np.zeros(shape, np.float32) for k, shape in param_shapes(config).items()})
     flaxvision.save_pretrained(cnn, tmp_path)
     assert cli.main(["verify", str(tmp_path)]) == 2
-    assert "verify compares Vision Transformers with transformers/timm" in capsys.readouterr().err
+    assert "verify compares a model with its PyTorch reference (transformers/timm); there is none for a CNN, which" in capsys.readouterr().err
     assert cli.main(["verify", str(tmp_path / "nothing.safetensors")]) == 2
     assert "no such file or directory" in capsys.readouterr().err
 

@@ -94,7 +94,7 @@ def test_create_model_checks_the_name_against_the_checkpoint(hf_base):
     directory, reference = hf_base
     model = flaxvision.create_model("vit_base_patch16_224", pretrained=directory)
     assert_parity(model, reference, images(224, batch=1, seed=3))
-    wrong_name = r"is not a vit_small_patch16_224: width 768 \(checkpoint\) vs 384.*use 'vit_base_patch16_224'"
+    wrong_name = r"is not a vit_small_patch16_224: width 768 \(weights\) vs 384.*use 'vit_base_patch16_224'"
     with pytest.raises(flaxvision.FlaxvisionError, match=wrong_name):
         flaxvision.create_model("vit_small_patch16_224", pretrained=directory)
     with pytest.raises(flaxvision.FlaxvisionError, match=r"holds a ViT, not a resnet18"):
@@ -141,7 +141,7 @@ def test_transformers_backbone_without_head(tmp_path):
     with pytest.raises(flaxvision.FlaxvisionError, match="has no classifier head.*pass num_classes="):
         flaxvision.load_pretrained(tmp_path)
     model, report = flaxvision.load_pretrained(tmp_path, num_classes=3, return_report=True)
-    assert report.head_replaced and report.checkpoint_num_classes is None
+    assert report.head_replaced and report.source_num_classes is None
     assert report.ignored_keys == ("pooler.dense.weight", "pooler.dense.bias")
     x = images(32)
     with torch.no_grad():
@@ -233,7 +233,7 @@ def test_npz_round_trip_through_timms_npz_reader(tmp_path, qkv_bias):
     path = flaxvision.save_pretrained(model, tmp_path / "vit.npz", format="npz")
     keys = np.load(path).files
     assert "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel" in keys
-    # timm's reader of Google's checkpoints; it always has q/k/v biases (zeros stand in for qkv_bias=False)
+    # timm's reader of Google's weights; it always has q/k/v biases (zeros stand in for qkv_bias=False)
     again = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=48, num_classes=4).eval()
     _load_weights(again, str(path))
     x = images(48)
@@ -307,7 +307,7 @@ def test_flaxvision_format_new_head_and_size(tmp_path):
     resnet = random_model("resnet18_cifar", **SMALL_ZOO["resnet18_cifar"])
     out = flaxvision.save_pretrained(resnet, tmp_path / "resnet")
     tuned, report = flaxvision.load_pretrained(out, num_classes=5, img_size=48, return_report=True)
-    assert report.head_replaced and report.checkpoint_num_classes == 10 and tuned.head.kernel.shape == (16, 5)
+    assert report.head_replaced and report.source_num_classes == 10 and tuned.head.kernel.shape == (16, 5)
     np.testing.assert_array_equal(np.asarray(tuned.bn1.mean[...]), np.asarray(resnet.bn1.mean[...]))  # statistics kept
     cnn = flaxvision.save_pretrained(random_model("cnn", **SMALL_ZOO["cnn"]), tmp_path / "cnn")
     wrong_size = r"cannot be loaded into a model with img_size=40.*fc1.kernel \(392, 16\) vs \(800, 16\)"
@@ -317,7 +317,7 @@ def test_flaxvision_format_new_head_and_size(tmp_path):
 
 def test_export_refuses_what_a_format_cannot_hold(tmp_path):
     resnet = abstract_model(flaxvision.model_config("resnet18_cifar"))  # refused before its weights are read
-    with pytest.raises(flaxvision.FlaxvisionError, match="format 'timm' holds Vision Transformers only.*format='flaxvision'"):
+    with pytest.raises(flaxvision.FlaxvisionError, match=r"format 'timm' cannot hold resnet18_cifar; save it with format='flaxvision'"):
         flaxvision.save_pretrained(resnet, tmp_path, format="timm")
     avg = abstract_model(flaxvision.model_config("vit_tiny_patch16_224", depth=1, img_size=32, global_pool="avg"))
     with pytest.raises(flaxvision.FlaxvisionError, match="CLS-token head only.*global_pool='avg'"):
@@ -378,7 +378,7 @@ def test_new_head_is_zero_initialised_and_reported(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="flaxvision"):
         model, report = flaxvision.load_pretrained(tmp_path, num_classes=20, return_report=True)
     assert "head replaced (3 -> 20 classes, zeros-initialised)" in caplog.text
-    assert report.head_replaced and report.checkpoint_num_classes == 3 and report.head_init == "zeros"
+    assert report.head_replaced and report.source_num_classes == 3 and report.head_init == "zeros"
     assert "head replaced: 3 -> 20 classes" in report.summary()
     assert model.label_names is None and model.config.num_classes == 20
     assert not np.any(np.asarray(model.head.kernel[...])) and not np.any(np.asarray(model.head.bias[...]))

@@ -51,10 +51,10 @@ def test_missing_unexpected_and_mismatched_tensors_in_one_error(tmp_path):
     with pytest.raises(FlaxvisionError) as error:
         flaxvision.load_pretrained(tmp_path / "vit.safetensors")
     message = str(error.value)
-    assert message.startswith(f"timm checkpoint '{tmp_path / 'vit.safetensors'}': ")
-    assert "missing from the checkpoint (1): blocks.0.mlp.fc2.bias" in message
-    assert "unexpected in the checkpoint (1): blocks.0.attn.extra.weight" in message
-    assert "shape mismatches, checkpoint vs model (1): blocks.0.norm1.weight (10,) vs (192,)" in message
+    assert message.startswith(f"timm weights '{tmp_path / 'vit.safetensors'}': ")
+    assert "missing from the weights (1): blocks.0.mlp.fc2.bias" in message
+    assert "unexpected in the weights (1): blocks.0.attn.extra.weight" in message
+    assert "shape mismatches, weights vs model (1): blocks.0.norm1.weight (10,) vs (192,)" in message
     assert "nothing was loaded" in message and "\n" not in message
 
 
@@ -64,12 +64,12 @@ def test_a_single_key_problem_is_named(tmp_path, problem):
     state = load_file(tmp_path / "model.safetensors")
     if problem == "missing":
         del state["vit.encoder.layer.0.attention.attention.key.weight"]
-        expected = "missing from the checkpoint (1): vit.encoder.layer.0.attention.attention.key.weight"
+        expected = "missing from the weights (1): vit.encoder.layer.0.attention.attention.key.weight"
     else:
         state["vit.encoder.layer.0.attention.attention.rel_pos"] = np.zeros(3, np.float32)
-        expected = "unexpected in the checkpoint (1): vit.encoder.layer.0.attention.attention.rel_pos"
+        expected = "unexpected in the weights (1): vit.encoder.layer.0.attention.attention.rel_pos"
     save_numpy(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(FlaxvisionError, match="transformers checkpoint") as error:
+    with pytest.raises(FlaxvisionError, match="transformers weights") as error:
         flaxvision.load_pretrained(tmp_path)
     assert expected in str(error.value)
     assert ("unexpected" in str(error.value)) == (problem == "unexpected")
@@ -86,7 +86,7 @@ def test_config_and_weights_that_disagree(tmp_path):
 
 def test_the_name_and_the_options_are_checked(tmp_path):
     tiny_hf(tmp_path)
-    wrong_name = r"is not a vit_tiny_patch16_224: .*patch_size 8 \(checkpoint\) vs 16.*width 32 \(checkpoint\) vs 192"
+    wrong_name = r"is not a vit_tiny_patch16_224: .*patch_size 8 \(weights\) vs 16.*width 32 \(weights\) vs 192"
     with pytest.raises(FlaxvisionError, match=wrong_name):
         flaxvision.create_model("vit_tiny_patch16_224", pretrained=tmp_path)
     with pytest.raises(flaxvision.ConfigError, match="in_chans=1 would change the architecture"):
@@ -104,7 +104,7 @@ def test_the_name_and_the_options_are_checked(tmp_path):
 
 def test_unknown_formats_say_what_is_supported(tmp_path):
     (tmp_path / "weights.h5").write_bytes(b"\x89HDF\r\n")
-    unknown = r"unknown checkpoint format 'weights.h5'; flaxvision reads a Hugging Face Hub repo id .*\.npz file"
+    unknown = r"unknown weights format 'weights.h5'; flaxvision reads a Hugging Face Hub repo id .*\.npz file"
     with pytest.raises(FlaxvisionError, match=unknown):
         flaxvision.load_pretrained(tmp_path / "weights.h5")
     (tmp_path / "empty").mkdir()
@@ -142,7 +142,7 @@ def test_pickled_checkpoints_are_refused_unless_allowed(tmp_path):
     with pytest.raises(FlaxvisionError) as error:
         flaxvision.load_pretrained(tmp_path)
     message = str(error.value)
-    assert "pytorch_model.bin' is a pickled PyTorch checkpoint, which can run arbitrary code" in message
+    assert "pytorch_model.bin' is a pickled PyTorch file, which can run arbitrary code" in message
     assert "safetensors.torch.save_file" in message and "save_pretrained(dir, safe_serialization=True)" in message
     assert "allow_pickle=True" in message
     model = flaxvision.load_pretrained(tmp_path, allow_pickle=True)
@@ -183,7 +183,7 @@ def test_timm_variants_flaxvision_cannot_express(tmp_path, kwargs, field, with_c
     else:
         source = tmp_path / "bare.safetensors"
         save_file(model.state_dict(), source)
-    with pytest.raises(FlaxvisionError, match="timm checkpoint") as error:
+    with pytest.raises(FlaxvisionError, match="timm weights") as error:
         flaxvision.load_pretrained(source)
     message = str(error.value)
     assert field in message or f"{next(iter(kwargs))}=" in message, message
@@ -193,7 +193,7 @@ def test_timm_variants_flaxvision_cannot_express(tmp_path, kwargs, field, with_c
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"model_type": "swin"}, "model_type='swin' is not supported; flaxvision reads transformers ViT checkpoints"),
+        ({"model_type": "swin"}, "model_type='swin' is not supported; flaxvision reads transformers ViT weights"),
         ({"hidden_act": "silu"}, "hidden_act='silu' is not supported; flaxvision ViTs use gelu"),
         ({"image_size": [32, 16]}, r"image_size=\[32, 16\] is not square"),
     ],

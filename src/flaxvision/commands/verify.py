@@ -1,12 +1,15 @@
 """`flaxvision verify SOURCE`: the converted model against the reference PyTorch implementation, on the same inputs.
 
-Both models get the same preprocessed images (the checkpoint's own preprocessing); the command prints the largest
-and mean |logit difference|, top-1 / top-5 agreement and both top-1 predictions, saves a side-by-side figure, and
-exits with 1 when the largest difference exceeds --tolerance. The reference is built by the reference library
-from the checkpoint files wherever it can read them itself (transformers' from_pretrained on a transformers
-directory, timm's state dict or .npz loader); otherwise from flaxvision's export of the weights (e.g. a timm
-checkpoint checked against transformers is exported to transformers' files, which transformers then reads).
-torch, transformers and timm (the optional `verify` extra) are imported here only.
+Both models get the same images, decoded and normalised by the data pipeline's eval path
+(`flaxvision.data.transforms.decode_eval`, then `flaxvision.data.device.device_preprocess`) with the preprocessing
+saved with the weights; the command prints the largest and mean |logit difference|, top-1 / top-5 agreement and
+both top-1 predictions, saves a side-by-side figure, and exits with 1 when the largest difference exceeds
+--tolerance. Which references exist for a model its config says (`config.verify_references`, preferred first).
+The reference is built by the reference library from the weight files wherever it can read them itself
+(transformers' from_pretrained on a transformers directory, timm's state dict or .npz loader); otherwise from
+flaxvision's export of the weights (e.g. timm weights checked against transformers are exported to transformers'
+files, which transformers then reads). torch, transformers and timm (the optional `verify` extra) are imported here
+only.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from flaxvision.errors import FlaxvisionError
+from flaxvision.preprocessing import Preprocessing
 
 REFERENCES = ("transformers", "timm")
 DEFAULT_FIGURE = "flaxvision-verify.png"
@@ -29,7 +33,7 @@ DEFAULT_FIGURE = "flaxvision-verify.png"
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "verify",
-        help="compare a converted checkpoint with its PyTorch reference",
+        help="compare converted weights with their PyTorch reference",
         description="Run the flaxvision model and the reference PyTorch implementation (transformers or timm) on the "
         "same preprocessed images and compare their logits. Exit code 1 when max |dlogits| > --tolerance.",
         epilog="examples:\n  flaxvision verify google/vit-base-patch16-224\n"
@@ -41,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--image", action="append", default=[], metavar="PATH", help="an image to compare on (repeatable); default: generated images"
     )
-    parser.add_argument("--reference", choices=REFERENCES, help="reference implementation (default: the checkpoint's own library)")
+    parser.add_argument("--reference", choices=REFERENCES, help="reference implementation (default: the library the weights come from)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest acceptable max |dlogits| (default 1e-4)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--figure", default=DEFAULT_FIGURE, help=f"side-by-side figure to write (default {DEFAULT_FIGURE}; '' for none)")
@@ -77,6 +81,7 @@ def synthetic_images(count: int = 4, height: int = 240, width: int = 320, seed: 
 
 
 def read_images(paths: list[str]) -> list[np.ndarray]:
+    """The images as they are (uint8 HWC RGB), for the figure; the model inputs are decoded by `preprocess`."""
     from PIL import Image, UnidentifiedImageError
 
     images = []
@@ -89,31 +94,50 @@ def read_images(paths: list[str]) -> list[np.ndarray]:
     return images
 
 
-def preprocess(image: np.ndarray, prep: Any) -> np.ndarray:
-    """One uint8 HWC image -> the model input (img_size, img_size, C) float32, as `prep` describes."""
+def _png(image: np.ndarray) -> bytes:
+    import io
+
     from PIL import Image
 
-    filters = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
-               "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}  # fmt: skip
-    pil = Image.fromarray(image).convert("L" if prep.channels == 1 else "RGB")
-    scaled = int(prep.img_size / prep.crop_pct)  # timm's scale_size = floor(img_size / crop_pct)
-    if prep.resize_mode == "squash":
-        size = (scaled, scaled)
-    else:
-        w, h = pil.size
-        size = (scaled, max(1, round(h * scaled / w))) if w <= h else (max(1, round(w * scaled / h)), scaled)
-    pil = pil.resize(size, filters[prep.interpolation])
-    left, top = (pil.size[0] - prep.img_size) // 2, (pil.size[1] - prep.img_size) // 2
-    pil = pil.crop((left, top, left + prep.img_size, top + prep.img_size))
-    pixels = np.asarray(pil, dtype=np.float32).reshape(prep.img_size, prep.img_size, -1) / 255.0
-    return ((pixels - np.asarray(prep.mean, np.float32)) / np.asarray(prep.std, np.float32)).astype(np.float32)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")  # lossless: the decoded pixels are the array's
+    return buffer.getvalue()
+
+
+def _decode_eval(data: str | bytes, prep: Preprocessing) -> np.ndarray:
+    """The data pipeline's eval decode: uint8 (img_size, img_size, channels) per `prep`."""
+    from flaxvision.data import transforms
+
+    if not hasattr(transforms, "ImageOptions"):
+        return transforms.decode_eval(data, prep)  # type: ignore[arg-type]
+    # TODO(merge): remove this branch once data/transforms.decode_eval(data, preprocessing) has replaced
+    # decode_eval(data, ImageOptions(...)) (the data worktree is making that change).
+    options = transforms.ImageOptions(size=prep.img_size, channels=prep.channels, crop_pct=prep.crop_pct,  # type: ignore[attr-defined]
+                                      resize_mode=prep.resize_mode, interpolation=prep.interpolation)  # fmt: skip
+    return transforms.decode_eval(data, options)
+
+
+def preprocess(image: str | bytes | np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """One image (a path, encoded bytes or a uint8 HWC array) -> the model input (img_size, img_size, C) float32,
+    exactly as `flaxvision evaluate` and the data pipeline prepare it."""
+    import jax.numpy as jnp
+
+    from flaxvision.data.device import device_preprocess
+    from flaxvision.data.transforms import BadImage
+
+    data = _png(image) if isinstance(image, np.ndarray) else image
+    try:
+        pixels = _decode_eval(data, prep)
+    except BadImage as err:
+        raise FlaxvisionError(f"cannot read image '{image if isinstance(image, str) else '<bytes>'}': {err}; pass a JPEG/PNG/WebP file") from None
+    return np.asarray(device_preprocess(jnp.asarray(pixels[None]), prep.mean, prep.std)[0], dtype=np.float32)
 
 
 # ---- the reference -------------------------------------------------------------------------------------------------
 
 
 def reference_model(kind: str, model: Any, report: Any, *, allow_pickle: bool = False) -> Any:
-    """The PyTorch reference for a loaded checkpoint, in eval mode, float32.
+    """The PyTorch reference for loaded pretrained weights, in eval mode, float32.
 
     Args:
       kind: "transformers" or "timm".
@@ -121,7 +145,7 @@ def reference_model(kind: str, model: Any, report: Any, *, allow_pickle: bool = 
     """
     import torch
 
-    from flaxvision.weights import timm as timm_format
+    import flaxvision.weights.timm_format as timm_format
     from flaxvision.weights.convert import weight_state
     from flaxvision.weights.hub import read_tensors
 
@@ -194,7 +218,7 @@ def compare(model: Any, reference: Any, inputs: np.ndarray) -> dict[str, Any]:
         "max_abs_diff": float(diff.max()),
         "mean_abs_diff": float(diff.mean()),
         "top1_agree": float(np.mean(top_ours[:, 0] == top_theirs[:, 0])),
-        "top5_agree": float(np.mean([set(a) == set(b) for a, b in zip(top_ours, top_theirs)])),
+        "top5_agree": float(np.mean([set(a) == set(b) for a, b in zip(top_ours, top_theirs, strict=True)])),
         "flaxvision_probs": _softmax(ours),
         "reference_probs": _softmax(theirs),
     }
@@ -212,7 +236,7 @@ def save_figure(path: Path, images: list[np.ndarray], rows: list[dict[str, Any]]
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(images), figsize=(3.2 * len(images), 3.8), squeeze=False)
-    for ax, image, row in zip(axes[0], images, rows):
+    for ax, image, row in zip(axes[0], images, rows, strict=True):
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -230,7 +254,7 @@ def save_figure(path: Path, images: list[np.ndarray], rows: list[dict[str, Any]]
 
 
 def run(args: argparse.Namespace) -> int:
-    from flaxvision.models.vit import ViTConfig
+    from flaxvision.models.registry import name_of
     from flaxvision.weights.loader import load_pretrained
 
     try:
@@ -241,20 +265,27 @@ def run(args: argparse.Namespace) -> int:
         raise FlaxvisionError(f"verify needs the reference libraries ({err.name} is missing): pip install 'flaxvision[verify]'") from None
 
     model, report = load_pretrained(args.source, allow_pickle=args.allow_pickle, revision=args.revision, return_report=True)
-    if not isinstance(model.config, ViTConfig):
-        raise FlaxvisionError(f"verify compares Vision Transformers with transformers/timm; '{args.source}' holds a {type(model).__name__}")
+    references = model.config.verify_references
+    if not references:
+        raise FlaxvisionError(
+            f"verify compares a model with its PyTorch reference ({'/'.join(REFERENCES)}); there is none for "
+            f"{name_of(model.config)}, which '{args.source}' holds"
+        )
+    if args.reference and args.reference not in references:
+        raise FlaxvisionError(f"--reference {args.reference} cannot build a {type(model).__name__}; use {' or '.join(references)}")
     model.eval()
-    kind = args.reference or ("transformers" if report.format == "transformers" else "timm")
+    kind = args.reference or (report.format if report.format in references else references[0])
     if kind == "timm" and model.config.layer_norm_eps != 1e-6:
         eps = model.config.layer_norm_eps
-        print(f"note: timm's ViT uses LayerNorm eps 1e-6, this checkpoint {eps:g}: expect small differences", file=sys.stderr)
+        print(f"note: timm's ViT uses LayerNorm eps 1e-6, these weights {eps:g}: expect small differences", file=sys.stderr)
     reference = reference_model(kind, model, report, allow_pickle=args.allow_pickle)
     images = read_images(args.image) if args.image else synthetic_images()
-    inputs = np.stack([preprocess(image, model.preprocessing) for image in images])
+    sources = args.image or images  # files are decoded from the files themselves, as `evaluate` would
+    inputs = np.stack([preprocess(source, model.preprocessing) for source in sources])
     result = compare(model, reference, inputs)
 
     rows = []
-    for flax_probs, ref_probs in zip(result.pop("flaxvision_probs"), result.pop("reference_probs")):
+    for flax_probs, ref_probs in zip(result.pop("flaxvision_probs"), result.pop("reference_probs"), strict=True):
         a, b = int(flax_probs.argmax()), int(ref_probs.argmax())
         names = model.label_names
         rows.append({"flaxvision": [_label(names, a), float(flax_probs[a])], "reference": [_label(names, b), float(ref_probs[b])]})
@@ -267,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"{report.format} checkpoint {args.source} vs {kind}, {len(images)} image(s) at {model.config.img_size} px")
+        print(f"{report.format} weights {args.source} vs {kind}, {len(images)} image(s) at {model.config.img_size} px")
         print(f"max |dlogits| {result['max_abs_diff']:.3e}   mean |dlogits| {result['mean_abs_diff']:.3e}   "
               f"top-1 agreement {result['top1_agree']:.0%}   top-5 agreement {result['top5_agree']:.0%}")  # fmt: skip
         for i, row in enumerate(rows):

@@ -1,18 +1,109 @@
-"""What every flaxvision classifier shares: a frozen config, a parameter count and a FLOP count."""
+"""What every flaxvision classifier shares: the `ModelConfig` protocol, the `Classifier` base, parameter paths.
+
+Generic code (the optimiser, the trainer, export, verify, the weight loader) asks the model's config for what it
+needs instead of testing for one family:
+
+    config.num_layers()                  # 12 for ViT-B: layer-wise lr decay and --train-only last:K; 0: no layers
+    config.layer_index("blocks.3.mlp.fc1.kernel")   # 4: 0 = embeddings, i + 1 = block i, num_layers() + 1 = head
+    config.export_formats                # ("transformers", "timm", "npz", "flaxvision"): preferred format first
+    config.verify_references             # ("timm", "transformers"): what `flaxvision verify` compares with, preferred first
+    config.position_grid()               # 14: patches per side of a learned position embedding (None: none)
+    config.train_memory_bytes(32)        # device memory one training step needs, estimated from the config
+    config.param_count(), config.forward_flops()
+
+`ConfigBase` gives the defaults of a family without layers, position embeddings or foreign formats;
+`require_layers` turns a missing capability into one error that names the model.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from flaxvision.errors import ConfigError
+from flaxvision.models.registry import name_of
 from flaxvision.preprocessing import Preprocessing
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# How a replaced classifier head starts: zeros (the ViT transfer recipe: predictions start uniform) or random.
+HEAD_INITS = ("zeros", "random")
+
+
+def param_path(path: Sequence[Any]) -> str:
+    """The dotted name of a parameter from its nnx path: ("blocks", 0, "attn", "qkv", "kernel") -> "blocks.0.attn.qkv.kernel"."""
+    return ".".join(str(p) for p in path)
+
+
+@runtime_checkable
+class ModelConfig(Protocol):
+    """What generic code may ask of any model config (frozen dataclasses: ViTConfig, ResNetConfig, CNNConfig)."""
+
+    num_classes: int
+    img_size: int
+    in_chans: int
+    dtype: str
+    export_formats: ClassVar[tuple[str, ...]]  # formats `save_pretrained` can write, the preferred one first
+    verify_references: ClassVar[tuple[str, ...]]  # PyTorch libraries `flaxvision verify` can compare it with
+
+    def param_count(self) -> int: ...
+
+    def forward_flops(self) -> int: ...
+
+    def num_layers(self) -> int:
+        """Repeated layers (encoder blocks) that layer-wise lr decay and `--train-only last:K` count; 0: none."""
+        ...
+
+    def layer_index(self, path: str) -> int:
+        """Layer of a dotted parameter path, 0 (stem, embeddings) .. num_layers() + 1 (final norm, head)."""
+        ...
+
+    def position_grid(self) -> int | None:
+        """Patches per side of a learned position embedding (resampled when img_size changes); None: none."""
+        ...
+
+    def train_memory_bytes(self, batch_size: int, *, optimizer_slots: int = 2) -> int:
+        """Device memory of one training step: parameters, gradients, optimizer state, saved activations.
+
+        `batch_size` is the examples one device computes (per micro-batch with gradient accumulation); the
+        parameter and optimizer part assumes they are replicated (divide it under FSDP).
+        """
+        ...
+
+
+class ConfigBase:
+    """Defaults of `ModelConfig` for a family without layers, position embeddings or foreign weight formats."""
+
+    __slots__ = ()
+    export_formats: ClassVar[tuple[str, ...]] = ("flaxvision",)
+    verify_references: ClassVar[tuple[str, ...]] = ()
+
+    def num_layers(self) -> int:
+        return 0
+
+    def layer_index(self, path: str) -> int:
+        raise ConfigError(f"{type(self).__name__} has no layers to index ({path}); check num_layers() first")
+
+    def position_grid(self) -> int | None:
+        return None
+
+
+def require_layers(config: Any, option: str) -> int:
+    """`config.num_layers()`, or a ConfigError naming the model when it has none (e.g. for layer_decay)."""
+    layers = config.num_layers()
+    if layers < 1:
+        raise ConfigError(f"{option} needs a model with layers (a ViT's encoder blocks); {name_of(config)} has none")
+    return layers
+
+
+def train_step_bytes(params: int, optimizer_slots: int, activations: int) -> int:
+    """A training step's memory: float32 parameters, `optimizer_slots` moments each (2 for AdamW, 1 for SGD with
+    momentum), and while it runs the gradients and the updates, plus the activations (and inputs) it keeps."""
+    return 4 * params * (3 + optimizer_slots) + activations
 
 
 def compute_dtype(name: str) -> Any:

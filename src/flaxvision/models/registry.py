@@ -1,7 +1,15 @@
-"""The model zoo: timm's names mapped to flaxvision configs.
+"""The model zoo: names -> default configs, and config type -> model class. A leaf: it imports no model family.
 
-    >>> model = flaxvision.create_model("vit_base_patch16_224", num_classes=20)
+Each family registers itself when imported (`flaxvision.models` imports them all, so the zoo is always full):
+
+    register_family(ViTConfig, ViT, mean=HALF, std=HALF)
+    register_model("vit_base_patch16_224", ViTConfig.base(patch=16), "ViT-B/16, 224 px, CLS-token head")
+
+`build_model` / `abstract_model` instantiate a config; `flaxvision.models.factory.create_model` (which may load
+pretrained weights) sits above this module and the weight loaders.
+
     >>> flaxvision.list_models("vit_*")
+    >>> flaxvision.model_config("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=4)
 """
 
 from __future__ import annotations
@@ -9,25 +17,26 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
 
 from flaxvision.errors import ConfigError, FlaxvisionError, did_you_mean
-from flaxvision.models.base import Classifier
-from flaxvision.models.cnn import CNN, CNNConfig
-from flaxvision.models.resnet import ResNet, ResNetConfig
-from flaxvision.models.vit import ViT, ViTConfig
-from flaxvision.preprocessing import HALF, IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from flaxvision.preprocessing import Preprocessing
 
-MODEL_CLASSES: dict[type, type[Classifier]] = {ViTConfig: ViT, ResNetConfig: ResNet, CNNConfig: CNN}
-_DEFAULT_NORMALISATION = {
-    ViTConfig: (HALF, HALF),  # google/vit-* and the ViT tutorial
-    ResNetConfig: (IMAGENET_MEAN, IMAGENET_STD),  # torchvision, and the CIFAR-10 ResNet-18 tutorial
-    CNNConfig: ((0.0,), (1.0,)),  # the MNIST tutorial: pixels / 255
-}
+# Config fields that size or train a model without changing which layers it has (ignored by `name_of`).
+RUN_FIELDS = frozenset({"num_classes", "img_size", "in_chans", "dtype", "dropout_rate", "attention_dropout_rate",
+                        "drop_path_rate", "bn_momentum", "scan_blocks", "remat"})  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A model family: its module class and the normalisation a model trained from scratch uses."""
+
+    model_class: type
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,30 +46,38 @@ class ModelSpec:
     description: str
 
 
+_FAMILIES: dict[type, Family] = {}
 _REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_family(config_class: type, model_class: type, *, mean: Sequence[float], std: Sequence[float]) -> None:
+    """Make `model_class` the model built for `config_class`, with this default normalisation (3-channel)."""
+    known = _FAMILIES.get(config_class)
+    if known is not None and known.model_class is not model_class:
+        raise ValueError(f"{config_class.__name__} is already built by {known.model_class.__name__}")
+    _FAMILIES[config_class] = Family(model_class, tuple(mean), tuple(std))
 
 
 def register_model(name: str, config: Any, description: str) -> None:
     """Add a named default config to the zoo (e.g. from a plug-in); the name must be new."""
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is already registered")
-    if type(config) not in MODEL_CLASSES:
-        raise TypeError(f"no model class for config type {type(config).__name__}")
+    if type(config) not in _FAMILIES:
+        raise TypeError(f"no model class for config type {type(config).__name__}; register_family it first")
     _REGISTRY[name] = ModelSpec(name, config, description)
 
 
-_VIT_SIZES = {
-    "tiny": (ViTConfig.tiny, "ViT-Ti (DeiT-Tiny)"),
-    "small": (ViTConfig.small, "ViT-S"),
-    "base": (ViTConfig.base, "ViT-B"),
-    "large": (ViTConfig.large, "ViT-L"),
-}
-for _size, (_make, _label) in _VIT_SIZES.items():
-    for _patch in (16, 32):
-        register_model(f"vit_{_size}_patch{_patch}_224", _make(patch=_patch), f"{_label}/{_patch}, 224 px, CLS-token head")
-register_model("resnet18", ResNetConfig.resnet18(), "ResNet-18, 7x7 stem (ImageNet), 224 px")
-register_model("resnet18_cifar", ResNetConfig.resnet18_cifar(), "ResNet-18, 3x3 stem (CIFAR), 32 px")
-register_model("cnn", CNNConfig(), "The MNIST tutorial CNN: conv32-pool-conv64-pool-dense256, 28 px grayscale")
+def config_classes() -> dict[str, type]:
+    """Registered config classes by name ("ViTConfig" -> ViTConfig): what a flaxvision config.json may name."""
+    return {cls.__name__: cls for cls in _FAMILIES}
+
+
+def model_class(config: Any) -> type:
+    """The module class that `build_model` instantiates for a config."""
+    try:
+        return _FAMILIES[type(config)].model_class
+    except KeyError:
+        raise ConfigError(f"no flaxvision model takes a {type(config).__name__}") from None
 
 
 def list_models(pattern: str | None = None) -> list[str]:
@@ -78,7 +95,21 @@ def get_model_spec(name: str) -> ModelSpec:
         ) from None
 
 
-def _dtype_name(dtype: Any) -> str:
+def name_of(config: Any) -> str:
+    """The registered name with this config's architecture (sizes and training options aside), for messages.
+
+    Example: `name_of(model_config("resnet18", num_classes=5))` -> "resnet18"; an unregistered architecture
+    gives its family, e.g. "a ViT".
+    """
+    fields = [f.name for f in dataclasses.fields(config) if f.name not in RUN_FIELDS]
+    for spec in _REGISTRY.values():
+        if type(spec.config) is type(config) and all(getattr(spec.config, f) == getattr(config, f) for f in fields):
+            return spec.name
+    return f"a {type(config).__name__.removesuffix('Config')}"
+
+
+def dtype_name(dtype: Any) -> str:
+    """The config spelling of a dtype: "bfloat16" for jnp.bfloat16 or "bfloat16"."""
     try:
         return jnp.dtype(dtype).name
     except TypeError:
@@ -96,9 +127,9 @@ def model_config(
 ) -> Any:
     """The config `create_model` would build: the registered default with the given fields replaced."""
     config = get_model_spec(name).config
-    changes = {k: v for k, v in dict(num_classes=num_classes, img_size=img_size, in_chans=in_chans).items() if v is not None}
+    changes: dict[str, Any] = {k: v for k, v in dict(num_classes=num_classes, img_size=img_size, in_chans=in_chans).items() if v is not None}
     if dtype is not None:
-        changes["dtype"] = _dtype_name(dtype)
+        changes["dtype"] = dtype_name(dtype)
     fields = {f.name for f in dataclasses.fields(config)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
@@ -111,8 +142,10 @@ def model_config(
 
 def default_preprocessing(config: Any) -> Preprocessing:
     """Normalisation a model trained from scratch uses: the tutorials' choices for each family."""
-    mean, std = _DEFAULT_NORMALISATION[type(config)]
-    return Preprocessing(img_size=config.img_size, mean=mean, std=std).for_channels(config.in_chans)
+    family = _FAMILIES.get(type(config))
+    if family is None:
+        raise ConfigError(f"no flaxvision model takes a {type(config).__name__}")
+    return Preprocessing(img_size=config.img_size, mean=family.mean, std=family.std).for_channels(config.in_chans)
 
 
 def build_model(
@@ -121,12 +154,9 @@ def build_model(
     seed: int = 0,
     preprocessing: Preprocessing | None = None,
     label_names: Sequence[str] | None = None,
-) -> Classifier:
-    """Instantiate the model for a config with fresh weights drawn from `seed`."""
-    try:
-        cls = MODEL_CLASSES[type(config)]
-    except KeyError:
-        raise ConfigError(f"no flaxvision model takes a {type(config).__name__}") from None
+) -> Any:
+    """Instantiate the model (a `flaxvision.models.Classifier`) for a config with fresh weights drawn from `seed`."""
+    cls = model_class(config)
     if label_names is not None and len(label_names) != config.num_classes:
         raise ConfigError(f"{len(label_names)} label names for a model with num_classes={config.num_classes}")
     model = cls(config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
@@ -135,47 +165,7 @@ def build_model(
     return model
 
 
-def create_model(
-    name: str | None,
-    *,
-    pretrained: str | Path | None = None,
-    num_classes: int | None = None,
-    img_size: int | None = None,
-    in_chans: int | None = None,
-    dtype: Any = None,
-    seed: int = 0,
-    **overrides: Any,
-) -> Classifier:
-    """Build a registered model with fresh weights, or from pretrained weights.
-
-    Args:
-      name: a name from `list_models()`, e.g. "vit_base_patch16_224"; with `pretrained`, the checkpoint must
-        have this architecture, and None accepts whatever it holds.
-      pretrained: a checkpoint (Hub repo id, directory, .safetensors or .npz file) loaded by
-        `flaxvision.load_pretrained`, which also takes the Hub/pickle options as **overrides.
-      num_classes, img_size, in_chans: replace the registered defaults (None keeps them, or the checkpoint's).
-      dtype: compute dtype ("float32", "bfloat16", or a jnp dtype); parameters stay float32.
-      seed: seeds parameter initialisation (and dropout's stream seed + 1).
-      **overrides: any other config field, e.g. drop_path_rate=0.1, depth=6.
-
-    Example: `create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=4)`,
-    `create_model("vit_base_patch16_224", pretrained="google/vit-base-patch16-224", num_classes=20)`.
-    """
-    if pretrained is not None:
-        from flaxvision.weights.loader import load_pretrained
-
-        if in_chans is not None:
-            overrides["in_chans"] = in_chans
-        return load_pretrained(
-            pretrained, name=name, num_classes=num_classes, img_size=img_size, dtype=dtype, seed=seed, **overrides
-        )
-    if name is None:
-        raise FlaxvisionError("create_model needs a model name, or pretrained= to build what a checkpoint holds")
-    config = model_config(name, num_classes=num_classes, img_size=img_size, in_chans=in_chans, dtype=dtype, **overrides)
-    return build_model(config, seed=seed)
-
-
-def abstract_model(config: Any) -> Classifier:
+def abstract_model(config: Any) -> Any:
     """The model with shape-only parameters (no memory, no compute): for counting and for weight import."""
     return nnx.eval_shape(lambda: build_model(config))
 

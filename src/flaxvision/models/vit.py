@@ -24,7 +24,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flaxvision.errors import ConfigError
-from flaxvision.models.base import Classifier, check_common, compute_dtype
+from flaxvision.models.base import Classifier, ConfigBase, check_common, compute_dtype, train_step_bytes
+from flaxvision.models.registry import register_family, register_model
+from flaxvision.preprocessing import HALF
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact erf GELU: transformers' and timm's default
@@ -42,8 +44,11 @@ REMAT_POLICIES = {
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class ViTConfig:
+class ViTConfig(ConfigBase):
     """Architecture of a Vision Transformer. Presets: `ViTConfig.base(patch=16)` etc."""
+
+    export_formats: ClassVar[tuple[str, ...]] = ("transformers", "timm", "npz", "flaxvision")
+    verify_references: ClassVar[tuple[str, ...]] = ("timm", "transformers")
 
     num_classes: int = 1000
     img_size: int = 224
@@ -137,6 +142,41 @@ class ViTConfig:
         patch = self.num_patches * self.patch_size**2 * self.in_chans * d
         per_block = tokens * (3 * d * d + d * d + 2 * d * self.mlp_dim) + 2 * tokens * tokens * d
         return 2 * (patch + self.depth * per_block + d * self.num_classes)
+
+    # ---- capabilities (flaxvision.models.base.ModelConfig) ----
+
+    def num_layers(self) -> int:
+        return self.depth
+
+    def layer_index(self, path: str) -> int:
+        """BEiT's layer ids: embeddings 0, block i -> i + 1, the final norm and the head depth + 1."""
+        top, _, rest = path.partition(".")
+        if top in ("patch_embed", "cls_token", "pos_embed"):
+            return 0
+        if top == "blocks":
+            return int(rest.split(".", 1)[0]) + 1
+        return self.depth + 1
+
+    def position_grid(self) -> int | None:
+        return self.grid_size
+
+    def train_memory_bytes(self, batch_size: int, *, optimizer_slots: int = 2) -> int:
+        """Device memory of one training step, estimated: within ~2x of XLA's (tests check it).
+
+        Activations the backward pass keeps, per token and block: "dots" keeps the matmul outputs (qkv, the
+        attention scores, the attention output, proj, fc1, fc2) and the block input, "none" about twice that
+        (layer norms, softmax, GELU), "full" the block input only; plus one block's worth for the backward pass
+        itself. XLA's attention materialises the (heads, T, T) scores, which dominate at many tokens (ViT-Ti
+        with 3,137 tokens needs tens of GB at batch 32); a fused (flash) kernel needs less than estimated.
+        """
+        tokens, d, m = self.num_patches + 1, self.width, self.mlp_dim
+        scores = self.num_heads * tokens
+        everything = 11 * d + 3 * m + 3 * scores
+        per_block = {"none": everything, "dots": 7 * d + m + scores, "full": d}[self.remat]
+        itemsize = jnp.dtype(compute_dtype(self.dtype)).itemsize
+        activations = batch_size * tokens * (self.depth * per_block + everything) * itemsize
+        inputs = batch_size * self.img_size**2 * self.in_chans * 4
+        return train_step_bytes(self.param_count(), optimizer_slots, activations + inputs)
 
 
 def _trunc_normal(std: float = 0.02):
@@ -304,7 +344,7 @@ class ViT(Classifier):
         x, rng_states = jax.lax.scan(body, x, (stacked, rates))
         if stochastic:
             for i, block in enumerate(self.blocks):
-                nnx.update(block, jax.tree.map(lambda leaf: leaf[i], rng_states))
+                nnx.update(block, jax.tree.map(lambda leaf, i=i: leaf[i], rng_states))
         return x
 
     def features(self, x: jax.Array) -> jax.Array:
@@ -316,3 +356,10 @@ class ViT(Classifier):
     def __call__(self, x: jax.Array) -> jax.Array:
         """Logits (B, num_classes) in float32 for NHWC images (B, img_size, img_size, in_chans)."""
         return self.head(self.features(x)).astype(jnp.float32)
+
+
+register_family(ViTConfig, ViT, mean=HALF, std=HALF)  # google/vit-* and the ViT tutorial: pixels in [-1, 1]
+for _size, (_make, _label) in {"tiny": (ViTConfig.tiny, "ViT-Ti (DeiT-Tiny)"), "small": (ViTConfig.small, "ViT-S"),
+                               "base": (ViTConfig.base, "ViT-B"), "large": (ViTConfig.large, "ViT-L")}.items():  # fmt: skip
+    for _patch in (16, 32):
+        register_model(f"vit_{_size}_patch{_patch}_224", _make(patch=_patch), f"{_label}/{_patch}, 224 px, CLS-token head")

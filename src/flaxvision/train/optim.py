@@ -1,6 +1,7 @@
 """Optimisers, schedules, weight-decay masks, layer-wise LR decay and freezing, all from a TrainConfig.
 
-Parameters are addressed by their dotted path in the model ("blocks.3.attn.qkv.kernel", "head.bias").
+Parameters are addressed by their dotted path in the model ("blocks.3.attn.qkv.kernel", "head.bias"). What a
+model's layers are (for layer-wise decay and --train-only last:K) its config says: `num_layers()`, `layer_index(path)`.
 """
 
 from __future__ import annotations
@@ -15,15 +16,11 @@ import optax
 from flax import nnx
 
 from flaxvision.errors import ConfigError
-from flaxvision.models import ViTConfig
+from flaxvision.models.base import param_path, require_layers
 from flaxvision.train.config import TrainConfig, _last_k
 
 # Never weight-decayed (besides every 0/1-D tensor: biases, LayerNorm/BatchNorm scales and offsets).
 NO_DECAY_NAMES = ("pos_embed", "cls_token")
-
-
-def path_str(path: tuple) -> str:
-    return ".".join(str(p) for p in path)
 
 
 def learning_rate_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
@@ -44,11 +41,9 @@ def learning_rate_schedule(config: TrainConfig, total_steps: int) -> optax.Sched
 def trainable_predicate(config: TrainConfig, model_config: Any) -> Callable[[tuple], bool]:
     """path -> whether the parameter is trained, from --train-only and --freeze."""
     last_k = _last_k(config.train_only) if config.train_only else None
-    if last_k is not None and not isinstance(model_config, ViTConfig):
-        raise ConfigError(f"train_only={config.train_only!r} needs a ViT (it counts encoder blocks)")
-    depth = getattr(model_config, "depth", 0)
-    if last_k is not None and last_k > depth:
-        raise ConfigError(f"train_only={config.train_only!r}: the model has only {depth} blocks")
+    layers = require_layers(model_config, f"train_only={config.train_only!r}") if last_k is not None else 0
+    if last_k is not None and last_k > layers:
+        raise ConfigError(f"train_only={config.train_only!r}: the model has only {layers} blocks")
     try:
         frozen_re = re.compile(config.freeze) if config.freeze else None
     except re.error as err:
@@ -57,9 +52,10 @@ def trainable_predicate(config: TrainConfig, model_config: Any) -> Callable[[tup
     def trainable(path: tuple) -> bool:
         if config.train_only == "head" and path[0] != "head":
             return False
-        if last_k is not None and not (path[0] in ("head", "norm") or (path[0] == "blocks" and int(path[1]) >= depth - last_k)):
+        # The last K layers and what sits above them (final norm, head): layer indices above layers - K.
+        if last_k is not None and model_config.layer_index(param_path(path)) <= layers - last_k:
             return False
-        return not (frozen_re and frozen_re.search(path_str(path)))
+        return not (frozen_re and frozen_re.search(param_path(path)))
 
     return trainable
 
@@ -87,18 +83,15 @@ def _keys(keypath: tuple) -> tuple:
     return tuple(p for p in out if p != "value")
 
 
-def _layer_scales(params: nnx.State, model_config: ViTConfig, decay: float) -> Any:
-    """ViT layer-wise LR decay (BEiT): embeddings are layer 0, block i is layer i + 1, norm and head depth + 1."""
-    top = model_config.depth + 1
+def _layer_scales(params: nnx.State, model_config: Any, decay: float, option: str = "layer_decay") -> Any:
+    """Layer-wise LR decay (BEiT): the update of layer i is scaled by decay ** (top - i), where the config's
+    `layer_index` puts the stem/embeddings at 0 and the final norm and head at top = num_layers() + 1."""
+    top = require_layers(model_config, option) + 1
 
-    def layer_id(path: tuple) -> int:
-        if path[0] in ("patch_embed", "cls_token", "pos_embed"):
-            return 0
-        if path[0] == "blocks":
-            return int(path[1]) + 1
-        return top
+    def scale(keypath: tuple) -> jax.Array:
+        return jnp.float32(decay ** (top - model_config.layer_index(param_path(_keys(keypath)))))
 
-    return jax.tree_util.tree_map_with_path(lambda kp, x: jnp.float32(decay ** (top - layer_id(_keys(kp)))), params)
+    return jax.tree_util.tree_map_with_path(lambda kp, x: scale(kp), params)
 
 
 def scale_by_tree(scales: Any) -> optax.GradientTransformation:
@@ -130,7 +123,6 @@ def make_optimizer(
             optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=_decay_mask(params))
         )
     if config.layer_decay is not None and config.layer_decay < 1.0:
-        if not isinstance(model_config, ViTConfig):
-            raise ConfigError(f"layer_decay={config.layer_decay} applies to ViTs only")
-        parts.append(scale_by_tree(_layer_scales(params, model_config, config.layer_decay)))
+        scales = _layer_scales(params, model_config, config.layer_decay, option=f"layer_decay={config.layer_decay}")
+        parts.append(scale_by_tree(scales))
     return optax.chain(*parts), schedule

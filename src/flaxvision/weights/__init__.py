@@ -1,7 +1,9 @@
-"""Pretrained weights: import from transformers, timm, Google .npz and flaxvision checkpoints, and export back.
+"""Pretrained weights: import from transformers, timm, Google .npz and flaxvision weights, and export back.
 
-One module per checkpoint format (transformers, timm, npz, native), `posembed` for resolution changes, `hub` for
-finding and safely reading the files, `convert` for what the formats share; `loader` and `export` tie them together.
+One module per weights format (transformers_format, timm_format, npz_format, native_format), `posembed` for
+resolution changes, `hub` for finding and safely reading the files (`read_weights` -> `WeightFiles`), `convert`
+for what the formats share; `loader` and `export` tie them together. ("Checkpoint" means the Orbax run state of
+training, in flaxvision.train, and nothing here.)
 """
 
 from flaxvision.weights.export import FORMATS, save_pretrained

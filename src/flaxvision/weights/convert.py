@@ -1,13 +1,13 @@
-"""The machinery every checkpoint format shares: conversion rules, and the check that names both sides.
+"""The machinery every weights format shares: conversion rules, and the check that names both sides.
 
-A format module describes its layout as a list of `Rule`s, one per flaxvision parameter: which checkpoint key(s)
-hold it and how to transform the arrays each way (PyTorch Linear (out, in) <-> kernel (in, out), conv OIHW <->
+A format module describes its layout as a list of `Rule`s, one per flaxvision parameter: which tensor name(s) of
+the weights file hold it and how to transform the arrays each way (PyTorch Linear (out, in) <-> kernel (in, out), conv OIHW <->
 HWIO, separate q/k/v <-> the fused qkv kernel ...). The same rules then serve three purposes:
-  * import:  checkpoint dict -> flaxvision flat dict ("blocks.0.attn.qkv.kernel" -> array);
-  * export:  flaxvision flat dict -> checkpoint dict;
+  * import:  the file's tensor dict -> flaxvision flat dict ("blocks.0.attn.qkv.kernel" -> array);
+  * export:  flaxvision flat dict -> the file's tensor dict;
   * checking: exporting *shape-only* parameters (zero-stride arrays, no memory) gives every key and shape the
-    checkpoint must have, so missing, unexpected and mis-shaped tensors are all reported in one error, in the
-    checkpoint's own names (like big_vision's merge_params), before anything is loaded.
+    weights must have, so missing, unexpected and mis-shaped tensors are all reported in one error, in the
+    file's own names (like big_vision's merge_params), before anything is loaded.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import numpy as np
 from flax import nnx
 
 from flaxvision.errors import FlaxvisionError
+from flaxvision.models.base import param_path
+from flaxvision.models.registry import abstract_model
 from flaxvision.preprocessing import Preprocessing
 
 Arrays = dict[str, np.ndarray]
@@ -28,58 +30,54 @@ Arrays = dict[str, np.ndarray]
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """One flaxvision parameter and the checkpoint tensor(s) it comes from.
+    """One flaxvision parameter and the tensor(s) of the weights file it comes from.
 
     Attributes:
-      ckpt: checkpoint keys, in the order `to_flax` takes them and `to_ckpt` returns them.
+      keys: tensor names in the file, in the order `to_flax` takes them and `to_file` returns them.
       flax: the flaxvision parameter path, dotted ("blocks.0.norm1.scale").
-      to_flax: checkpoint arrays -> the flaxvision array.
-      to_ckpt: the flaxvision array -> checkpoint arrays.
+      to_flax: the file's arrays -> the flaxvision array.
+      to_file: the flaxvision array -> the file's arrays.
     """
 
-    ckpt: tuple[str, ...]
+    keys: tuple[str, ...]
     flax: str
     to_flax: Callable[..., np.ndarray]
-    to_ckpt: Callable[[np.ndarray], tuple[np.ndarray, ...]]
+    to_file: Callable[[np.ndarray], tuple[np.ndarray, ...]]
 
 
-def copy(ckpt: str, flax: str) -> Rule:
-    return Rule((ckpt,), flax, lambda a: a, lambda a: (a,))
+def copy(key: str, flax: str) -> Rule:
+    return Rule((key,), flax, lambda a: a, lambda a: (a,))
 
 
-def linear(ckpt: str, flax: str) -> Rule:
+def linear(key: str, flax: str) -> Rule:
     """PyTorch Linear weight (out, in) <-> flax kernel (in, out)."""
-    return Rule((ckpt,), flax, lambda w: w.T, lambda k: (k.T,))
+    return Rule((key,), flax, lambda w: w.T, lambda k: (k.T,))
 
 
-def conv(ckpt: str, flax: str) -> Rule:
+def conv(key: str, flax: str) -> Rule:
     """PyTorch conv weight (O, I, kh, kw) <-> flax HWIO kernel (kh, kw, I, O)."""
-    return Rule((ckpt,), flax, lambda w: w.transpose(2, 3, 1, 0), lambda k: (k.transpose(3, 2, 0, 1),))
+    return Rule((key,), flax, lambda w: w.transpose(2, 3, 1, 0), lambda k: (k.transpose(3, 2, 0, 1),))
 
 
-def fused(ckpts: tuple[str, ...], flax: str, part_to_flax: Callable, part_to_ckpt: Callable, axis: int) -> Rule:
-    """Several checkpoint tensors (q, k, v) concatenated along `axis` into one flaxvision parameter."""
+def fused(keys: tuple[str, ...], flax: str, part_to_flax: Callable, part_to_file: Callable, axis: int) -> Rule:
+    """Several tensors of the file (q, k, v) concatenated along `axis` into one flaxvision parameter."""
 
     def to_flax(*parts: np.ndarray) -> np.ndarray:
         return np.concatenate([part_to_flax(p) for p in parts], axis=axis)
 
-    def to_ckpt(value: np.ndarray) -> tuple[np.ndarray, ...]:
-        return tuple(part_to_ckpt(p) for p in np.split(value, len(ckpts), axis=axis))
+    def to_file(value: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(part_to_file(p) for p in np.split(value, len(keys), axis=axis))
 
-    return Rule(tuple(ckpts), flax, to_flax, to_ckpt)
+    return Rule(tuple(keys), flax, to_flax, to_file)
 
 
 # ---- flaxvision side -------------------------------------------------------------------------------------------
 
 
-def path_name(path: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in path)
-
-
 def weight_state(model: nnx.Module) -> dict[str, Any]:
-    """Dotted path -> value of every parameter and batch statistic (what a checkpoint stores)."""
+    """Dotted path -> value of every parameter and batch statistic (what a weights file stores)."""
     state = nnx.state(model, (nnx.Param, nnx.BatchStat))  # one state: either kind
-    return {path_name(path): var.get_value() for path, var in nnx.to_flat_state(state)}
+    return {param_path(path): var.get_value() for path, var in nnx.to_flat_state(state)}
 
 
 def shape_only(shapes: Mapping[str, tuple[int, ...]]) -> Arrays:
@@ -91,16 +89,16 @@ def shape_only(shapes: Mapping[str, tuple[int, ...]]) -> Arrays:
 
 
 def export(rules: Iterable[Rule], params: Mapping[str, np.ndarray]) -> Arrays:
-    """flaxvision flat dict -> checkpoint dict."""
+    """flaxvision flat dict -> the file's tensor dict."""
     out: Arrays = {}
     for rule in rules:
-        for key, value in zip(rule.ckpt, rule.to_ckpt(np.asarray(params[rule.flax])), strict=True):
+        for key, value in zip(rule.keys, rule.to_file(np.asarray(params[rule.flax])), strict=True):
             out[key] = value
     return out
 
 
 def expected_layout(rules: list[Rule], flax_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    """Every checkpoint key the rules read, with its shape, for a model with these parameter shapes."""
+    """Every tensor name the rules read from a file, with its shape, for a model with these parameter shapes."""
     return {k: tuple(v.shape) for k, v in export(rules, shape_only(flax_shapes)).items()}
 
 
@@ -116,7 +114,7 @@ def check_layout(
     what: str,
     ignored: Iterable[str] = (),
 ) -> None:
-    """Raise ONE error listing missing keys, unexpected keys and shape mismatches (checkpoint names), if any."""
+    """Raise ONE error listing missing keys, unexpected keys and shape mismatches (the file's names), if any."""
     present = set(tensors) - set(ignored)
     missing = sorted(set(expected) - present)
     unexpected = sorted(present - set(expected))
@@ -127,20 +125,20 @@ def check_layout(
     ]
     problems = []
     if missing:
-        problems.append(f"missing from the checkpoint ({len(missing)}): {_listing(missing)}")
+        problems.append(f"missing from the weights ({len(missing)}): {_listing(missing)}")
     if unexpected:
-        problems.append(f"unexpected in the checkpoint ({len(unexpected)}): {_listing(unexpected)}")
+        problems.append(f"unexpected in the weights ({len(unexpected)}): {_listing(unexpected)}")
     if mismatched:
-        problems.append(f"shape mismatches, checkpoint vs model ({len(mismatched)}): {_listing(mismatched)}")
+        problems.append(f"shape mismatches, weights vs model ({len(mismatched)}): {_listing(mismatched)}")
     if problems:
         raise FlaxvisionError(
-            f"{what}: {'; '.join(problems)}; nothing was loaded - pass the matching checkpoint, or fix its config.json"
+            f"{what}: {'; '.join(problems)}; nothing was loaded - pass the matching weights, or fix their config.json"
         )
 
 
 def import_params(rules: Iterable[Rule], tensors: Mapping[str, np.ndarray]) -> Arrays:
-    """Checkpoint dict (already checked) -> flaxvision flat dict, float32."""
-    return {r.flax: np.asarray(r.to_flax(*(tensors[k] for k in r.ckpt)), dtype=np.float32) for r in rules}
+    """The file's tensor dict (already checked) -> flaxvision flat dict, float32."""
+    return {r.flax: np.asarray(r.to_flax(*(tensors[k] for k in r.keys)), dtype=np.float32) for r in rules}
 
 
 # ---- results ---------------------------------------------------------------------------------------------------
@@ -148,17 +146,17 @@ def import_params(rules: Iterable[Rule], tensors: Mapping[str, np.ndarray]) -> A
 
 @dataclasses.dataclass
 class Parsed:
-    """What a format module makes of a checkpoint, before any adaptation to the requested model.
+    """What a format module makes of pretrained weights, before any adaptation to the requested model.
 
     Attributes:
       format: "transformers", "timm", "npz" or "flaxvision".
-      tensors: the checkpoint's tensors in the layout the rules read (some formats rename variants first).
-      config: the flaxvision config of the checkpoint as saved (its image size and number of classes).
+      tensors: the file's tensors in the layout the rules read (some formats rename variants first).
+      config: the flaxvision config of the weights as saved (its image size and number of classes).
       rules: how its tensors map to flaxvision parameters.
-      has_head: whether it has a classifier (transformers' ViTModel checkpoints do not).
-      label_names: class names in label order, when the checkpoint knows them.
-      preprocessing: the checkpoint's eval preprocessing (or the format's documented default).
-      ignored: checkpoint keys deliberately left out (e.g. ViTModel's pooler, unused by a classifier).
+      has_head: whether it has a classifier (transformers' ViTModel weights do not).
+      label_names: class names in label order, when the weights come with them.
+      preprocessing: the eval preprocessing saved with the weights (or the format's documented default).
+      ignored: tensor names deliberately left out (e.g. ViTModel's pooler, unused by a classifier).
     """
 
     format: str
@@ -178,7 +176,7 @@ HEADS_BY_WIDTH = {192: 3, 384: 6, 512: 8, 768: 12, 1024: 16, 1280: 16, 1408: 16,
 
 
 def default_num_heads(width: int) -> int:
-    """Head count for a width when the checkpoint does not say (bare files): the standard ViT sizes, else 64-d heads."""
+    """Head count for a width when the weights do not say (bare files): the standard ViT sizes, else 64-d heads."""
     return HEADS_BY_WIDTH.get(width, max(1, width // 64))
 
 
@@ -211,8 +209,6 @@ def block_count(keys: Iterable[str], prefix: str) -> int:
 @functools.lru_cache(maxsize=8)
 def abstract_split(config: Any) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, shape-only state) of the model for `config`, built once per config with nnx.eval_shape."""
-    from flaxvision.models.registry import abstract_model
-
     return nnx.split(abstract_model(config))
 
 

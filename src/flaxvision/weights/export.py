@@ -1,4 +1,4 @@
-"""`save_pretrained`: a flaxvision model -> checkpoint files other tools (and `load_pretrained`) read.
+"""`save_pretrained`: a flaxvision model -> weight files other tools (and `load_pretrained`) read.
 
     >>> flaxvision.save_pretrained(model, "out/vit-food20", format="transformers")  # ViTForImageClassification.from_pretrained
     >>> flaxvision.save_pretrained(model, "out/vit-timm", format="timm")            # timm.create_model("local-dir:out/vit-timm")
@@ -13,13 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
+import flaxvision.weights.native_format as native_format
+import flaxvision.weights.npz_format as npz_format
+import flaxvision.weights.timm_format as timm_format
+import flaxvision.weights.transformers_format as transformers_format
 from flaxvision.errors import FlaxvisionError
 from flaxvision.models.base import Classifier
-from flaxvision.models.registry import default_preprocessing
-from flaxvision.models.vit import ViTConfig
-from flaxvision.weights import native, npz, timm, transformers
+from flaxvision.models.registry import default_preprocessing, name_of
 from flaxvision.weights.convert import weight_state
 
+# Every format save_pretrained writes; which of them a model can be saved in is `model.config.export_formats`.
 FORMATS = ("flaxvision", "transformers", "timm", "npz")
 
 
@@ -31,7 +34,8 @@ def save_pretrained(model: Classifier, out: str | Path, *, format: str = "flaxvi
     """Save a model's weights, config, label names and preprocessing in one of the supported formats.
 
     Args:
-      model: a flaxvision model (ViT for every format; ResNet and CNN in the flaxvision format).
+      model: a flaxvision model; `model.config.export_formats` lists the formats it fits, the preferred first
+        (a ViT: transformers, timm, npz, flaxvision; ResNet and CNN: flaxvision).
       out: output directory (created), or for format="npz" a file path ending in .npz (else DIR/model.npz).
       format: "flaxvision" (config.json + model.safetensors, every family), "transformers" (config.json,
         preprocessor_config.json, model.safetensors for ViTForImageClassification), "timm" (config.json +
@@ -43,21 +47,20 @@ def save_pretrained(model: Classifier, out: str | Path, *, format: str = "flaxvi
     if format not in FORMATS:
         raise FlaxvisionError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     config = model.config
-    if format != "flaxvision" and not isinstance(config, ViTConfig):
-        raise FlaxvisionError(
-            f"format {format!r} holds Vision Transformers only; save this {type(model).__name__} with format='flaxvision'"
-        )
+    if format not in config.export_formats:
+        choices = " or ".join(repr(f) for f in config.export_formats)
+        raise FlaxvisionError(f"format {format!r} cannot hold {name_of(config)}; save it with format={choices}")
     prep = getattr(model, "preprocessing", None) or default_preprocessing(config)
     labels = getattr(model, "label_names", None)
     # Everything a format cannot hold is refused before any file is written.
     if format == "transformers":
-        files = transformers.config_files(config, prep, labels)
+        files = transformers_format.config_files(config, prep, labels)
     elif format == "timm":
-        files = timm.config_files(config, prep, labels)
+        files = timm_format.config_files(config, prep, labels)
     elif format == "npz":
-        npz.check_exportable(config)
+        npz_format.check_exportable(config)
     else:
-        info = native.describe(config, prep, labels)
+        info = native_format.describe(config, prep, labels)
         files = {"config.json": info}
     params = {k: np.asarray(v, dtype=np.float32) for k, v in weight_state(model).items()}
 
@@ -68,15 +71,15 @@ def save_pretrained(model: Classifier, out: str | Path, *, format: str = "flaxvi
             path = path / "model.npz"
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = npz.from_flaxvision(params, config)
+        tensors = npz_format.from_flaxvision(params, config)
         np.savez(path, **{k: np.ascontiguousarray(v) for k, v in tensors.items()})
         return path
     if format == "transformers":
-        tensors, metadata = transformers.from_flaxvision(params, config), {"format": "pt"}
+        tensors, metadata = transformers_format.from_flaxvision(params, config), {"format": "pt"}
     elif format == "timm":
-        tensors, metadata = timm.from_flaxvision(params, config), {"format": "pt"}
+        tensors, metadata = timm_format.from_flaxvision(params, config), {"format": "pt"}
     else:
-        tensors, metadata = params, {"format": native.FORMAT, native.METADATA_KEY: json.dumps(info)}
+        tensors, metadata = params, {"format": native_format.FORMAT, native_format.METADATA_KEY: json.dumps(info)}
 
     from safetensors.numpy import save_file
 

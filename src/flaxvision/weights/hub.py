@@ -1,4 +1,4 @@
-"""Where checkpoints come from and how their bytes are read: Hub repos, local directories and files, safely.
+"""Where pretrained weights come from and how their bytes are read: Hub repos, local directories and files, safely.
 
 A SOURCE is a Hugging Face Hub repo id (`google/vit-base-patch16-224`, optionally `@revision`), a local directory
 (a `save_pretrained` output, a Hub snapshot) or one file (.safetensors, a sharded `.safetensors.index.json`, .npz).
@@ -40,13 +40,13 @@ CONVERT_HINT = (
 
 
 @dataclasses.dataclass
-class Checkpoint:
-    """The raw content of a checkpoint: tensors as float32 NumPy arrays plus whatever config files came with it.
+class WeightFiles:
+    """The raw content of pretrained weights: tensors as float32 NumPy arrays plus whatever config files came with it.
 
     Attributes:
       origin: what the user passed (for messages).
       files: the weight files read, in order.
-      tensors: checkpoint key -> array, in the checkpoint's own naming and layout.
+      tensors: tensor name -> array, in the file's own naming and layout.
       config: config.json as a dict (None for bare files).
       preprocessor: preprocessor_config.json (transformers) as a dict, when present.
       metadata: the safetensors header metadata (str -> str), merged over shards.
@@ -168,7 +168,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
 
 
 def read_npz(path: Path, allow_pickle: bool = False) -> dict[str, np.ndarray]:
-    """Arrays of a NumPy .npz archive (big_vision / vision_transformer checkpoints), read without pickle."""
+    """Arrays of a NumPy .npz archive (big_vision / vision_transformer weights), read without pickle."""
     try:
         with np.load(path, allow_pickle=allow_pickle) as archive:
             return {key: _as_float32(archive[key]) for key in archive.files}
@@ -191,11 +191,11 @@ def read_pickle(path: Path) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError:
-        raise FlaxvisionError(f"reading the pickled checkpoint '{path}' needs PyTorch: pip install 'flaxvision[verify]'") from None
+        raise FlaxvisionError(f"reading the pickled weights '{path}' needs PyTorch: pip install 'flaxvision[verify]'") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)  # the caller opted in: trusted file
     except Exception as err:  # torch raises many types for bad pickles
-        raise FlaxvisionError(f"cannot read '{path}': not a loadable PyTorch checkpoint ({type(err).__name__}: {err})") from None
+        raise FlaxvisionError(f"cannot read '{path}': not a loadable PyTorch file ({type(err).__name__}: {err})") from None
     for wrapper in ("state_dict", "model", "module"):  # training checkpoints nest the weights
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -206,13 +206,13 @@ def read_pickle(path: Path) -> dict[str, np.ndarray]:
 
 def _refuse_pickle(path: Path) -> FlaxvisionError:
     return FlaxvisionError(
-        f"'{path}' is a pickled PyTorch checkpoint, which can run arbitrary code when loaded, so flaxvision does not "
+        f"'{path}' is a pickled PyTorch file, which can run arbitrary code when loaded, so flaxvision does not "
         f"read it by default; {CONVERT_HINT}"
     )
 
 
 def weight_files(directory: Path, allow_pickle: bool) -> tuple[Path, ...]:
-    """The weight file(s) of a checkpoint directory, safest format first; shards come from their index."""
+    """The weight file(s) of a weights directory, safest format first; shards come from their index."""
     def one_of(pattern: str) -> list[Path]:
         return sorted(p for p in directory.glob(pattern) if p.is_file())
 
@@ -243,11 +243,11 @@ def _expand_index(path: Path) -> tuple[Path, ...]:
         return (path,)
     weight_map = _read_json(path).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        raise FlaxvisionError(f"'{path}' has no weight_map; it is not a sharded-checkpoint index")
+        raise FlaxvisionError(f"'{path}' has no weight_map; it is not the index of sharded weights")
     shards = tuple(path.parent / name for name in dict.fromkeys(weight_map.values()))
     missing = [p.name for p in shards if not p.is_file()]
     if missing:
-        raise FlaxvisionError(f"'{path}' names shards that are missing: {', '.join(missing)}; download the whole checkpoint")
+        raise FlaxvisionError(f"'{path}' names shards that are missing: {', '.join(missing)}; download all the shards")
     return shards
 
 
@@ -267,7 +267,7 @@ def read_tensors(files: tuple[Path, ...], allow_pickle: bool) -> tuple[dict[str,
                 raise _refuse_pickle(path)
             part = read_pickle(path)
         else:
-            raise FlaxvisionError(f"unknown checkpoint format '{path.name}'; flaxvision reads {SUPPORTED}")
+            raise FlaxvisionError(f"unknown weights format '{path.name}'; flaxvision reads {SUPPORTED}")
         clash = set(part) & set(tensors)
         if clash:
             raise FlaxvisionError(f"shard '{path}' repeats tensor(s) {', '.join(sorted(clash)[:5])} of an earlier shard")
@@ -275,7 +275,7 @@ def read_tensors(files: tuple[Path, ...], allow_pickle: bool) -> tuple[dict[str,
     return tensors, metadata
 
 
-def read_checkpoint(source: str | Path, *, allow_pickle: bool = False, **hub_kwargs: Any) -> Checkpoint:
+def read_weights(source: str | Path, *, allow_pickle: bool = False, **hub_kwargs: Any) -> WeightFiles:
     """Resolve SOURCE (Hub, directory or file) and read its tensors and config files.
 
     Args:
@@ -289,11 +289,11 @@ def read_checkpoint(source: str | Path, *, allow_pickle: bool = False, **hub_kwa
     elif path.name.endswith(".index.json"):
         files, directory = _expand_index(path), path.parent
     elif path.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES):
-        files, directory = (path,), path.parent  # a weight file inside a checkpoint directory: use its config
+        files, directory = (path,), path.parent  # a weight file inside a weights directory: use its config
     elif path.suffix.lower() == ".npz":
         files, directory = (path,), None  # Google's .npz files have no config.json
     else:
-        raise FlaxvisionError(f"unknown checkpoint format '{path.name}'; flaxvision reads {SUPPORTED}")
+        raise FlaxvisionError(f"unknown weights format '{path.name}'; flaxvision reads {SUPPORTED}")
     config = preprocessor = None
     if directory is not None and (directory / "config.json").is_file():
         config = _read_json(directory / "config.json")
@@ -301,5 +301,5 @@ def read_checkpoint(source: str | Path, *, allow_pickle: bool = False, **hub_kwa
             preprocessor = _read_json(directory / "preprocessor_config.json")
     tensors, metadata = read_tensors(files, allow_pickle)
     if not tensors:
-        raise FlaxvisionError(f"'{files[0]}' holds no tensors; it is not a model checkpoint")
-    return Checkpoint(str(source), files, tensors, config, preprocessor, metadata)
+        raise FlaxvisionError(f"'{files[0]}' holds no tensors; it is not a weights file")
+    return WeightFiles(str(source), files, tensors, config, preprocessor, metadata)

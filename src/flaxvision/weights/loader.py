@@ -1,13 +1,13 @@
-"""`load_pretrained`: any supported checkpoint -> a flaxvision model, with its labels and preprocessing.
+"""`load_pretrained`: pretrained weights in any supported format -> a flaxvision model, with labels and preprocessing.
 
     >>> model = flaxvision.load_pretrained("google/vit-base-patch16-224")               # Hub, transformers format
-    >>> model = flaxvision.load_pretrained("ckpt/model.safetensors", num_classes=20)    # new zero-initialised head
+    >>> model = flaxvision.load_pretrained("vit/model.safetensors", num_classes=20)     # new zero-initialised head
     >>> model = flaxvision.create_model("vit_base_patch16_224", pretrained="timm/vit_base_patch16_224.augreg2_in21k_ft_in1k", img_size=384)
 
-Steps: read the files (weights.hub) -> detect the format and read the architecture (weights.transformers / timm /
-npz / native) -> check every checkpoint key and shape against that architecture (one error naming all problems)
--> convert to flaxvision names -> adapt (new head, resampled position embedding) -> set the arrays into a
-shape-only model built with nnx.eval_shape -> merge.
+Steps: read the files (weights.hub) -> detect the format and read the architecture (weights.transformers_format /
+timm_format / npz_format / native_format) -> check every tensor name and shape against that architecture (one
+error naming all problems) -> convert to flaxvision names -> adapt (new head, resampled position embedding) -> set
+the arrays into a shape-only model built with nnx.eval_shape -> merge.
 """
 
 from __future__ import annotations
@@ -23,11 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import flaxvision.weights.native_format as native_format
+import flaxvision.weights.npz_format as npz_format
+import flaxvision.weights.timm_format as timm_format
+import flaxvision.weights.transformers_format as transformers_format
 from flaxvision.errors import ConfigError, FlaxvisionError
-from flaxvision.models.base import Classifier
-from flaxvision.models.registry import _dtype_name, default_preprocessing, list_models, model_config
-from flaxvision.models.vit import ViTConfig
-from flaxvision.weights import native, npz, timm, transformers
+from flaxvision.models.base import HEAD_INITS, Classifier, param_path
+from flaxvision.models.registry import default_preprocessing, dtype_name, list_models, model_config
 from flaxvision.weights.convert import (
     Parsed,
     abstract_split,
@@ -35,18 +37,16 @@ from flaxvision.weights.convert import (
     expected_layout,
     import_params,
     param_shapes,
-    path_name,
 )
-from flaxvision.weights.hub import Checkpoint, read_checkpoint
+from flaxvision.weights.hub import WeightFiles, read_weights
 from flaxvision.weights.posembed import resample_pos_embed
 
 logger = logging.getLogger(__name__)
 
 FORMATS = "transformers ViT (config.json model_type 'vit'), timm ViT, big_vision/vision_transformer .npz, flaxvision"
-HEAD_INITS = ("zeros", "random")
 # Config fields that describe how a model is trained or run, not which weights it has: callers may change them.
 TUNABLE = ("dropout_rate", "attention_dropout_rate", "drop_path_rate", "bn_momentum", "scan_blocks", "remat")
-# Fields a registry name may differ in from the checkpoint (the checkpoint's values win).
+# Fields a registry name may differ in from the weights (the weights' values win).
 NOT_ARCHITECTURE = {"num_classes", "img_size", "dtype", "layer_norm_eps", "act", "bn_eps", "fc_norm", *TUNABLE}
 
 
@@ -57,27 +57,27 @@ class LoadReport:
     Attributes:
       source: what was passed; format: "transformers", "timm", "npz" or "flaxvision"; files: weight files read.
       config: the config of the returned model.
-      checkpoint_num_classes: classes of the checkpoint's head (None: it had none).
+      source_num_classes: classes of the head of the weights read (None: they had none).
       head_replaced: the head was re-initialised (`head_init`) because num_classes differed or it had none.
-      pos_embed_resampled: (checkpoint grid, model grid) when the position embedding was resampled.
-      ignored_keys: checkpoint tensors deliberately not loaded (e.g. transformers ViTModel's pooler).
+      pos_embed_resampled: (grid of the weights, model grid) when the position embedding was resampled.
+      ignored_keys: tensors deliberately not loaded (e.g. transformers ViTModel's pooler).
     """
 
     source: str
     format: str
     files: tuple[str, ...]
     config: Any
-    checkpoint_num_classes: int | None
+    source_num_classes: int | None
     head_replaced: bool = False
     head_init: str | None = None
     pos_embed_resampled: tuple[int, int] | None = None
     ignored_keys: tuple[str, ...] = ()
 
     def summary(self) -> str:
-        lines = [f"loaded {self.format} checkpoint {self.source} ({len(self.files)} file(s))"]
+        lines = [f"loaded {self.format} weights {self.source} ({len(self.files)} file(s))"]
         if self.head_replaced:
             lines.append(
-                f"head replaced: {self.checkpoint_num_classes} -> {self.config.num_classes} classes, {self.head_init}-initialised"
+                f"head replaced: {self.source_num_classes} -> {self.config.num_classes} classes, {self.head_init}-initialised"
             )
         if self.pos_embed_resampled:
             old, new = self.pos_embed_resampled
@@ -87,37 +87,37 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def parse_checkpoint(ckpt: Checkpoint) -> Parsed:
-    """Detect the format of a checkpoint (config first, then tensor names) and read its architecture."""
-    config = ckpt.config or {}
-    if native.is_native(ckpt):
-        return native.parse(ckpt)
+def parse_weights(weights: WeightFiles) -> Parsed:
+    """Detect the format of pretrained weights (config first, then tensor names) and read their architecture."""
+    config = weights.config or {}
+    if native_format.is_native(weights):
+        return native_format.parse(weights)
     if "model_type" in config:
-        return transformers.parse(ckpt)
+        return transformers_format.parse(weights)
     if "architecture" in config:
-        return timm.parse(ckpt)
-    keys = ckpt.tensors.keys()
-    for module in (transformers, timm, npz):
+        return timm_format.parse(weights)
+    keys = weights.tensors.keys()
+    for module in (transformers_format, timm_format, npz_format):
         if module.is_layout(keys):
-            return module.parse(ckpt)
+            return module.parse(weights)
     sample = ", ".join(sorted(keys)[:4])
-    raise FlaxvisionError(f"cannot tell the format of '{ckpt.origin}' (tensors like {sample}); flaxvision reads {FORMATS}")
+    raise FlaxvisionError(f"cannot tell the format of '{weights.origin}' (tensors like {sample}); flaxvision reads {FORMATS}")
 
 
 def check_architecture(name: str, config: Any, origin: str) -> None:
-    """Raise when a registry name's architecture differs from the checkpoint's, listing the fields."""
+    """Raise when a registry name's architecture differs from that of the weights, listing the fields."""
     named = model_config(name)
     if type(named) is not type(config):
         raise FlaxvisionError(
             f"'{origin}' holds a {type(config).__name__.removesuffix('Config')}, not a {name}; "
-            f"use create_model(None, pretrained=...) to build what the checkpoint holds"
+            f"use create_model(None, pretrained=...) to build what the weights hold"
         )
     fields = [f.name for f in dataclasses.fields(config) if f.name not in NOT_ARCHITECTURE]
-    diffs = [f"{f} {getattr(config, f)!r} (checkpoint) vs {getattr(named, f)!r}" for f in fields if getattr(config, f) != getattr(named, f)]
+    diffs = [f"{f} {getattr(config, f)!r} (weights) vs {getattr(named, f)!r}" for f in fields if getattr(config, f) != getattr(named, f)]
     if diffs:
         same = [n for n in list_models() if _same_architecture(model_config(n), config, fields)]
         hint = f"use {same[0]!r} or None" if same else "use name=None"
-        raise FlaxvisionError(f"'{origin}' is not a {name}: {'; '.join(diffs)}; {hint} to build what the checkpoint holds")
+        raise FlaxvisionError(f"'{origin}' is not a {name}: {'; '.join(diffs)}; {hint} to build what the weights hold")
 
 
 def _same_architecture(a: Any, b: Any, fields: list[str]) -> bool:
@@ -140,16 +140,17 @@ def _target_config(parsed: Parsed, num_classes: int | None, img_size: int | None
     if img_size is not None:
         changes["img_size"] = img_size
     if dtype is not None:
-        changes["dtype"] = _dtype_name(dtype)
+        changes["dtype"] = dtype_name(dtype)
     return dataclasses.replace(config, **changes)
 
 
 def _adapt(params: dict[str, np.ndarray], parsed: Parsed, target: Any, head_init: str, seed: int) -> tuple[bool, tuple[int, int] | None]:
     """Resample the position embedding and replace the head in place, as the target needs. Returns what changed."""
     resampled = None
-    if isinstance(target, ViTConfig) and target.grid_size != parsed.config.grid_size:
-        params["pos_embed"] = resample_pos_embed(params["pos_embed"], target.grid_size)
-        resampled = (parsed.config.grid_size, target.grid_size)
+    grid, source_grid = target.position_grid(), parsed.config.position_grid()
+    if grid is not None and source_grid is not None and grid != source_grid:
+        params["pos_embed"] = resample_pos_embed(params["pos_embed"], grid)
+        resampled = (source_grid, grid)
     replace = not parsed.has_head or target.num_classes != parsed.config.num_classes
     if replace:
         shapes = param_shapes(target)
@@ -163,14 +164,14 @@ def _adapt(params: dict[str, np.ndarray], parsed: Parsed, target: Any, head_init
     return replace, resampled
 
 
-def materialise(config: Any, params: dict[str, np.ndarray], *, seed: int = 0, what: str = "checkpoint") -> Classifier:
+def materialise(config: Any, params: dict[str, np.ndarray], *, seed: int = 0, what: str = "weights") -> Classifier:
     """The model for `config` with exactly these parameters and batch statistics (all of them, right shapes)."""
     graphdef, state = abstract_split(config)
     flat, problems = [], []
     base_key = jax.random.key(seed)
     seen = set()
     for index, (path, variable) in enumerate(nnx.to_flat_state(state)):
-        name, abstract = path_name(path), variable.get_value()
+        name, abstract = param_path(path), variable.get_value()
         if isinstance(variable, (nnx.Param, nnx.BatchStat)):
             seen.add(name)
             value = params.get(name)
@@ -217,14 +218,14 @@ def load_pretrained(
     Args:
       source: a Hub repo id ("google/vit-base-patch16-224", "org/name@revision"), a local directory, or a
         .safetensors / .safetensors.index.json / .npz file.
-      num_classes: classes of the returned model; a different number than the checkpoint's replaces the head.
+      num_classes: classes of the returned model; a different number than the weights' replaces the head.
       img_size: input size of the returned model; a ViT's position embedding is resampled (bicubic, as timm).
       dtype: compute dtype ("float32", "bfloat16"); parameters stay float32.
       allow_pickle: read pickled PyTorch .bin/.pth files (torch.load runs code from the file: trusted files only).
       revision, token, cache_dir: for Hub sources, as in huggingface_hub.
       head_init: "zeros" (the ViT transfer recipe) or "random" (truncated normal, std 0.02) for a replaced head.
-      label_names: class names of the new head (default: the checkpoint's when its head is kept).
-      name: a registry name the checkpoint must match (e.g. "vit_base_patch16_224"); None accepts any.
+      label_names: class names of the new head (default: those of the weights when their head is kept).
+      name: a registry name the weights must match (e.g. "vit_base_patch16_224"); None accepts any.
       seed: seeds a random head and the dropout streams.
       return_report: return (model, LoadReport) instead of the model.
       **overrides: training-time config fields: dropout_rate, attention_dropout_rate, drop_path_rate, bn_momentum.
@@ -233,15 +234,15 @@ def load_pretrained(
     """
     if head_init not in HEAD_INITS:
         raise ConfigError(f"head_init must be one of {', '.join(HEAD_INITS)}, got {head_init!r}")
-    ckpt = read_checkpoint(source, allow_pickle=allow_pickle, revision=revision, token=token, cache_dir=cache_dir)
-    parsed = parse_checkpoint(ckpt)
-    what = f"{parsed.format} checkpoint '{source}'"
+    weights = read_weights(source, allow_pickle=allow_pickle, revision=revision, token=token, cache_dir=cache_dir)
+    parsed = parse_weights(weights)
+    what = f"{parsed.format} weights '{source}'"
     if name is not None:
         check_architecture(name, parsed.config, str(source))
     check_layout(parsed.tensors, expected_layout(parsed.rules, param_shapes(parsed.config)), what=what, ignored=parsed.ignored)
     params = import_params(parsed.rules, parsed.tensors)
     if not parsed.has_head and num_classes is None:
-        raise FlaxvisionError(f"{what} has no classifier head (a backbone-only checkpoint); pass num_classes= to add one")
+        raise FlaxvisionError(f"{what} has no classifier head (backbone-only weights); pass num_classes= to add one")
     target = _target_config(parsed, num_classes, img_size, dtype, overrides)
     head_replaced, resampled = _adapt(params, parsed, target, head_init, seed)
     model = materialise(target, params, seed=seed, what=what)
@@ -257,7 +258,7 @@ def load_pretrained(
     if labels is not None and len(labels) != target.num_classes:
         raise ConfigError(f"{len(labels)} label names for a model with num_classes={target.num_classes}")
     prep = dataclasses.replace(parsed.preprocessing or default_preprocessing(target), img_size=target.img_size)
-    try:  # a format's 3-channel default normalisation, for a grayscale checkpoint
+    try:  # a format's 3-channel default normalisation, for grayscale weights
         model.preprocessing = prep.for_channels(target.in_chans)
     except ConfigError:
         model.preprocessing = default_preprocessing(target)
@@ -267,9 +268,9 @@ def load_pretrained(
     report = LoadReport(
         source=str(source),
         format=parsed.format,
-        files=tuple(str(p) for p in ckpt.files),
+        files=tuple(str(p) for p in weights.files),
         config=target,
-        checkpoint_num_classes=parsed.config.num_classes if parsed.has_head else None,
+        source_num_classes=parsed.config.num_classes if parsed.has_head else None,
         head_replaced=head_replaced,
         head_init=head_init if head_replaced else None,
         pos_embed_resampled=resampled,

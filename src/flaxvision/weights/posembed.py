@@ -1,4 +1,4 @@
-"""Position-embedding resampling: load a 224 px checkpoint at 384 px (or any other grid), CLS token kept.
+"""Position-embedding resampling: load 224 px weights at 384 px (or any other grid), CLS token kept.
 
 Why NumPy and not `jax.image.resize`: the goal is the *same numbers* as timm, which resamples with PyTorch's
 `F.interpolate(mode="bicubic", align_corners=False)`, in one of two flavours:
@@ -100,7 +100,7 @@ def resample_pos_embed(
     bilinear without antialiasing. The prefix (CLS) positions are kept as they are.
 
     Args:
-      pos_embed: the checkpoint's position embedding.
+      pos_embed: the position embedding of the weights.
       new_grid: patches per side of the target model (img_size // patch_size).
       num_prefix_tokens: leading non-grid tokens (1 for the CLS token).
       mode, antialias: as torch's F.interpolate.

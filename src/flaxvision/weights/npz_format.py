@@ -1,4 +1,4 @@
-"""Google's original ViT checkpoints: NumPy .npz archives from google-research/vision_transformer and big_vision.
+"""Google's original ViT weights: NumPy .npz archives from google-research/vision_transformer and big_vision.
 
 Keys are '/'-joined Flax paths, kernels already (in, out) and the patch kernel already HWIO:
     embedding/kernel (p, p, C, D), cls (1, 1, D), Transformer/posembed_input/pos_embedding (1, 1 + g*g, D)
@@ -8,7 +8,7 @@ Keys are '/'-joined Flax paths, kernels already (in, out) and the patch kernel a
 Read as well: the prefixes 'opt/target/' and 'params/' (big_vision), big_vision's sub-module numbering
 (MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0), its top-level `pos_embedding` without a CLS position,
 and blocks stacked along a leading depth axis (`Transformer/encoderblock/...`, from nn.scan).
-Written: the vision_transformer layout above, which timm's `_load_weights` reads. These checkpoints carry no
+Written: the vision_transformer layout above, which timm's `_load_weights` reads. These files carry no
 config: LayerNorm eps is 1e-6, preprocessing is big_vision's (squash resize, bilinear, mean = std = 0.5).
 """
 
@@ -24,7 +24,7 @@ from flaxvision.errors import FlaxvisionError
 from flaxvision.models.vit import ViTConfig
 from flaxvision.preprocessing import HALF, Preprocessing
 from flaxvision.weights.convert import Parsed, Rule, copy, export, fused, grid_of, import_params
-from flaxvision.weights.hub import Checkpoint
+from flaxvision.weights.hub import WeightFiles
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def is_layout(keys: Any) -> bool:
 
 
 def rules(config: ViTConfig, *, head: bool = True) -> list[Rule]:
-    """Checkpoint <-> flaxvision mapping in the vision_transformer layout."""
+    """Their tensors <-> flaxvision mapping in the vision_transformer layout."""
     d, h = config.width, config.num_heads
 
     def heads_in(k: np.ndarray) -> np.ndarray:  # (D, H, d) -> (D, D), heads major like the fused kernel
@@ -88,7 +88,7 @@ def rules(config: ViTConfig, *, head: bool = True) -> list[Rule]:
 def normalise(tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
     """Rewrite any supported variant into the vision_transformer layout; returns (tensors, keys left out).
 
-    Keys outside the model's prefix (an 'opt/target/' checkpoint's optimizer state, a big_vision two-tower
+    Keys outside the model's prefix (an 'opt/target/' file's optimizer state, a big_vision two-tower
     model's text tower) are left out and reported.
     """
     prefix = next((p for p in PREFIXES if f"{p}embedding/kernel" in tensors), "")
@@ -118,7 +118,7 @@ def normalise(tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], tu
 
 
 def to_flaxvision(tensors: dict[str, np.ndarray], config: ViTConfig) -> dict[str, np.ndarray]:
-    """Checkpoint dict (any supported variant) -> flaxvision flat dict."""
+    """Their tensor dict (any supported variant) -> flaxvision flat dict."""
     tensors, _ = normalise(tensors)
     return import_params(rules(config, head="head/kernel" in tensors), tensors)
 
@@ -143,21 +143,21 @@ def from_flaxvision(params: dict[str, np.ndarray], config: ViTConfig) -> dict[st
                     (config.num_heads, config.width // config.num_heads), np.float32
                 )
     if config.layer_norm_eps != 1e-6:
-        logger.warning(".npz checkpoints imply LayerNorm eps 1e-6; this model's %g is not stored", config.layer_norm_eps)
+        logger.warning(".npz weights imply LayerNorm eps 1e-6; this model's %g is not stored", config.layer_norm_eps)
     return out
 
 
-def parse(ckpt: Checkpoint) -> Parsed:
-    """Architecture (from shapes: .npz files carry no config), rules and metadata of a ViT .npz checkpoint."""
-    what = f".npz checkpoint '{ckpt.origin}'"
-    tensors, outside = normalise(ckpt.tensors)
+def parse(weights: WeightFiles) -> Parsed:
+    """Architecture (from shapes: .npz files carry no config), rules and metadata of ViT .npz weights."""
+    what = f".npz weights '{weights.origin}'"
+    tensors, outside = normalise(weights.tensors)
     for key in tensors:
         if key.startswith("pre_logits/"):
             raise FlaxvisionError(f"{what}: the pre_logits representation layer ('{key}') is not supported by flaxvision's ViT")
         if key.startswith("MAPHead"):
             raise FlaxvisionError(f"{what}: attention pooling (MAPHead) is not supported by flaxvision's ViT")
     if "cls" not in tensors:
-        raise FlaxvisionError(f"{what}: checkpoints without a CLS token ('cls'), e.g. pool_type='gap', are not supported")
+        raise FlaxvisionError(f"{what}: weights without a CLS token ('cls'), e.g. pool_type='gap', are not supported")
 
     def get(key: str) -> np.ndarray:
         if key not in tensors:

@@ -1,4 +1,4 @@
-"""transformers' ViT checkpoints (ViTForImageClassification, ViTModel): config.json + model.safetensors.
+"""transformers' ViT weights (ViTForImageClassification, ViTModel): config.json + model.safetensors.
 
 Reading: the architecture comes from config.json (hidden_size, num_hidden_layers, num_attention_heads,
 intermediate_size, patch_size, image_size, num_channels, layer_norm_eps, qkv_bias, hidden_act, id2label) and the
@@ -39,7 +39,7 @@ from flaxvision.weights.convert import (
     linear,
     square,
 )
-from flaxvision.weights.hub import Checkpoint
+from flaxvision.weights.hub import WeightFiles
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def is_layout(keys: Any) -> bool:
     return any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in keys)
 
 
-# Per-layer names: checkpoint files (the Hub, save_pretrained) and transformers v5's module names
+# Per-layer names: weight files (the Hub, save_pretrained) and transformers v5's module names
 # (what torch.save(model.state_dict()) writes since v5 renamed the modules).
 FILE_NAMES = dict(layer="encoder.layer.{}.", q="attention.attention.query", k="attention.attention.key",
                   v="attention.attention.value", o="attention.output.dense", fc1="intermediate.dense", fc2="output.dense")  # fmt: skip
@@ -70,7 +70,7 @@ def naming_of(keys: Any, prefix: str) -> dict[str, str]:
 
 
 def rules(config: ViTConfig, *, prefix: str = "vit.", head: bool = True, names: dict[str, str] = FILE_NAMES) -> list[Rule]:
-    """Checkpoint <-> flaxvision mapping for a ViT; `prefix` is "vit." (classifier) or "" (ViTModel)."""
+    """Their tensors <-> flaxvision mapping for a ViT; `prefix` is "vit." (classifier) or "" (ViTModel)."""
     p = prefix
     out = [
         copy(f"{p}embeddings.cls_token", "cls_token"),
@@ -105,7 +105,7 @@ def rules(config: ViTConfig, *, prefix: str = "vit.", head: bool = True, names: 
 
 
 def to_flaxvision(tensors: dict[str, np.ndarray], config: ViTConfig, *, prefix: str = "vit.") -> dict[str, np.ndarray]:
-    """Checkpoint dict -> flaxvision flat dict (keys like "blocks.0.attn.qkv.kernel")."""
+    """Their tensor dict -> flaxvision flat dict (keys like "blocks.0.attn.qkv.kernel")."""
     names = naming_of(tensors, prefix)
     return import_params(rules(config, prefix=prefix, head="classifier.weight" in tensors, names=names), tensors)
 
@@ -122,7 +122,7 @@ def _config_from_json(cfg: dict[str, Any], what: str) -> dict[str, Any]:
     model_type = cfg.get("model_type")
     if model_type not in MODEL_TYPES:
         raise FlaxvisionError(
-            f"{what}: model_type={model_type!r} is not supported; flaxvision reads transformers ViT checkpoints "
+            f"{what}: model_type={model_type!r} is not supported; flaxvision reads transformers ViT weights "
             f"(model_type 'vit'), timm ViTs and big_vision .npz files"
         )
     act = cfg.get("hidden_act", "gelu")
@@ -147,7 +147,7 @@ def _config_from_json(cfg: dict[str, Any], what: str) -> dict[str, Any]:
 def _config_from_shapes(tensors: dict[str, np.ndarray], prefix: str, names: dict[str, str], what: str) -> dict[str, Any]:
     def get(key: str) -> np.ndarray:
         if key not in tensors:
-            raise FlaxvisionError(f"{what}: cannot infer the architecture without '{key}'; add the checkpoint's config.json")
+            raise FlaxvisionError(f"{what}: cannot infer the architecture without '{key}'; add the config.json that came with the weights")
         return tensors[key]
 
     kernel = get(f"{prefix}embeddings.patch_embeddings.projection.weight")  # (D, C, p, p)
@@ -201,31 +201,31 @@ def preprocessing(pre: dict[str, Any] | None, img_size: int) -> Preprocessing:
     return Preprocessing(img_size=img_size, mean=mean, std=std, crop_pct=crop_pct, resize_mode=resize_mode, interpolation=interpolation)
 
 
-def parse(ckpt: Checkpoint) -> Parsed:
-    """Architecture, mapping rules and metadata of a transformers ViT checkpoint."""
-    what = f"transformers checkpoint '{ckpt.origin}'"
-    prefix = "vit." if any(k.startswith("vit.") for k in ckpt.tensors) else ""
-    names = naming_of(ckpt.tensors, prefix)
-    has_head = "classifier.weight" in ckpt.tensors
-    if ckpt.config is not None:
-        fields = _config_from_json(ckpt.config, what)
-        label_names = _label_names(ckpt.config)
-        id2label = ckpt.config.get("id2label") or {}
-        num_classes = len(id2label) or int(ckpt.config.get("num_labels", 2))
+def parse(weights: WeightFiles) -> Parsed:
+    """Architecture, mapping rules and metadata of transformers ViT weights."""
+    what = f"transformers weights '{weights.origin}'"
+    prefix = "vit." if any(k.startswith("vit.") for k in weights.tensors) else ""
+    names = naming_of(weights.tensors, prefix)
+    has_head = "classifier.weight" in weights.tensors
+    if weights.config is not None:
+        fields = _config_from_json(weights.config, what)
+        label_names = _label_names(weights.config)
+        id2label = weights.config.get("id2label") or {}
+        num_classes = len(id2label) or int(weights.config.get("num_labels", 2))
     else:
-        fields = _config_from_shapes(ckpt.tensors, prefix, names, what)
+        fields = _config_from_shapes(weights.tensors, prefix, names, what)
         label_names = None
-        num_classes = ckpt.tensors["classifier.weight"].shape[0] if has_head else 1
+        num_classes = weights.tensors["classifier.weight"].shape[0] if has_head else 1
     config = ViTConfig(num_classes=num_classes if has_head else 1, **fields)
     return Parsed(
         format="transformers",
-        tensors=ckpt.tensors,
+        tensors=weights.tensors,
         config=config,
         rules=rules(config, prefix=prefix, head=has_head, names=names),
         has_head=has_head,
         label_names=label_names if has_head else None,
-        preprocessing=preprocessing(ckpt.preprocessor, config.img_size),
-        ignored=tuple(k for k in (prefix + POOLER[0], prefix + POOLER[1]) if k in ckpt.tensors),
+        preprocessing=preprocessing(weights.preprocessor, config.img_size),
+        ignored=tuple(k for k in (prefix + POOLER[0], prefix + POOLER[1]) if k in weights.tensors),
     )
 
 

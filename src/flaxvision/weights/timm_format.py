@@ -1,4 +1,4 @@
-"""timm's VisionTransformer checkpoints: model.safetensors + config.json (architecture, model_args, pretrained_cfg).
+"""timm's VisionTransformer weights: model.safetensors + config.json (architecture, model_args, pretrained_cfg).
 
 Reading: tensor shapes give width, depth, MLP size, patch size and the trained image size; the head count comes
 from `model_args.num_heads`, else the architecture name (vit_base_* -> 12), else the standard ViT sizes; the
@@ -36,7 +36,7 @@ from flaxvision.weights.convert import (
     import_params,
     linear,
 )
-from flaxvision.weights.hub import Checkpoint
+from flaxvision.weights.hub import WeightFiles
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def is_layout(keys: Any) -> bool:
 
 
 def rules(config: ViTConfig, *, head: bool = True) -> list[Rule]:
-    """Checkpoint <-> flaxvision mapping for a timm VisionTransformer."""
+    """Their tensors <-> flaxvision mapping for a timm VisionTransformer."""
     out = [
         copy("cls_token", "cls_token"),
         copy("pos_embed", "pos_embed"),
@@ -112,7 +112,7 @@ def rules(config: ViTConfig, *, head: bool = True) -> list[Rule]:
 
 
 def to_flaxvision(tensors: dict[str, np.ndarray], config: ViTConfig) -> dict[str, np.ndarray]:
-    """Checkpoint dict -> flaxvision flat dict."""
+    """Their tensor dict -> flaxvision flat dict."""
     return import_params(rules(config, head="head.weight" in tensors), tensors)
 
 
@@ -154,13 +154,13 @@ def preprocessing(pretrained_cfg: dict[str, Any] | None, img_size: int) -> Prepr
     )
 
 
-def parse(ckpt: Checkpoint) -> Parsed:
-    """Architecture, mapping rules and metadata of a timm ViT checkpoint."""
-    what = f"timm checkpoint '{ckpt.origin}'"
-    cfg = ckpt.config or {}
+def parse(weights: WeightFiles) -> Parsed:
+    """Architecture, mapping rules and metadata of timm ViT weights."""
+    what = f"timm weights '{weights.origin}'"
+    cfg = weights.config or {}
     args = dict(cfg.get("model_args") or {})
     pretrained_cfg = cfg.get("pretrained_cfg") or ({k: v for k, v in cfg.items() if k != "architecture"} if "mean" in cfg else {})
-    tensors = ckpt.tensors
+    tensors = weights.tensors
     _check_supported(tensors, args, what)
     if args.get("class_token") is False or "cls_token" not in tensors:
         raise FlaxvisionError(f"{what}: class_token=False (no CLS token) is not supported by flaxvision's ViT")
@@ -210,7 +210,7 @@ def parse(ckpt: Checkpoint) -> Parsed:
     label_names = tuple(str(n) for n in labels) if labels and len(labels) == num_classes and has_head else None
     return Parsed(
         format="timm",
-        tensors=ckpt.tensors,
+        tensors=weights.tensors,
         config=config,
         rules=rules(config, head=has_head),
         has_head=has_head,

@@ -1,4 +1,4 @@
-"""flaxvision's own checkpoint format, for every model family (ViT, ResNet, CNN): model.safetensors + config.json.
+"""flaxvision's own weights format, for every model family (ViT, ResNet, CNN): model.safetensors + config.json.
 
     config.json        {"format": "flaxvision", "flaxvision_version": ..., "config_class": "ResNetConfig",
                         "config": {...the config dataclass...}, "preprocessing": {...}, "label_names": [...] | null}
@@ -10,31 +10,37 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 from typing import Any
 
 from flaxvision.errors import FlaxvisionError
-from flaxvision.models.registry import MODEL_CLASSES, default_preprocessing
+from flaxvision.models.registry import config_classes, default_preprocessing
 from flaxvision.preprocessing import Preprocessing
 from flaxvision.weights.convert import Parsed, copy, param_shapes
-from flaxvision.weights.hub import Checkpoint
+from flaxvision.weights.hub import WeightFiles
 
 FORMAT = "flaxvision"
-CONFIG_CLASSES = {cls.__name__: cls for cls in MODEL_CLASSES}
 METADATA_KEY = "flaxvision"
 
 
-def is_native(ckpt: Checkpoint) -> bool:
-    return (ckpt.config or {}).get("format") == FORMAT or ckpt.metadata.get("format") == FORMAT
+def _version() -> str:
+    # Installed metadata rather than `flaxvision.__version__`: importing the package from here would be a cycle.
+    try:
+        return importlib.metadata.version("flaxvision")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def is_native(weights: WeightFiles) -> bool:
+    return (weights.config or {}).get("format") == FORMAT or weights.metadata.get("format") == FORMAT
 
 
 def describe(config: Any, preprocessing: Preprocessing, label_names: tuple[str, ...] | None) -> dict[str, Any]:
     """The config.json of a model."""
-    from flaxvision import __version__
-
     return {
         "format": FORMAT,
-        "flaxvision_version": __version__,
+        "flaxvision_version": _version(),
         "config_class": type(config).__name__,
         "config": dataclasses.asdict(config),
         "preprocessing": preprocessing.to_dict(),
@@ -45,9 +51,10 @@ def describe(config: Any, preprocessing: Preprocessing, label_names: tuple[str, 
 def config_from_dict(info: dict[str, Any], what: str) -> Any:
     """Rebuild the config dataclass named in a config.json (lists back to tuples)."""
     name = info.get("config_class")
-    if name not in CONFIG_CLASSES:
-        raise FlaxvisionError(f"{what}: config_class {name!r} is unknown; this flaxvision knows {', '.join(CONFIG_CLASSES)}")
-    cls = CONFIG_CLASSES[name]
+    known = config_classes()
+    if name not in known:
+        raise FlaxvisionError(f"{what}: config_class {name!r} is unknown; this flaxvision knows {', '.join(known)}")
+    cls = known[name]
     fields = {f.name for f in dataclasses.fields(cls)}
     values = info.get("config") or {}
     unknown = sorted(set(values) - fields)
@@ -56,13 +63,13 @@ def config_from_dict(info: dict[str, Any], what: str) -> Any:
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
-def parse(ckpt: Checkpoint) -> Parsed:
-    """Config, identity rules and metadata of a flaxvision checkpoint."""
-    what = f"flaxvision checkpoint '{ckpt.origin}'"
-    info = ckpt.config if (ckpt.config or {}).get("format") == FORMAT else None
+def parse(weights: WeightFiles) -> Parsed:
+    """Config, identity rules and metadata of flaxvision weights."""
+    what = f"flaxvision weights '{weights.origin}'"
+    info = weights.config if (weights.config or {}).get("format") == FORMAT else None
     if info is None:
         try:
-            info = json.loads(ckpt.metadata[METADATA_KEY])
+            info = json.loads(weights.metadata[METADATA_KEY])
         except (KeyError, json.JSONDecodeError):
             raise FlaxvisionError(f"{what}: no config.json and no config in the safetensors header; save it with save_pretrained") from None
     config = config_from_dict(info, what)
@@ -70,7 +77,7 @@ def parse(ckpt: Checkpoint) -> Parsed:
     labels = info.get("label_names")
     return Parsed(
         format=FORMAT,
-        tensors=ckpt.tensors,
+        tensors=weights.tensors,
         config=config,
         rules=[copy(k, k) for k in param_shapes(config)],
         label_names=tuple(labels) if labels is not None else None,
