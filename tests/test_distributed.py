@@ -4,12 +4,11 @@ The multi-process runs themselves (2 processes over localhost) are in test_distr
 """
 
 import jax
-
-import flaxvision
 import numpy as np
 import pytest
 from flax import nnx
 
+import flaxvision
 from flaxvision import distributed
 from flaxvision.cli import main
 from flaxvision.data import load, make_loader

@@ -159,7 +159,7 @@ def test_bfloat16_trains_with_float32_master_weights():
     xt, yt = colour_data(64, 0)
     trainer = Trainer(small_config(dtype="bfloat16"), tiny_vit(dtype="bfloat16"), steps_per_epoch=10)
     losses = []
-    for i in range(10):
+    for _i in range(10):
         trainer.state = trainer.train_step(trainer.state, trainer.stage.put({"image": xt[:32], "label": yt[:32]}))
         losses.append(trainer.read_train_metrics()["loss"])
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(trainer.state.params))

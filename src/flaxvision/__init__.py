@@ -7,13 +7,19 @@
     >>> flaxvision.save_pretrained(model, "out/vit-food20", format="transformers")
 """
 
-from flaxvision.errors import ConfigError, FlaxvisionError
-from flaxvision.preprocessing import Preprocessing
 from flaxvision import data  # the input pipeline: flaxvision.data.load, flaxvision.data.make_loader
+from flaxvision.errors import (
+    ConfigError,
+    FlaxvisionError,
+    PeerProcessLost,
+    RunStopped,
+    TrainingDiverged,
+    TrainingInterrupted,
+)
 from flaxvision.models import (
     CNN,
-    CNNConfig,
     Classifier,
+    CNNConfig,
     ResNet,
     ResNetConfig,
     ViT,
@@ -25,14 +31,18 @@ from flaxvision.models import (
     model_info,
     register_model,
 )
+from flaxvision.preprocessing import Preprocessing
 from flaxvision.weights import LoadReport, load_pretrained, save_pretrained
 
 __version__ = "0.1.0"
 
+# The public API: these names, and those of flaxvision.data, flaxvision.train, flaxvision.presets and
+# flaxvision.report. Everything else is implementation and may change.
 __all__ = [
-    "CNN", "CNNConfig", "Classifier", "ConfigError", "FlaxvisionError", "Preprocessing", "ResNet", "ResNetConfig", "ViT",
-    "ViTConfig", "build_model", "create_model", "list_models", "model_config", "model_info", "register_model",
-    "LoadReport", "load_pretrained", "save_pretrained",
+    "CNN", "CNNConfig", "Classifier", "ConfigError", "FlaxvisionError", "PeerProcessLost", "Preprocessing", "ResNet",
+    "ResNetConfig", "RunStopped", "TrainingDiverged", "TrainingInterrupted", "ViT", "ViTConfig", "build_model",
+    "create_model", "data", "list_models", "model_config", "model_info", "register_model", "LoadReport",
+    "load_pretrained", "save_pretrained",
 ]  # fmt: skip
 
 _SUBPACKAGES = ("data", "presets", "report", "train")

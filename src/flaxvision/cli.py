@@ -39,7 +39,7 @@ class _Parser(argparse.ArgumentParser):
     """A usage mistake is one line and a pointer to --help, not the whole usage (train alone has 60 options)."""
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}; see --help\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -117,11 +117,11 @@ def resolve_config(args: argparse.Namespace) -> tuple[str, Any]:
         name = args.preset or DEFAULT_PRESET
         config = get_preset(name)
     overrides = {k: getattr(args, k) for k in field_types() if hasattr(args, k)}
-    changes_model = "model" in overrides and overrides["model"] != config.model
-    if changes_model and config.model_overrides and "model_overrides" not in overrides:
-        # Overrides written for one architecture (a patch size, a width) do not belong to another.
+    if "model" in overrides and config.model_overrides and "model_overrides" not in overrides and not args.resume:
+        # Overrides written for the recipe's architecture (a patch size, a width) are not the model the user named.
         print(f"flaxvision: note: dropped the {name} recipe's model_overrides {json.dumps(config.model_overrides)} "
-              f"(written for {config.model}); pass --model-overrides to set some for {overrides['model']}", file=sys.stderr)
+              f"(written for its {config.model}): --model {overrides['model']} is the registry's model; pass "
+              "--model-overrides to change it", file=sys.stderr)  # fmt: skip
         overrides["model_overrides"] = {}
     return name, config.replace(**overrides)
 

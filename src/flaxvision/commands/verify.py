@@ -108,13 +108,7 @@ def _decode_eval(data: str | bytes, prep: Preprocessing) -> np.ndarray:
     """The data pipeline's eval decode: uint8 (img_size, img_size, channels) per `prep`."""
     from flaxvision.data import transforms
 
-    if not hasattr(transforms, "ImageOptions"):
-        return transforms.decode_eval(data, prep)  # type: ignore[arg-type]
-    # TODO(merge): remove this branch once data/transforms.decode_eval(data, preprocessing) has replaced
-    # decode_eval(data, ImageOptions(...)) (the data worktree is making that change).
-    options = transforms.ImageOptions(size=prep.img_size, channels=prep.channels, crop_pct=prep.crop_pct,  # type: ignore[attr-defined]
-                                      resize_mode=prep.resize_mode, interpolation=prep.interpolation)  # fmt: skip
-    return transforms.decode_eval(data, options)
+    return transforms.decode_eval(data, prep)
 
 
 def preprocess(image: str | bytes | np.ndarray, prep: Preprocessing) -> np.ndarray:

@@ -14,6 +14,7 @@ import typing
 from typing import Any
 
 from flaxvision.errors import ConfigError, did_you_mean
+from flaxvision.models.base import HEAD_INITS
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -93,8 +94,8 @@ class TrainConfig:
             raise bad("param_sharding", f"use one of {', '.join(PARAM_SHARDINGS)}")
         if self.fsdp_min_size < 1:
             raise bad("fsdp_min_size", "must be >= 1")
-        if self.head_init not in ("zeros", "random"):
-            raise bad("head_init", "use zeros or random")
+        if self.head_init not in HEAD_INITS:
+            raise bad("head_init", f"use one of {', '.join(HEAD_INITS)}")
         for field in ("epochs", "batch_size", "accumulate_steps", "log_every", "keep_checkpoints"):
             if getattr(self, field) < 1:
                 raise bad(field, "must be >= 1")

@@ -95,6 +95,7 @@ def fit(
                            class_names=class_names, steps_per_epoch=steps_per_epoch, preprocess=preprocess,
                            on_epoch_end=on_epoch_end)  # fmt: skip
     except BaseException:
+        run.unlock()
         if mode == "new" and is_main:
             run.remove_if_empty()
         raise

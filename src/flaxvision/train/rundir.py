@@ -1,7 +1,7 @@
 """The run directory: one object owns its lock, its files and the rules that keep them from being lost.
 
     runs/x/
-      .lock            held while a process works on the run (pid, host); a killed holder's lock is taken over
+      .lock            exists while a process works on the run (pid, host); a killed holder's lock is taken over
       config.json      the recipe (TrainConfig), model config, class names; changes accepted on resume
       metrics.jsonl    one record per logged step and per evaluation
       checkpoints/     Orbax run state (train.checkpoint)
@@ -124,19 +124,28 @@ class RunDirectory:
         """
         files.make_dirs(self.path)
         path = self.file(".lock")
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as err:
-            raise files.storage_error(err, path) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise files.storage_error(err, path) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise RunInUse(
+                    f"{self.path} is in use by pid {holder.get('pid', '?')} on host {holder.get('host', '?')} (since "
+                    f"{holder.get('since', '?')}); wait for it to finish, stop it, or choose another --run-dir"
+                ) from None
+            # The holder before us removes the file when it lets go: a lock on a file that has lost its name
+            # protects nothing, so try again on the one the name points to now.
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            raise RunInUse(
-                f"{self.path} is in use by pid {holder.get('pid', '?')} on host {holder.get('host', '?')} (since "
-                f"{holder.get('since', '?')}); wait for it to finish, stop it, or choose another --run-dir"
-            ) from None
         previous = _read_holder(fd)
         if previous.get("pid") and (previous.get("pid"), previous.get("host")) != (os.getpid(), socket.gethostname()):
             print(f"flaxvision: took over the lock of {self.path} left by pid {previous['pid']} on {previous.get('host')} (no longer running)")
@@ -168,20 +177,19 @@ class RunDirectory:
             return {}
 
     def unlock(self) -> None:
-        """Release the lock. The file stays (empty): unlinking it would let a process that opened it just before
-        lock a file that no longer has a name while a third creates and locks a new one."""
+        """Release the lock and remove its file (while still holding it; `lock` retries on a file that lost its
+        name), so a command leaves no trace in the directory."""
         if self._lock_fd is None:
             return
         with contextlib.suppress(OSError):
-            os.ftruncate(self._lock_fd, 0)
+            self.file(".lock").unlink()
         os.close(self._lock_fd)
         self._lock_fd = None
 
     def remove_if_empty(self) -> None:
         """A new run that failed before writing anything leaves no directory behind."""
         with contextlib.suppress(OSError):
-            if {p.name for p in self.path.iterdir()} <= {".lock"}:
-                self.file(".lock").unlink(missing_ok=True)
+            if not any(self.path.iterdir()):
                 self.path.rmdir()
 
     # ---- writing ---------------------------------------------------------------------------------------------------

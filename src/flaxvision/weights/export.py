@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import flaxvision.weights.npz_format as npz_format
 import flaxvision.weights.timm_format as timm_format
 import flaxvision.weights.transformers_format as transformers_format
 from flaxvision.errors import FlaxvisionError
+from flaxvision.files import write_atomic, write_json
 from flaxvision.models.base import Classifier
 from flaxvision.models.registry import default_preprocessing, name_of
 from flaxvision.weights.convert import weight_state
@@ -27,7 +29,7 @@ FORMATS = ("flaxvision", "transformers", "timm", "npz")
 
 
 def _write_json(path: Path, content: dict) -> None:
-    path.write_text(json.dumps(content, indent=2) + "\n")
+    write_json(path, content)
 
 
 def save_pretrained(model: Classifier, out: str | Path, *, format: str = "flaxvision") -> Path:
@@ -72,7 +74,9 @@ def save_pretrained(model: Classifier, out: str | Path, *, format: str = "flaxvi
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
         tensors = npz_format.from_flaxvision(params, config)
-        np.savez(path, **{k: np.ascontiguousarray(v) for k, v in tensors.items()})
+        buffer = io.BytesIO()
+        np.savez(buffer, **{k: np.ascontiguousarray(v) for k, v in tensors.items()})  # pyright: ignore[reportArgumentType]
+        write_atomic(path, buffer.getvalue())
         return path
     if format == "transformers":
         tensors, metadata = transformers_format.from_flaxvision(params, config), {"format": "pt"}
@@ -81,11 +85,13 @@ def save_pretrained(model: Classifier, out: str | Path, *, format: str = "flaxvi
     else:
         tensors, metadata = params, {"format": native_format.FORMAT, native_format.METADATA_KEY: json.dumps(info)}
 
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     directory = Path(out)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(directory / "model.safetensors"), metadata=metadata)
+    # Serialised in memory and written atomically (safetensors' save_file creates its file with mode 0600).
+    data = save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
+    write_atomic(directory / "model.safetensors", data)
     for name, content in files.items():
         _write_json(directory / name, content)
     return directory
