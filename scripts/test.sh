@@ -31,5 +31,18 @@ else
   "$venv/bin/python" -m pip install --quiet --no-deps -e .
 fi
 
+# Lint (ruff: pycodestyle, pyflakes, import order, bugbear, pyupgrade) and type-check (pyright, basic) first: a
+# finding fails the run before the tests start. FLAXVISION_SKIP_LINT=1 skips both (e.g. while iterating on a test).
+if [ "${FLAXVISION_SKIP_LINT:-0}" != 1 ]; then
+  echo "== ruff"
+  "$venv/bin/ruff" check --quiet src tests benchmarks
+  echo "== pyright"
+  if ! report=$("$venv/bin/pyright" --pythonpath "$venv/bin/python" 2>&1); then
+    echo "$report"
+    exit 1
+  fi
+  echo "$report" | tail -n 1
+fi
+
 # Two workers for two cores; whole files per worker so module fixtures (the default run) run once.
 exec "$venv/bin/python" -m pytest -n 2 --dist loadfile "$@"

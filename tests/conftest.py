@@ -11,6 +11,15 @@ os.environ["XLA_FLAGS"] = " ".join(
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads at test time
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# JAX's persistent compilation cache, kept with the test environment (~/.cache/flaxvision) so that a warm run
+# recompiles only what changed; set through the environment so the CLI and trainer children share it.
+# FLAXVISION_TEST_JAX_CACHE=off turns it off (e.g. to measure compilation).
+_cache = os.environ.get("FLAXVISION_TEST_JAX_CACHE", os.path.expanduser("~/.cache/flaxvision/test-jax-cache"))
+if _cache != "off":
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _cache)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 1024**3))  # bytes; least recently used go first
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

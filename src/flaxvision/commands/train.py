@@ -108,11 +108,12 @@ def resolve_config(args: argparse.Namespace) -> tuple[str, Any]:
     from flaxvision.presets import DEFAULT_PRESET, get_preset
     from flaxvision.train.config import field_types
 
-    saved = args.run_dir / "config.json" if args.resume and args.run_dir is not None else None
+    run_dir: Path | None = args.run_dir
+    saved = run_dir / "config.json" if args.resume and run_dir is not None else None
     if args.from_config:
         name, config = args.from_config.parent.name, _read_recipe(args.from_config)
     elif args.preset is None and saved is not None and saved.is_file():
-        name, config = args.run_dir.name, _read_recipe(saved)  # resume the recipe the run was started with
+        name, config = saved.parent.name, _read_recipe(saved)  # resume the recipe the run was started with
     else:
         name = args.preset or DEFAULT_PRESET
         config = get_preset(name)
@@ -121,7 +122,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[str, Any]:
         # Overrides written for the recipe's architecture (a patch size, a width) are not the model the user named.
         print(f"flaxvision: note: dropped the {name} recipe's model_overrides {json.dumps(config.model_overrides)} "
               f"(written for its {config.model}): --model {overrides['model']} is the registry's model; pass "
-              "--model-overrides to change it", file=sys.stderr)  # fmt: skip
+              "--model-overrides to change it")  # fmt: skip
         overrides["model_overrides"] = {}
     return name, config.replace(**overrides)
 

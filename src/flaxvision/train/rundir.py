@@ -98,8 +98,7 @@ class RunDirectory:
         if overwrite:
             return "overwrite"
         if self.holds_run:
-            what = "a finished run" if self.finished else "a run"
-            raise FlaxvisionError(f"{self.path} already holds {what}; pass --resume to continue it or --overwrite to replace it")
+            raise FlaxvisionError(f"{self.path} already holds a run; pass --resume to continue it or --overwrite to replace it")
         return "new"
 
     def saved_recipe(self) -> dict[str, Any] | None:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
+import numpy as np
 from tqdm.auto import tqdm
 
 from flaxvision import distributed, files
@@ -137,7 +138,7 @@ class Session:
         rate = self._images_since_log / max(now - self._log_clock, 1e-9)
         self._images_since_log, self._log_clock = 0, now
         record = {"type": "train", "step": self.step, "epoch": self.progress.epoch + 1, "loss": m["loss"],
-                  "accuracy": m["accuracy"], "lr": float(self.trainer.schedule(self.step - 1)), "images_per_second": rate}  # fmt: skip
+                  "accuracy": m["accuracy"], "lr": float(np.asarray(self.trainer.schedule(self.step - 1))), "images_per_second": rate}  # fmt: skip
         self.log.write(record)
         return record
 
@@ -188,7 +189,7 @@ class Session:
         if storage is not None:
             return storage
         if isinstance(err, jax.errors.JaxRuntimeError):
-            oom = out_of_memory_error(err, self.config)
+            oom = out_of_memory_error(err, self.config)  # pyright: ignore[reportArgumentType]  (an Exception)
             if oom is None and self.processes > 1:  # a collective that failed: a peer is gone (or going)
                 who = f"process {jax.process_index()} of {self.processes}"
                 message = distributed.peer_lost_message(who, distributed.resume_hint(self.run_dir.path))
@@ -204,8 +205,8 @@ class EpochCursor:
 
     def __init__(self, data: Iterable, epoch: int, state: Any = None, skip: int = 0):
         if hasattr(data, "set_epoch"):
-            data.set_epoch(epoch)
-        self.iterator: Iterator = iter(data)
+            data.set_epoch(epoch)  # pyright: ignore[reportAttributeAccessIssue]  (checked just above)
+        self.iterator: Any = iter(data)
         self.consumed = 0
         if state is not None and hasattr(self.iterator, "set_state"):
             self.iterator.set_state(_from_json_safe(state))
