@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from flaxvision import files
 from flaxvision.data.image_source import ImageSource
 from flaxvision.data.transforms import BadImage, probe_image
 
@@ -60,5 +60,5 @@ class SkippedImages:
         """Write `skipped_images.json` (ids, locations and reasons per epoch) into `run_dir`; return its path."""
         path = Path(run_dir) / REPORT_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        files.write_json(path, self.to_dict())
         return path
