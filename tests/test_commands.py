@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_cli import flaxvision_cli
+from tests.helpers import flaxvision_cli
 
 
 def cli(*args, env_extra=None, timeout=600):

@@ -18,7 +18,7 @@ from flaxvision.preprocessing import Preprocessing
 from flaxvision.train import TrainConfig, Trainer
 from flaxvision.train.checkpoint import Progress
 from flaxvision.train.loop import _data_state_for_this_process
-from tests.trainer_utils import colour_data
+from tests.helpers import colour_data
 
 
 def small_config(**kw) -> TrainConfig:

@@ -11,7 +11,7 @@ import flaxvision
 from flaxvision.commands import train as train_command
 from flaxvision.presets import DEFAULT_PRESET, get_preset, list_presets, preset_module
 from flaxvision.train import TrainConfig, fit
-from tests.test_cli import flaxvision_cli
+from tests.helpers import flaxvision_cli
 
 
 def parse_train(*argv: str) -> argparse.Namespace:

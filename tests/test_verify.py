@@ -1,10 +1,7 @@
 """`flaxvision verify`: the converted model against the reference PyTorch implementation, end to end."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,14 +16,9 @@ from flaxvision.commands import verify
 from flaxvision.preprocessing import Preprocessing
 from flaxvision.weights.convert import param_shapes
 from flaxvision.weights.loader import materialise
+from tests.helpers import flaxvision_cli
 
 LABELS = {0: "tabby cat", 1: "golden retriever", 2: "red fox", 3: "hen", 4: "goldfish", 5: "daisy"}
-
-
-def flaxvision_cli(*args: str) -> subprocess.CompletedProcess:
-    exe = shutil.which("flaxvision", path=os.path.dirname(sys.executable))
-    command = [exe, *args] if exe else [sys.executable, "-m", "flaxvision.cli", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
 @pytest.fixture(scope="module")
