@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -257,7 +258,7 @@ def compilation_cache(tmp_path_factory):
         _CACHE_DIR = None
 
 
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+def run_cli(args: Sequence[str | os.PathLike], capsys) -> tuple[int, str, str]:
     """`flaxvision ARGS` in this process: (exit code, stdout, stderr). argparse's SystemExit becomes its code."""
     from flaxvision.cli import main
 
@@ -276,7 +277,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
-def cli_process(args: list[str], **popen) -> subprocess.Popen:
+def cli_process(args: Sequence[str | os.PathLike], **popen) -> subprocess.Popen:
     """The `flaxvision` console script (flaxvision.cli:main) as a child process, in its own process group.
 
     Started as `python -c` over flaxvision.cli.main rather than `python -m flaxvision`: the package has no

@@ -4,6 +4,7 @@ import json
 import shutil
 import signal
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -128,6 +129,7 @@ def test_frozen_parameters_are_bit_identical_and_have_no_optimizer_state(tmp_pat
         if k.startswith(("patch_embed", "pos_embed", "cls_token", "blocks.0", "blocks.1.mlp")):
             np.testing.assert_array_equal(before[k], after[k])
     # AdamW keeps two moments per trained parameter, none for frozen ones.
+    assert result.trainer is not None
     state = result.trainer.state
     n_trained = sum(x.size for x in jax.tree.leaves(state.params))
     n_opt = sum(x.size for x in jax.tree.leaves(state.opt_state))
@@ -223,10 +225,10 @@ def test_eval_covers_every_example_once_with_padding():
 
 def test_schedules():
     sgd = learning_rate_schedule(TrainConfig(lr=1e-3, schedule="linear"), 100)
-    assert float(sgd(0)) == pytest.approx(1e-3) and float(sgd(50)) == pytest.approx(5e-4) and float(sgd(100)) == 0
+    assert float(np.asarray(sgd(0))) == pytest.approx(1e-3) and float(np.asarray(sgd(50))) == pytest.approx(5e-4) and float(np.asarray(sgd(100))) == 0
     adamw = learning_rate_schedule(TrainConfig(optimizer="adamw", lr=3e-5, warmup_steps=500, schedule="cosine"), 2000)
-    assert float(adamw(0)) == 0 and float(adamw(250)) == pytest.approx(1.5e-5) and float(adamw(500)) == pytest.approx(3e-5)
-    assert float(adamw(1250)) == pytest.approx(1.5e-5, rel=1e-3) and float(adamw(2000)) == pytest.approx(0, abs=1e-12)
+    assert float(np.asarray(adamw(0))) == 0 and float(np.asarray(adamw(250))) == pytest.approx(1.5e-5) and float(np.asarray(adamw(500))) == pytest.approx(3e-5)
+    assert float(np.asarray(adamw(1250))) == pytest.approx(1.5e-5, rel=1e-3) and float(np.asarray(adamw(2000))) == pytest.approx(0, abs=1e-12)
 
 
 def test_weight_decay_skips_biases_norms_positions_and_cls():
@@ -333,7 +335,7 @@ def test_resume_mid_epoch_with_the_grain_loader_is_exact(tmp_path):
     def run(run_dir, stop_after=None, resume=False):
         model = trainer_vit()
         splits = data.load(str(root))
-        common = dict(preprocessing=model.preprocessing, seed=5)
+        common: dict[str, Any] = dict(preprocessing=model.preprocessing, seed=5)
         train = data.make_loader(splits.train, batch_size=8, train=True, **common)
         val = data.make_loader(splits.val, batch_size=8, train=False, **common)
         source = StopAfter(train, stop_after) if stop_after else train

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from typing import cast
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from timm.models._hub import save_for_hf
 import flaxvision
 from flaxvision import cli
 from flaxvision.commands import verify
+from flaxvision.models.vit import ViT
 from flaxvision.preprocessing import Preprocessing
 from flaxvision.weights.convert import param_shapes
 from flaxvision.weights.loader import materialise
@@ -66,8 +68,9 @@ def test_a_conversion_bug_is_caught(hf_dir):
     inputs = np.stack([verify.preprocess(image, model.preprocessing) for image in verify.synthetic_images(2)])
     clean = verify.compare(model, reference, inputs)
     assert clean["max_abs_diff"] <= 1e-4 and clean["top1_agree"] == 1.0
-    q, k, v = np.split(np.asarray(model.blocks[0].attn.qkv.kernel[...]), 3, axis=1)
-    model.blocks[0].attn.qkv.kernel[...] = np.concatenate([q, v, k], axis=1)  # a converter that mixed up k and v
+    qkv = cast(ViT, model).blocks[0].attn.qkv
+    q, k, v = np.split(np.asarray(qkv.kernel[...]), 3, axis=1)
+    qkv.kernel[...] = np.concatenate([q, v, k], axis=1)  # a converter that mixed up k and v
     broken = verify.compare(model, reference, inputs)
     assert broken["max_abs_diff"] > 1e-3
 
