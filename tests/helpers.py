@@ -1,6 +1,12 @@
-"""Shared helpers for the run-directory tests (tests/test_run_directory*.py): tiny data and models, directory
-snapshots, checkpoint damage, CLI runners, a tmpfs mount. Also a script (`python tests/helpers.py SPEC_JSON`) that
-runs one tiny in-process fit in a child process and prints its outcome as JSON (for kill/lock/disk-full tests).
+"""Shared test helpers (test modules import shared code only from here, never from each other): tiny data and
+models, directory snapshots, checkpoint damage, CLI runners, a tmpfs mount.
+
+Also a script, for tests that need a fit in a child process (to kill it, lock against it, fill its disk):
+
+    python tests/helpers.py fit SPEC_JSON                             # one tiny colour-data fit (see `_child`)
+    python tests/helpers.py resume-fit RUN_DIR STEPS fresh|resume DELAY   # the SIGKILL/resume test's fit (test_train)
+
+Each prints its outcome as JSON on its last line.
 """
 
 from __future__ import annotations
@@ -8,10 +14,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +29,8 @@ HERE = Path(__file__).parent
 REPO = HERE.parent
 CLASS_NAMES = ["red", "green", "blue", "grey"]
 TINY_VIT = dict(img_size=16, patch_size=4, width=32, num_heads=2, mlp_dim=64, depth=1)
+# The trainer tests' tiny ViT (tests/test_train.py and its resume child): the same with two blocks.
+TRAINER_VIT = {**TINY_VIT, "depth": 2}
 
 # The tiny CLI recipe (builtin digits): 128 train images / batch 32 = 4 steps per epoch.
 TINY_CLI = [
@@ -40,11 +50,11 @@ def tiny_cli_config(**kw):
     return get_preset(DEFAULT_PRESET).replace(**{**base, **kw})
 
 
-# ---- tiny in-memory data (as tests/trainer_utils.py, copied: test modules import helpers only from here) -------
+# ---- tiny in-memory data and models ---------------------------------------------------------------------------
 
 
 def colour_data(n: int, seed: int, size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 images whose class is their dominant colour (red, green, blue, grey) under noise."""
+    """uint8 images whose class is their dominant colour (red, green, blue, grey) under noise: learnable fast."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 4, n)
     images = rng.integers(0, 90, (n, size, size, 3))
@@ -79,6 +89,11 @@ def tiny_vit(seed: int = 0, **kw):
     import flaxvision
 
     return flaxvision.create_model("vit_tiny_patch16_224", num_classes=4, seed=seed, **{**TINY_VIT, **kw})
+
+
+def trainer_vit(seed: int = 0, **kw):
+    """The trainer tests' tiny ViT (TRAINER_VIT: two blocks)."""
+    return tiny_vit(seed, **{**TRAINER_VIT, **kw})
 
 
 def small_config(**kw):
@@ -193,6 +208,14 @@ def delete_metadata(directory) -> list[Path]:
 # ---- the command line ----------------------------------------------------------------------------------------
 
 
+def flaxvision_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The installed `flaxvision` console script (or `python -m flaxvision.cli`) as a user runs it, on CPU."""
+    exe = shutil.which("flaxvision", path=os.path.dirname(sys.executable)) or shutil.which("flaxvision")
+    command = [exe, *args] if exe else [sys.executable, "-m", "flaxvision.cli", *args]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
 def cli_env() -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]), "FLAXVISION_HUGE_PAGES": "0",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}  # fmt: skip
@@ -235,7 +258,7 @@ def compilation_cache(tmp_path_factory):
         _CACHE_DIR = None
 
 
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+def run_cli(args: Sequence[str | os.PathLike], capsys) -> tuple[int, str, str]:
     """`flaxvision ARGS` in this process: (exit code, stdout, stderr). argparse's SystemExit becomes its code."""
     from flaxvision.cli import main
 
@@ -254,7 +277,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
-def cli_process(args: list[str], **popen) -> subprocess.Popen:
+def cli_process(args: Sequence[str | os.PathLike], **popen) -> subprocess.Popen:
     """The `flaxvision` console script (flaxvision.cli:main) as a child process, in its own process group.
 
     Started as `python -c` over flaxvision.cli.main rather than `python -m flaxvision`: the package has no
@@ -290,7 +313,7 @@ def error_lines(err: str) -> list[str]:
 
 def fit_process(spec: dict[str, Any], **popen) -> subprocess.Popen:
     """This file as a script: one tiny colour-data fit described by `spec` (see `_child`)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), json.dumps(spec)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "fit", json.dumps(spec)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(),
                             start_new_session=True, **popen)  # fmt: skip
 
@@ -354,5 +377,44 @@ def remount_read_only(path) -> None:
         pytest.skip(f"cannot remount {path} read-only here: {done.stderr.strip() or done.returncode}")
 
 
+# ---- the SIGKILL/resume test's child (tests/test_train.py) ---------------------------------------------------
+
+
+def resume_fit_process(run_dir, steps: int, mode: str, delay: float = 0.0, **popen) -> subprocess.Popen:
+    """This file as a script: `resume_fit` in a child process (mode "fresh" or "resume")."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "resume-fit", str(run_dir), str(steps), mode, str(delay)]
+    # The child imports this checkout's flaxvision (src/) and the tests package, as the test process does.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen)
+
+
+def resume_fit(run_dir: str, steps: int, resume: bool, delay: float) -> None:
+    """Train the trainer tests' tiny ViT for `steps` steps (8 per epoch), checkpointing every 2; print the summary
+    as JSON."""
+    from flaxvision.train import TrainConfig, fit
+
+    xt, yt = colour_data(256, 0)
+    xv, yv = colour_data(40, 1)
+    config = TrainConfig(
+        model="vit_tiny_patch16_224", epochs=steps // 8, batch_size=32, eval_batch_size=16, optimizer="adamw", lr=3e-3,
+        warmup_steps=3, weight_decay=0.05, log_every=3, checkpoint_every=2, keep_checkpoints=3, progress=False,
+        model_overrides=dict(TRAINER_VIT), seed=3,
+    )  # fmt: skip
+    result = fit(
+        config, run_dir=run_dir, model=trainer_vit(), train_data=batches(xt, yt, 32, delay), val_data=batches(xv, yv, 16),
+        class_names=CLASS_NAMES, resume=resume,
+    )  # fmt: skip
+    print(json.dumps(result.summary))
+
+
+def _main(argv: list[str]) -> None:
+    if len(argv) == 2 and argv[0] == "fit":
+        _child(json.loads(argv[1]))
+    elif len(argv) == 5 and argv[0] == "resume-fit":
+        resume_fit(argv[1], int(argv[2]), argv[3] == "resume", float(argv[4]))
+    else:
+        sys.exit(f"usage: python {sys.argv[0]} fit SPEC_JSON | resume-fit RUN_DIR STEPS fresh|resume DELAY")
+
+
 if __name__ == "__main__":
-    _child(json.loads(sys.argv[1]))
+    _main(sys.argv[1:])

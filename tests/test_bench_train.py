@@ -3,7 +3,7 @@
 import json
 
 from flaxvision import host_memory
-from tests.test_cli import flaxvision_cli
+from tests.helpers import flaxvision_cli
 
 KEYS = {"train_images_per_second", "eval_images_per_second", "compile_seconds", "peak_memory_mb", "roofline_fraction",
         "reference_train_images_per_second", "reference_eval_images_per_second", "reference_peak_memory_mb"}  # fmt: skip

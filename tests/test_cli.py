@@ -1,21 +1,11 @@
 """The `flaxvision` command end to end, in a subprocess as a user runs it."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 
 import flaxvision
-
-
-def flaxvision_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    exe = shutil.which("flaxvision", path=os.path.dirname(sys.executable)) or shutil.which("flaxvision")
-    command = [exe, *args] if exe else [sys.executable, "-m", "flaxvision.cli", *args]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+from tests.helpers import flaxvision_cli
 
 
 def test_models_json_lists_every_model_with_real_counts():

@@ -5,12 +5,13 @@ import json
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_cli import flaxvision_cli
+from tests.helpers import flaxvision_cli
 
 
 def cli(*args, env_extra=None, timeout=600):
@@ -58,7 +59,7 @@ class ImageSources(html.parser.HTMLParser):
         attrs = dict(attrs)
         if tag == "img":
             self.files.append(attrs.get("data-file"))
-            self.data_uris += attrs.get("src", "").startswith("data:image/png;base64,")
+            self.data_uris += (attrs.get("src") or "").startswith("data:image/png;base64,")
 
 
 def test_default_run_trains_offline_to_95_percent_with_the_full_run_directory(default_run):
@@ -97,7 +98,7 @@ def test_predict_images_and_a_broken_file(default_run, tmp_path):
     from sklearn.datasets import load_digits
 
     run_dir, _ = default_run
-    digits = load_digits()
+    digits: Any = load_digits()  # a Bunch (the stubs also allow the return_X_y tuple)
     for i in range(6):
         Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).save(tmp_path / f"d{i}_{digits.target[i]}.png")
     (tmp_path / "broken.png").write_bytes(b"not an image at all")

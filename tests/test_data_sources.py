@@ -242,7 +242,8 @@ def test_hub_id_loads_from_the_datasets_cache_offline(tmp_path, monkeypatch):
     cached.mkdir(parents=True)
     for split in ("train", "test"):
         shutil.copy(os.path.join(built, f"parquet-{split}.arrow"), cached / f"pets-{split}.arrow")
-    info = json.loads(open(os.path.join(built, "dataset_info.json")).read())
+    with open(os.path.join(built, "dataset_info.json")) as f:  # closed: an unclosed file is a ResourceWarning
+        info = json.load(f)
     info.update(config_name="default", dataset_name="pets")
     (cached / "dataset_info.json").write_text(json.dumps(info))
 

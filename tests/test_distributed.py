@@ -3,6 +3,8 @@
 The multi-process runs themselves (2 processes over localhost) are in test_distributed_multiprocess.py.
 """
 
+from typing import Any
+
 import jax
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ from flaxvision.preprocessing import Preprocessing
 from flaxvision.train import TrainConfig, Trainer
 from flaxvision.train.checkpoint import Progress
 from flaxvision.train.loop import _data_state_for_this_process
-from tests.trainer_utils import colour_data
+from tests.helpers import colour_data
 
 
 def small_config(**kw) -> TrainConfig:
@@ -28,6 +30,13 @@ def small_config(**kw) -> TrainConfig:
 
 def small_cnn():
     return flaxvision.create_model("cnn", num_classes=4, img_size=16, in_chans=3, seed=0)
+
+
+def resolved(**kw) -> distributed.Launch:
+    """`distributed.resolve(**kw)`, which must find a multi-process launch."""
+    launch = distributed.resolve(**kw)
+    assert launch is not None, f"no launch resolved from {kw}"
+    return launch
 
 
 def spec_of(x) -> tuple:
@@ -89,7 +98,7 @@ def data(tmp_path_factory):
 
 def test_process_slices_concatenate_to_the_one_process_global_batch(data):
     pre = Preprocessing(img_size=16)
-    common = dict(preprocessing=pre, train=True, seed=5)
+    common: dict[str, Any] = dict(preprocessing=pre, train=True, seed=5)
     whole = make_loader(data.train, batch_size=8, **common)
     parts = [make_loader(data.train, batch_size=4, shard_index=i, shard_count=2, **common) for i in range(2)]
     assert len(whole) == len(parts[0]) == len(parts[1]) == 3  # 27 examples: 3 global batches of 8
@@ -116,13 +125,14 @@ def test_data_states_map_to_another_process_count(monkeypatch):
 
 def test_launch_settings_from_flags_environment_and_cluster():
     launch = distributed.resolve("host0:1234", 2, 1, heartbeat_timeout=5)
+    assert launch is not None
     assert (launch.coordinator, launch.num_processes, launch.process_id, launch.heartbeat_timeout) == ("host0:1234", 2, 1, 5)
     env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:99", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
-    assert distributed.resolve(environ=env).process_id == 3
+    assert resolved(environ=env).process_id == 3
     assert distributed.resolve(environ={}) is None
     assert distributed.resolve(environ={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None
-    assert distributed.resolve(environ={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}).cluster == "SLURM"
-    assert distributed.resolve(environ={"TPU_WORKER_HOSTNAMES": "a,b"}).cluster == "Cloud TPU pod"
+    assert resolved(environ={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}).cluster == "SLURM"
+    assert resolved(environ={"TPU_WORKER_HOSTNAMES": "a,b"}).cluster == "Cloud TPU pod"
     with pytest.raises(ConfigError, match="missing --num-processes, --process-id"):
         distributed.resolve("host0:1234", environ={})
     with pytest.raises(ConfigError, match="--process-id must be in \\[0, 2\\)"):

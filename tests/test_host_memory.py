@@ -14,7 +14,8 @@ supported = pytest.mark.skipif(host_memory.environment({}) is None, reason="need
 
 @supported
 def test_environment_adds_the_tunable_and_keeps_others():
-    assert host_memory.environment({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    added = host_memory.environment({})
+    assert added is not None and added["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
     env = host_memory.environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "HOME": "/h"})
     assert env == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1", "HOME": "/h"}
     assert host_memory.environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None  # the user's choice wins
@@ -51,7 +52,7 @@ def test_memory_is_trimmed_after_each_compilation(monkeypatch):
     trims, compiles = [], []
     monkeypatch.setattr(host_memory, "release_free_memory", lambda: trims.append(True))
     jax.monitoring.register_event_duration_secs_listener(
-        lambda event, duration, **kw: compiles.append(event) if event.endswith("backend_compile_duration") else None
+        lambda event, duration_secs, **kw: compiles.append(event) if event.endswith("backend_compile_duration") else None
     )
     jax.jit(lambda x: jnp.sin(x) * 3.25 + 0.125)(jnp.arange(7.0)).block_until_ready()
     assert len(compiles) >= 1 and len(trims) == len(compiles)  # once per compilation, however often registered

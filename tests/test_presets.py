@@ -11,7 +11,7 @@ import flaxvision
 from flaxvision.commands import train as train_command
 from flaxvision.presets import DEFAULT_PRESET, get_preset, list_presets, preset_module
 from flaxvision.train import TrainConfig, fit
-from tests.test_cli import flaxvision_cli
+from tests.helpers import flaxvision_cli
 
 
 def parse_train(*argv: str) -> argparse.Namespace:
@@ -27,7 +27,7 @@ def test_every_preset_documents_command_and_expected_result():
         assert isinstance(module.PRESET, TrainConfig)
         assert module.DESCRIPTION and module.EXPECTED
         command = "flaxvision train" if name == DEFAULT_PRESET else f"flaxvision train --preset {name}"
-        assert command in module.__doc__, name
+        assert module.__doc__ is not None and command in module.__doc__, name
 
 
 def test_source_recipes_are_what_the_sources_report():
@@ -81,6 +81,7 @@ def test_every_preset_runs_two_steps_on_stand_in_data(name, tmp_path):
                             progress=False, warmup_steps=min(preset.warmup_steps, 1))  # fmt: skip
     overrides = {"vit": dict(img_size=32, patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64),
                  "resnet": dict(stage_widths=(8, 8, 8, 8), stage_depths=(1, 1, 1, 1)), "cnn": {}}  # fmt: skip
+    assert preset.model is not None, name
     family = flaxvision.model_config(preset.model).__class__.__name__.replace("Config", "").lower()
     model = flaxvision.create_model(preset.model, num_classes=20 if "food" in name else 10, **overrides[family])
     data = _stand_in(config, model, 16)

@@ -135,7 +135,9 @@ def test_diverged_run_names_a_good_checkpoint_and_resumes_from_it(tmp_path, caps
         fit(config, run_dir=run_dir, model=tiny_vit(), train_data=PoisonAt(batches(xt, yt, 32), 5, 4), val_data=val,
             class_names=CLASS_NAMES)  # fmt: skip
     message = one_line(info.value)
-    bad = int(re.search(r"at step (\d+)", message).group(1))
+    at_step = re.search(r"at step (\d+)", message)
+    assert at_step, message
+    bad = int(at_step.group(1))
     found = re.search(r"last good checkpoint: (\S*?/checkpoints/(\d+))\b", message, re.IGNORECASE)
     assert bad == 5 and found, message
     good = int(found.group(2))

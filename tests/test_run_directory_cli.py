@@ -222,7 +222,7 @@ def test_a_second_process_is_refused_while_the_first_trains_and_takes_over_after
                   cli_process(["train", "--run-dir", run_dir, "--overwrite"])]  # fmt: skip
         results = [communicate_or_kill(p, 60) for p in second]
         first_alive = first.poll() is None
-        for code, out, err, _took in results:
+        for code, _out, err, _took in results:
             line = refused(code if code is not None else -1, err, "in use", rf"\b{first.pid}\b", re.escape(socket.gethostname()))
             assert "Traceback" not in err, line
         # "Within a few seconds": start-up included, on 2 shared cores; nothing needs loading or compiling.

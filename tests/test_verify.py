@@ -1,10 +1,8 @@
 """`flaxvision verify`: the converted model against the reference PyTorch implementation, end to end."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
+from typing import cast
 
 import numpy as np
 import pytest
@@ -16,17 +14,13 @@ from timm.models._hub import save_for_hf
 import flaxvision
 from flaxvision import cli
 from flaxvision.commands import verify
+from flaxvision.models.vit import ViT
 from flaxvision.preprocessing import Preprocessing
 from flaxvision.weights.convert import param_shapes
 from flaxvision.weights.loader import materialise
+from tests.helpers import flaxvision_cli
 
 LABELS = {0: "tabby cat", 1: "golden retriever", 2: "red fox", 3: "hen", 4: "goldfish", 5: "daisy"}
-
-
-def flaxvision_cli(*args: str) -> subprocess.CompletedProcess:
-    exe = shutil.which("flaxvision", path=os.path.dirname(sys.executable))
-    command = [exe, *args] if exe else [sys.executable, "-m", "flaxvision.cli", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +68,9 @@ def test_a_conversion_bug_is_caught(hf_dir):
     inputs = np.stack([verify.preprocess(image, model.preprocessing) for image in verify.synthetic_images(2)])
     clean = verify.compare(model, reference, inputs)
     assert clean["max_abs_diff"] <= 1e-4 and clean["top1_agree"] == 1.0
-    q, k, v = np.split(np.asarray(model.blocks[0].attn.qkv.kernel[...]), 3, axis=1)
-    model.blocks[0].attn.qkv.kernel[...] = np.concatenate([q, v, k], axis=1)  # a converter that mixed up k and v
+    qkv = cast(ViT, model).blocks[0].attn.qkv
+    q, k, v = np.split(np.asarray(qkv.kernel[...]), 3, axis=1)
+    qkv.kernel[...] = np.concatenate([q, v, k], axis=1)  # a converter that mixed up k and v
     broken = verify.compare(model, reference, inputs)
     assert broken["max_abs_diff"] > 1e-3
 

@@ -7,6 +7,7 @@ imported by flaxvision; both run on the same inputs. Nothing is downloaded.
 import dataclasses
 import json
 import logging
+from typing import Any, cast
 
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +23,8 @@ from timm.models.vision_transformer import _load_weights
 
 import flaxvision
 from flaxvision.models import abstract_model
+from flaxvision.models.resnet import ResNet
+from flaxvision.models.vit import ViT
 from flaxvision.weights.convert import param_shapes
 from flaxvision.weights.loader import materialise
 from flaxvision.weights.posembed import resample_grid, resample_pos_embed
@@ -69,7 +72,7 @@ def timm_model(directory, name: str, **kwargs):
     return model
 
 
-SMALL_HF = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=8)
+SMALL_HF: dict[str, Any] = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=8)
 
 
 # ---- parity with the reference implementations -------------------------------------------------------------------
@@ -124,7 +127,8 @@ def test_transformers_parity(tmp_path, config):
 
 
 def test_transformers_sharded_checkpoint(tmp_path):
-    reference = transformers.ViTForImageClassification(transformers.ViTConfig(**SMALL_HF, num_labels=4)).eval()
+    # num_labels is a PretrainedConfig keyword that ViTConfig's annotations omit.
+    reference = transformers.ViTForImageClassification(transformers.ViTConfig(**SMALL_HF, num_labels=4)).eval()  # pyright: ignore[reportCallIssue]
     reference.save_pretrained(tmp_path, max_shard_size="40KB")
     assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("model-*.safetensors"))) > 1
     model, report = flaxvision.load_pretrained(tmp_path, return_report=True)
@@ -147,7 +151,7 @@ def test_transformers_backbone_without_head(tmp_path):
     with torch.no_grad():
         hidden = backbone(pixel_values=torch.from_numpy(x).permute(0, 3, 1, 2)).last_hidden_state.numpy()
     model.eval()
-    np.testing.assert_allclose(np.asarray(model.tokens(jnp.asarray(x))), hidden, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(cast(ViT, model).tokens(jnp.asarray(x))), hidden, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +227,8 @@ def test_timm_round_trip(tmp_path):
     np.testing.assert_allclose(torch_logits(again, x), torch_logits(reference, x), atol=1e-5, rtol=0)
     from_dir = timm.create_model(f"local-dir:{out}", pretrained=True).eval()  # timm reads our config.json itself
     np.testing.assert_allclose(torch_logits(from_dir, x), torch_logits(reference, x), atol=1e-5, rtol=0)
-    assert from_dir.pretrained_cfg["interpolation"] == "bicubic" and from_dir.pretrained_cfg["crop_pct"] == 0.9
+    pretrained_cfg = cast(dict[str, Any], from_dir.pretrained_cfg)
+    assert pretrained_cfg["interpolation"] == "bicubic" and pretrained_cfg["crop_pct"] == 0.9
 
 
 @pytest.mark.parametrize("qkv_bias", [True, False])
@@ -307,8 +312,9 @@ def test_flaxvision_format_new_head_and_size(tmp_path):
     resnet = random_model("resnet18_cifar", **SMALL_ZOO["resnet18_cifar"])
     out = flaxvision.save_pretrained(resnet, tmp_path / "resnet")
     tuned, report = flaxvision.load_pretrained(out, num_classes=5, img_size=48, return_report=True)
-    assert report.head_replaced and report.source_num_classes == 10 and tuned.head.kernel.shape == (16, 5)
-    np.testing.assert_array_equal(np.asarray(tuned.bn1.mean[...]), np.asarray(resnet.bn1.mean[...]))  # statistics kept
+    tuned_resnet, resnet = cast(ResNet, tuned), cast(ResNet, resnet)
+    assert report.head_replaced and report.source_num_classes == 10 and tuned_resnet.head.kernel.shape == (16, 5)
+    np.testing.assert_array_equal(np.asarray(tuned_resnet.bn1.mean[...]), np.asarray(resnet.bn1.mean[...]))  # statistics kept
     cnn = flaxvision.save_pretrained(random_model("cnn", **SMALL_ZOO["cnn"]), tmp_path / "cnn")
     wrong_size = r"cannot be loaded into a model with img_size=40.*fc1.kernel \(392, 16\) vs \(800, 16\)"
     with pytest.raises(flaxvision.FlaxvisionError, match=wrong_size):
@@ -352,18 +358,19 @@ def test_resample_pos_embed_keeps_the_cls_token():
 
 @pytest.mark.parametrize("img_size", [384, 112])
 def test_loading_at_another_resolution_matches_timm(tmp_path, img_size):
-    kwargs = dict(depth=2, num_classes=5)
+    kwargs: dict[str, Any] = dict(depth=2, num_classes=5)
     timm_model(tmp_path, "vit_tiny_patch16_224", **kwargs)
     model, report = flaxvision.load_pretrained(tmp_path, img_size=img_size, return_report=True)
+    vit = cast(ViT, model)
     assert report.pos_embed_resampled == (14, img_size // 16)
-    assert model.pos_embed.shape == (1, 1 + (img_size // 16) ** 2, 192)
+    assert vit.pos_embed.shape == (1, 1 + (img_size // 16) ** 2, 192)
     assert model.preprocessing.img_size == img_size
     # timm's own resampling, from the 224 px file: checkpoint_filter_fn's bicubic with antialiasing
     overlay = dict(file=str(tmp_path / "model.safetensors"), num_classes=5)
     resampled = timm.create_model(
         "vit_tiny_patch16_224", pretrained=True, img_size=img_size, pretrained_cfg_overlay=overlay, **kwargs
     ).eval()
-    np.testing.assert_allclose(np.asarray(model.pos_embed[...]), resampled.pos_embed.detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(vit.pos_embed[...]), cast(torch.Tensor, resampled.pos_embed).detach().numpy(), atol=1e-5)
     assert_parity(model, resampled, images(img_size))
 
 
@@ -381,13 +388,16 @@ def test_new_head_is_zero_initialised_and_reported(tmp_path, caplog):
     assert report.head_replaced and report.source_num_classes == 3 and report.head_init == "zeros"
     assert "head replaced: 3 -> 20 classes" in report.summary()
     assert model.label_names is None and model.config.num_classes == 20
-    assert not np.any(np.asarray(model.head.kernel[...])) and not np.any(np.asarray(model.head.bias[...]))
+    vit, full_vit = cast(ViT, model), cast(ViT, full)
+    assert vit.head.bias is not None
+    assert not np.any(np.asarray(vit.head.kernel[...])) and not np.any(np.asarray(vit.head.bias[...]))
     x = jnp.asarray(images(32))
-    model.eval(), full.eval()
-    np.testing.assert_array_equal(np.asarray(model.features(x)), np.asarray(full.features(x)))  # backbone untouched
+    model.eval()
+    full.eval()
+    np.testing.assert_array_equal(np.asarray(vit.features(x)), np.asarray(full_vit.features(x)))  # backbone untouched
     random_head = flaxvision.load_pretrained(tmp_path, num_classes=20, head_init="random", label_names=[f"c{i}" for i in range(20)])
-    assert 0.01 < float(np.std(np.asarray(random_head.head.kernel[...]))) < 0.03
-    assert random_head.label_names[19] == "c19"
+    assert 0.01 < float(np.std(np.asarray(cast(ViT, random_head).head.kernel[...]))) < 0.03
+    assert random_head.label_names is not None and random_head.label_names[19] == "c19"
     same, same_report = flaxvision.load_pretrained(tmp_path, num_classes=3, return_report=True)
     assert not same_report.head_replaced and same.label_names == ("cat", "dog", "fox")
 

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import Any
 
 import numpy as np
 import pytest
@@ -32,9 +33,9 @@ def numpy_state(module) -> dict[str, np.ndarray]:
 
 
 def tiny_hf(directory, **config) -> transformers.ViTForImageClassification:
-    defaults = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=16, patch_size=8)
-    config = defaults | {"num_labels": 3} | config
-    model = transformers.ViTForImageClassification(transformers.ViTConfig(**config)).eval()
+    defaults: dict[str, Any] = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=16, patch_size=8)
+    merged: dict[str, Any] = defaults | {"num_labels": 3} | config
+    model = transformers.ViTForImageClassification(transformers.ViTConfig(**merged)).eval()
     model.save_pretrained(directory)
     return model
 
@@ -154,7 +155,8 @@ def test_pickled_checkpoints_are_refused_unless_allowed(tmp_path):
 
 
 def test_npz_with_pickled_objects_is_refused(tmp_path):
-    np.savez(tmp_path / "vit.npz", **{"embedding/kernel": np.array([{"evil": 1}], dtype=object)})
+    pickled: dict[str, Any] = {"embedding/kernel": np.array([{"evil": 1}], dtype=object)}
+    np.savez(tmp_path / "vit.npz", **pickled)
     with pytest.raises(FlaxvisionError, match="stores pickled Python objects.*allow_pickle=True"):
         flaxvision.load_pretrained(tmp_path / "vit.npz")
 
@@ -209,7 +211,7 @@ def test_transformers_configs_flaxvision_cannot_express(tmp_path, change, messag
 def test_npz_representation_layer_is_refused(tmp_path):
     model = flaxvision.load_pretrained(_saved_timm(tmp_path))
     path = flaxvision.save_pretrained(model, tmp_path / "vit.npz", format="npz")
-    arrays = dict(np.load(path)) | {"pre_logits/kernel": np.zeros((192, 192), np.float32)}
+    arrays: dict[str, Any] = dict(np.load(path)) | {"pre_logits/kernel": np.zeros((192, 192), np.float32)}
     np.savez(path, **arrays)
     with pytest.raises(FlaxvisionError, match="pre_logits representation layer .* is not supported"):
         flaxvision.load_pretrained(path)

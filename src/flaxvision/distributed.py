@@ -123,8 +123,8 @@ def resolve(
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1 second, got {value}")
     given = {"--coordinator": coordinator, "--num-processes": num_processes, "--process-id": process_id}
     if any(v is not None for v in given.values()):
-        missing = [k for k, v in given.items() if v is None]
-        if missing:
+        if coordinator is None or num_processes is None or process_id is None:
+            missing = [k for k, v in given.items() if v is None]
             raise ConfigError(
                 f"a multi-process run needs --coordinator HOST:PORT, --num-processes N and --process-id I (or "
                 f"{ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}); missing {', '.join(missing)}"
@@ -136,10 +136,12 @@ def resolve(
             raise ConfigError(f"--num-processes must be >= 1, got {num_processes}")
         if not 0 <= process_id < num_processes:
             raise ConfigError(f"--process-id must be in [0, {num_processes}) for {num_processes} processes, got {process_id}")
-        return Launch(coordinator, num_processes, process_id, **timeouts)
+        return Launch(coordinator, num_processes, process_id, heartbeat_timeout=timeouts["heartbeat_timeout"],
+                      init_timeout=timeouts["init_timeout"])  # fmt: skip
     detected = detect_cluster(environ)
     if detected or cluster:
-        return Launch(cluster=detected or "cluster", **timeouts)
+        return Launch(cluster=detected or "cluster", heartbeat_timeout=timeouts["heartbeat_timeout"],
+                      init_timeout=timeouts["init_timeout"])  # fmt: skip
     return None
 
 
@@ -256,10 +258,13 @@ def supervise(launch: Launch, *, resume_hint: str) -> int:
     command = [sys.executable, *sys.orig_argv[1:]]
     child = subprocess.Popen(command, env={**os.environ, ENV_SUPERVISED: "1"}, stderr=subprocess.PIPE)
     tail: collections.deque[bytes] = collections.deque(maxlen=64)
+    child_stderr = child.stderr
+    if child_stderr is None:  # cannot happen with stderr=PIPE
+        raise RuntimeError("the supervised child process has no stderr pipe")
 
     def copy_stderr() -> None:
         out = getattr(sys.stderr, "buffer", None)
-        while chunk := os.read(child.stderr.fileno(), 65536):
+        while chunk := os.read(child_stderr.fileno(), 65536):
             tail.append(chunk)
             if out is not None:
                 out.write(chunk)

@@ -30,7 +30,7 @@ def _supported() -> bool:
     if sys.platform != "linux":
         return False
     try:
-        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+        name, version = (os.confstr("CS_GNU_LIBC_VERSION") or "").split()  # None (not glibc): ValueError
         if name != "glibc" or tuple(int(v) for v in version.split(".")[:2]) < (2, 35):
             return False
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
@@ -84,7 +84,7 @@ def trim_after_compiles() -> None:
         return
     import jax.monitoring
 
-    def on_event(event: str, duration: float, **kwargs: Any) -> None:
+    def on_event(event: str, duration_secs: float, **kwargs: Any) -> None:
         if event == "/jax/core/compile/backend_compile_duration":
             release_free_memory()
 

@@ -34,7 +34,7 @@ def measure(batches: Iterable[dict[str, Any]], *, max_batches: int, warmup: int 
             continue
         images += len(batch["label"])
         timed += 1
-        if timed >= max_batches or (seconds is not None and time.perf_counter() - start >= seconds):
+        if timed >= max_batches or (seconds is not None and start is not None and time.perf_counter() - start >= seconds):
             break
     if start is None or timed == 0:
         raise FlaxvisionError(

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     # The run's own data settings (classes, held-out fraction, seed) unless another dataset is named; --split S
     # evaluates all of S, without it the validation data the run used (or the dataset's default).
     same_data = recorded is not None and args.dataset in (None, recorded.dataset)
-    config = recorded if same_data else TrainConfig(dataset=args.dataset)
+    config = recorded if recorded is not None and same_data else TrainConfig(dataset=args.dataset)
     given = {"classes": args.classes, "val_fraction": args.val_fraction, "seed": args.seed}
     config = config.replace(**{k: v for k, v in given.items() if v is not None}, max_train_samples=None,
                             max_val_samples=None, eval_batch_size=args.batch_size, workers=args.workers)  # fmt: skip

@@ -53,7 +53,7 @@ def _mean_gray(x: jax.Array) -> jax.Array:
 
 
 def device_preprocess(
-    images: jax.Array,
+    images: jax.Array | np.ndarray,
     mean: Sequence[float],
     std: Sequence[float],
     *,
@@ -73,7 +73,7 @@ def device_preprocess(
     so the same function serves training and eval.
 
     Args:
-      images: uint8 (B, H, W, C) with C == len(mean).
+      images: uint8 (B, H, W, C) with C == len(mean), a jax or a numpy array.
       mean, std: per-channel normalisation of pixels in [0, 1].
       rng: a jax PRNG key for the random parts.
       brightness, contrast, saturation: jitter strengths in [0, 1).
@@ -85,7 +85,7 @@ def device_preprocess(
             f"device_preprocess: images of shape {images.shape} need C == len(mean) == len(std); "
             f"got mean {tuple(mean)} and std {tuple(std)}"
         )
-    x = images.astype(jnp.float32) * (1.0 / 255.0)
+    x = jnp.asarray(images).astype(jnp.float32) * (1.0 / 255.0)
     batch = x.shape[0]
     if rng is not None:
         k_flip, k_bright, k_contrast, k_sat = jax.random.split(rng, 4)
@@ -120,7 +120,7 @@ class DevicePreprocess:
     saturation: float = 0.0
     hflip: bool = False
 
-    def __call__(self, images: jax.Array, rng: jax.Array | None = None, dtype: Any = jnp.float32) -> jax.Array:
+    def __call__(self, images: jax.Array | np.ndarray, rng: jax.Array | None = None, dtype: Any = jnp.float32) -> jax.Array:
         return device_preprocess(
             images, self.mean, self.std, rng=rng, brightness=self.brightness, contrast=self.contrast,
             saturation=self.saturation, hflip=self.hflip, dtype=dtype,

@@ -148,7 +148,7 @@ class BasicBlock(nnx.Module):
             self.downsample_conv = self.downsample_bn = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        shortcut = x if self.downsample_conv is None else self.downsample_bn(self.downsample_conv(x))
+        shortcut = x if self.downsample_conv is None or self.downsample_bn is None else self.downsample_bn(self.downsample_conv(x))
         y = jax.nn.relu(self.bn1(self.conv1(x)))
         return jax.nn.relu(self.bn2(self.conv2(y)) + shortcut)
 
@@ -180,7 +180,8 @@ class ResNet(Classifier):
         self.check_input(x)
         x = jax.nn.relu(self.bn1(self.conv1(x)))
         if self.config.stem == "imagenet":
-            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            # flax's max_pool is unannotated: pyright infers `padding: str` from its default; pairs are documented.
+            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pyright: ignore[reportArgumentType]
         else:
             x = nnx.max_pool(x, (2, 2), strides=(2, 2))
         for stage in self.stages:

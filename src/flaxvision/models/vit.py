@@ -276,8 +276,11 @@ class Block(nnx.Module):
         if drop_path_rate is None or self.drop_path1.deterministic:
             x = x + self.drop_path1(self.attn(self.norm1(x)))
             return x + self.drop_path2(self.mlp(self.norm2(x)))
-        x = x + drop_path(self.attn(self.norm1(x)), drop_path_rate, self.drop_path1.rngs())
-        return x + drop_path(self.mlp(self.norm2(x)), drop_path_rate, self.drop_path2.rngs())
+        rngs1, rngs2 = self.drop_path1.rngs, self.drop_path2.rngs
+        if rngs1 is None or rngs2 is None:
+            raise ConfigError("stochastic depth in training mode needs the block built with rngs")
+        x = x + drop_path(self.attn(self.norm1(x)), drop_path_rate, rngs1())
+        return x + drop_path(self.mlp(self.norm2(x)), drop_path_rate, rngs2())
 
 
 class ViT(Classifier):

@@ -63,7 +63,8 @@ def _flaxvision(model: str, batch: int, img_size: int, dtype: str, steps: int, w
     from flaxvision.train.evaluation import Evaluator
 
     base_rss = _rss_now_mb()
-    net = flaxvision.create_model(model, img_size=img_size, dtype=dtype, **({"remat": remat} if remat else {}))
+    extra: dict[str, Any] = {"remat": remat} if remat else {}
+    net = flaxvision.create_model(model, img_size=img_size, dtype=dtype, **extra)
     config = TrainConfig(model=model, batch_size=batch, eval_batch_size=batch, optimizer="sgd", lr=1e-3, momentum=0.9)
     trainer = Trainer(config, net, steps_per_epoch=steps + warmup + 1, devices=jax.devices()[:1])
     rng = np.random.default_rng(0)
@@ -124,7 +125,7 @@ def _transformers(model: str, batch: int, img_size: int, steps: int, warmup: int
     torch.manual_seed(0)
     net = transformers.ViTForImageClassification(transformers.ViTConfig(
         hidden_size=cfg.width, num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads, intermediate_size=cfg.mlp_dim,
-        image_size=img_size, patch_size=cfg.patch_size, num_channels=cfg.in_chans, num_labels=cfg.num_classes,
+        image_size=img_size, patch_size=cfg.patch_size, num_channels=cfg.in_chans, num_labels=cfg.num_classes,  # pyright: ignore[reportCallIssue]  num_labels: a PretrainedConfig keyword ViTConfig's annotations omit
         layer_norm_eps=cfg.layer_norm_eps, qkv_bias=cfg.qkv_bias))  # fmt: skip
     optimizer = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
     images = torch.randn(batch, cfg.in_chans, img_size, img_size)
@@ -179,6 +180,8 @@ def benchmark_train(model: str = "vit_base_patch16_224", batch_size: int = 8, im
     """Both sides and the roofline; the keys of `flaxvision bench train --json`."""
     common = dict(model=model, batch_size=batch_size, img_size=img_size, steps=steps, warmup=warmup)
     ours = _child("flaxvision", dtype=dtype, **({"remat": remat} if remat else {}), **common)
+    if ours is None:
+        raise RuntimeError("the flaxvision side of the training benchmark could not run (a module is missing)")
     ref = _child("transformers", **common) if reference else None
     roofline = matmul_roofline()
     train_flops = TRAIN_FLOPS_FACTOR * ours["forward_gflops"] * ours["train_images_per_second"]
@@ -199,7 +202,7 @@ def benchmark_train(model: str = "vit_base_patch16_224", batch_size: int = 8, im
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--side", choices=["flaxvision", "transformers"], default=None)
     parser.add_argument("--model", default="vit_base_patch16_224")
     parser.add_argument("--batch-size", type=int, default=8)

@@ -94,7 +94,7 @@ class Checkpointer:
         restored = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
         )
-        return restored.state, Progress.from_json(restored.meta)
+        return restored["state"], Progress.from_json(restored["meta"])  # a Composite is a Mapping of the items
 
     def restore_newest(self, like: Any, *, at_most: int | None = None) -> tuple[int, Any, Progress, list[Skipped]]:
         """The newest checkpoint (at or before step `at_most`) that restores completely, and those skipped on the way.

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.struct
 import jax
@@ -32,6 +32,10 @@ class TrainState:
     model_state: Any  # BatchNorm statistics and any other non-parameter state (nnx.State)
     opt_state: Any
     metrics: dict[str, jax.Array]  # running sums since metrics were last read
+
+    if TYPE_CHECKING:  # flax.struct.dataclass adds `replace` at runtime; declared here for the type checker only
+
+        def replace(self, **changes: Any) -> TrainState: ...
 
 
 def empty_metrics() -> dict[str, jax.Array]:

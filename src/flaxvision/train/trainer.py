@@ -8,13 +8,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import jax
 
 from flaxvision import distributed, host_memory
 from flaxvision.data.device import DeviceStage
 from flaxvision.errors import FlaxvisionError
+from flaxvision.models.base import Classifier
 from flaxvision.train.config import TrainConfig
 from flaxvision.train.evaluation import run_evaluation
 from flaxvision.train.optim import make_optimizer, trainable_filter
@@ -104,13 +105,13 @@ class Trainer:
             parts = jax.jit(lambda x: x, out_shardings=self.replicated)(parts)
         params, frozen, model_state = jax.device_get(parts)
         state = self.state.replace(params=params, frozen=frozen, model_state=model_state, opt_state=None)
-        model = merge_model(self.parts, state, train=False)
+        model = cast(Classifier, merge_model(self.parts, state, train=False))
         model.preprocessing = self.model.preprocessing
         model.label_names = self.model.label_names
         return model
 
 
-def out_of_memory_error(err: Exception, config: TrainConfig) -> FlaxvisionError | None:
+def out_of_memory_error(err: BaseException, config: TrainConfig) -> FlaxvisionError | None:
     """A device out-of-memory error as a one-line message with options of `flaxvision train` to try, else None."""
     text = str(err)
     if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():

@@ -170,7 +170,8 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
 def read_npz(path: Path, allow_pickle: bool = False) -> dict[str, np.ndarray]:
     """Arrays of a NumPy .npz archive (big_vision / vision_transformer weights), read without pickle."""
     try:
-        with np.load(path, allow_pickle=allow_pickle) as archive:
+        # Our own file handle: np.load leaks the one it opens when the zip is corrupt (a ResourceWarning).
+        with open(path, "rb") as f, np.load(f, allow_pickle=allow_pickle) as archive:
             return {key: _as_float32(archive[key]) for key in archive.files}
     except ValueError as err:
         if "allow_pickle" in str(err):

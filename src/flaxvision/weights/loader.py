@@ -16,7 +16,7 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import jax
 import jax.numpy as jnp
@@ -194,6 +194,67 @@ def materialise(config: Any, params: dict[str, np.ndarray], *, seed: int = 0, wh
             f"{', '.join(problems[:8])}; load it at its own size"
         )
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+# The overloads give callers the precise return type: the model, or (model, LoadReport) with return_report=True.
+@overload
+def load_pretrained(
+    source: str | Path,
+    *,
+    num_classes: int | None = None,
+    img_size: int | None = None,
+    dtype: Any = None,
+    allow_pickle: bool = False,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | Path | None = None,
+    head_init: str = "zeros",
+    label_names: Sequence[str] | None = None,
+    name: str | None = None,
+    seed: int = 0,
+    return_report: Literal[False] = False,
+    **overrides: Any,
+) -> Classifier: ...
+
+
+@overload
+def load_pretrained(
+    source: str | Path,
+    *,
+    num_classes: int | None = None,
+    img_size: int | None = None,
+    dtype: Any = None,
+    allow_pickle: bool = False,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | Path | None = None,
+    head_init: str = "zeros",
+    label_names: Sequence[str] | None = None,
+    name: str | None = None,
+    seed: int = 0,
+    return_report: Literal[True],
+    **overrides: Any,
+) -> tuple[Classifier, LoadReport]: ...
+
+
+@overload
+def load_pretrained(
+    source: str | Path,
+    *,
+    num_classes: int | None = None,
+    img_size: int | None = None,
+    dtype: Any = None,
+    allow_pickle: bool = False,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | Path | None = None,
+    head_init: str = "zeros",
+    label_names: Sequence[str] | None = None,
+    name: str | None = None,
+    seed: int = 0,
+    return_report: bool,
+    **overrides: Any,
+) -> Classifier | tuple[Classifier, LoadReport]: ...
 
 
 def load_pretrained(

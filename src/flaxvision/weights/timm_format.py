@@ -222,7 +222,7 @@ def parse(weights: WeightFiles) -> Parsed:
 def architecture_name(config: ViTConfig) -> str:
     """A timm architecture name for the config (the constructor timm uses; model_args carry the exact sizes)."""
     size = SIZES.get((config.width, config.depth, config.num_heads, config.mlp_dim))
-    stem = TIMM_NAMES.get((size, config.patch_size), "vit_base_patch16")
+    stem = TIMM_NAMES.get((size, config.patch_size), "vit_base_patch16") if size is not None else "vit_base_patch16"
     return f"{stem}_{384 if config.img_size == 384 else 224}"
 
 
