@@ -280,8 +280,8 @@ def run_cli(args: Sequence[str | os.PathLike], capsys) -> tuple[int, str, str]:
 def cli_process(args: Sequence[str | os.PathLike], **popen) -> subprocess.Popen:
     """The `flaxvision` console script (flaxvision.cli:main) as a child process, in its own process group.
 
-    Started as `python -c` over flaxvision.cli.main rather than `python -m flaxvision`: the package has no
-    __main__ today, and these tests are about the run directory, not about that entry point.
+    Started as `python -c` over flaxvision.cli.main (what the console script runs), without the console script's
+    install location mattering.
     """
     cmd = [sys.executable, "-c", "import sys; from flaxvision.cli import main; sys.exit(main())", *map(str, args)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(),
@@ -295,16 +295,18 @@ def communicate_or_kill(proc: subprocess.Popen, timeout: float) -> tuple[int | N
         out, err = proc.communicate(timeout=timeout)
         code = proc.returncode
     except subprocess.TimeoutExpired:
-        kill_group(proc)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         code = None
     return code, out, err, time.monotonic() - start
 
 
 def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the child's process group, reap it and close its pipes."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
 
 
 def error_lines(err: str) -> list[str]:
