@@ -222,41 +222,10 @@ def cli_env() -> dict[str, str]:
     # One CPU device in children (conftest gives this process 8 virtual ones): they compile and save faster.
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
     env["XLA_FLAGS"] = " ".join(flags)
-    if _CACHE_DIR is not None:  # children share this session's compiled programs
-        env.update(JAX_COMPILATION_CACHE_DIR=str(_CACHE_DIR), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")  # fmt: skip
-    return env
+    return env  # JAX's persistent compilation cache settings come from conftest, through os.environ
 
 
 # ---- speed: one persistent compilation cache for the session ---------------------------------------------------
-
-_CACHE_DIR: Path | None = None
-_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-                  "jax_persistent_cache_min_entry_size_bytes")  # fmt: skip
-
-
-def compilation_cache(tmp_path_factory):
-    """Generator for a module fixture: every fit of these tests compiles the same few programs; keep them in a
-    persistent cache under the session's temp directory (shared with child processes), restore JAX's settings
-    afterwards. A second fit of one recipe then takes seconds instead of a recompilation."""
-    global _CACHE_DIR
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    old = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
-    _CACHE_DIR = tmp_path_factory.getbasetemp() / "jax-compilation-cache"
-    jax.config.update("jax_compilation_cache_dir", str(_CACHE_DIR))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    cc.reset_cache()
-    try:
-        yield _CACHE_DIR
-    finally:
-        for name, value in old.items():
-            jax.config.update(name, value)
-        cc.reset_cache()
-        _CACHE_DIR = None
-
 
 def run_cli(args: Sequence[str | os.PathLike], capsys) -> tuple[int, str, str]:
     """`flaxvision ARGS` in this process: (exit code, stdout, stderr). argparse's SystemExit becomes its code."""

@@ -29,7 +29,6 @@ from tests.helpers import (
     colour_data,
     colour_fit_kwargs,
     communicate_or_kill,
-    compilation_cache,
     delete_metadata,
     fit_process,
     last_json,
@@ -42,11 +41,6 @@ from tests.helpers import (
     tmpfs,
     truncate_array_data,
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-    yield from compilation_cache(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

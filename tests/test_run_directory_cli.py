@@ -29,7 +29,6 @@ from tests.helpers import (
     checkpoint_steps,
     cli_process,
     communicate_or_kill,
-    compilation_cache,
     error_lines,
     fit_process,
     kill_group,
@@ -44,11 +43,6 @@ from tests.helpers import (
 )
 
 RECIPE = [*TINY_CLI, "--lr", "0.004", "--epochs", "2"]  # the stopped run's recipe, as options
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-    yield from compilation_cache(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -140,6 +140,9 @@ def _fit_locked(run: RunDirectory, mode: str, config: TrainConfig, changes: dict
             dropped = checkpointer.delete_after(step)
             print(f"flaxvision: continuing the diverged run from its last good checkpoint {step}"
                   + (f" (removed the later checkpoints {dropped})" if dropped else ""))  # fmt: skip
+        if skipped or diverged:  # every process's checkpoint manager sees what process 0 moved or removed
+            distributed.barrier("flaxvision:checkpoints-tidied")
+            checkpointer.manager.reload()
         if is_main_process():
             print(f"resumed from step {step} (epoch {progress.epoch + 1}, batch {progress.batch_in_epoch})"
                   + (f", saved by {progress.processes} processes" if progress.processes != jax.process_count() else ""))  # fmt: skip
