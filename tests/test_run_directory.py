@@ -211,3 +211,20 @@ def test_a_new_file_gets_ordinary_permissions(tmp_path):
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
     assert temp_leftovers(tmp_path) == []
+
+
+def test_a_malformed_run_config_is_one_clear_error(tmp_path):
+    """One reader of a run's recipe (TrainConfig.from_file, over files.read_json): every way it is broken is one line."""
+    from flaxvision.train import TrainConfig
+
+    path = tmp_path / "config.json"
+    path.write_text('{"train_config": {"lr": 0.01, "epochs": 2}}')
+    assert (TrainConfig.from_file(path).lr, TrainConfig.from_file(path).epochs) == (0.01, 2)
+    for text, message in (("{not json", "cannot read"), ("[1, 2]", "not a JSON object"),
+                          ('{"train_config": 3}', "train_config is not a JSON object"),
+                          ('{"train_config": {"learning_rate": 1}}', "unknown training option 'learning_rate'")):  # fmt: skip
+        path.write_text(text)
+        with pytest.raises(flaxvision.FlaxvisionError, match=message):
+            TrainConfig.from_file(path)
+    with pytest.raises(flaxvision.FlaxvisionError, match="no such file"):
+        TrainConfig.from_file(tmp_path / "missing.json")

@@ -96,6 +96,16 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
     return path
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON in `path`, None when there is no such file; unreadable or malformed is one FlaxvisionError line."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FlaxvisionError(f"cannot read {path}: {err}; restore the file, or start afresh") from None
+
+
 def write_json(path: str | os.PathLike, value: Any, *, indent: int | None = 2) -> Path:
     return write_atomic(path, json.dumps(value, indent=indent) + "\n")
 

@@ -40,12 +40,7 @@ def _run_recipe(source: str) -> Any:
     from flaxvision.train.config import TrainConfig
 
     path = Path(source) / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        return TrainConfig.from_dict(json.loads(path.read_text()).get("train_config", {}))
-    except (OSError, ValueError):
-        return None
+    return TrainConfig.from_file(path) if path.is_file() else None
 
 
 def run(args: argparse.Namespace) -> int:

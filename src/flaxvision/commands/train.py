@@ -91,28 +91,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _read_recipe(path: Path) -> Any:
-    from flaxvision.train.config import TrainConfig
-
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"cannot read the run config {str(path)!r}: {err}") from None
-    return TrainConfig.from_dict(record.get("train_config", record))
-
-
 def resolve_config(args: argparse.Namespace) -> tuple[str, Any]:
     """(run name, TrainConfig) from --preset / --from-config (with --resume and neither: the run's own config.json)
     and the field overrides typed on the command line."""
     from flaxvision.presets import DEFAULT_PRESET, get_preset
-    from flaxvision.train.config import field_types
+    from flaxvision.train.config import TrainConfig, field_types
 
     run_dir: Path | None = args.run_dir
     saved = run_dir / "config.json" if args.resume and run_dir is not None else None
     if args.from_config:
-        name, config = args.from_config.parent.name, _read_recipe(args.from_config)
+        name, config = args.from_config.parent.name, TrainConfig.from_file(args.from_config)
     elif args.preset is None and saved is not None and saved.is_file():
-        name, config = saved.parent.name, _read_recipe(saved)  # resume the recipe the run was started with
+        name, config = saved.parent.name, TrainConfig.from_file(saved)  # resume the recipe the run was started with
     else:
         name = args.preset or DEFAULT_PRESET
         config = get_preset(name)

@@ -34,15 +34,6 @@ PLOTS = {
 }
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, json.JSONDecodeError) as err:
-        raise FlaxvisionError(f"cannot read {path}: {err}") from None
-
-
 def _records(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
@@ -99,9 +90,9 @@ def write_report(
 
     run_dir = Path(run_dir)
     records = _records(run_dir)
-    record = _read_json(run_dir / "config.json") or {}
-    evaluation = _read_json(run_dir / "eval.json")
-    summary = _read_json(run_dir / "summary.json")
+    record = files.read_json(run_dir / "config.json") or {}
+    evaluation = files.read_json(run_dir / "eval.json")
+    summary = files.read_json(run_dir / "summary.json")
     class_names = record.get("class_names") or (evaluation or {}).get("class_names")
     notes = list(notes or [])
     made: dict[str, Path] = {}

@@ -9,11 +9,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import types
 import typing
 from typing import Any
 
 from flaxvision.errors import ConfigError, did_you_mean
+from flaxvision.files import read_json
 from flaxvision.models.base import HEAD_INITS
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -134,6 +136,18 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         return cls().replace(**data)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> TrainConfig:
+        """The recipe in a run's config.json (its "train_config") or in a JSON file of TrainConfig fields."""
+        record = read_json(path)
+        if not isinstance(record, dict):
+            raise ConfigError(f"{path} holds no recipe ({'no such file' if record is None else 'not a JSON object'}); "
+                              "pass a run's config.json")  # fmt: skip
+        recipe = record.get("train_config", record)
+        if not isinstance(recipe, dict):
+            raise ConfigError(f"{path}: train_config is not a JSON object; pass a run's config.json")
+        return cls.from_dict(recipe)
 
 
 def _last_k(value: str) -> int | None:

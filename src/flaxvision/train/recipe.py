@@ -13,6 +13,7 @@ import dataclasses
 import os
 from typing import Any
 
+from flaxvision import files
 from flaxvision.errors import ConfigError, FlaxvisionError
 from flaxvision.train.config import TrainConfig
 
@@ -160,7 +161,6 @@ def check_fits(config: TrainConfig, model: Any, devices: list[Any]) -> None:
 def report_inputs(run_dir: Any) -> dict[str, Any]:
     """What `report.write_report` draws from, rebuilt from a run directory's config.json and model/: the model, the
     loaders, the device stage (with the recipe's jitter) and the schedule; what cannot be rebuilt becomes a note."""
-    import json
     from pathlib import Path
 
     import jax
@@ -171,9 +171,9 @@ def report_inputs(run_dir: Any) -> dict[str, Any]:
     run_dir = Path(run_dir)
     out: dict[str, Any] = {"notes": []}
     try:
-        record = json.loads((run_dir / "config.json").read_text())
-        config = TrainConfig.from_dict(record["train_config"])
-    except (OSError, ValueError, KeyError) as err:
+        record = files.read_json(run_dir / "config.json") or {}
+        config = TrainConfig.from_file(run_dir / "config.json")
+    except FlaxvisionError as err:
         out["notes"].append(f"schedule and sample grids left out: the run's config.json could not be read ({err})")
         return out
     out["schedule"] = learning_rate_schedule(config, int(record.get("total_steps", 1)))

@@ -70,13 +70,7 @@ class RunDirectory:
         return self.finished or self.file("metrics.jsonl").exists() or has_checkpoints(self.checkpoints)
 
     def read_json(self, name: str) -> Any:
-        path = self.file(name)
-        try:
-            return json.loads(path.read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, json.JSONDecodeError) as err:
-            raise FlaxvisionError(f"cannot read {path}: {err}; restore the file or start afresh with --overwrite") from None
+        return files.read_json(self.file(name))
 
     # ---- checks before anything is written ---------------------------------------------------------------------
     def check_mode(self, *, resume: bool, overwrite: bool) -> str:
