@@ -21,6 +21,7 @@ from flaxvision.models.base import HEAD_INITS
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("linear", "cosine", "constant")
 PARAM_SHARDINGS = ("replicated", "fsdp")
+LORA_TARGETS = ("qkv", "q", "k", "v", "proj", "fc1", "fc2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,17 @@ class TrainConfig:
     hflip: bool = True
     color_jitter: float = 0.2
     workers: int = 0  # grain worker processes (0: decode in the main process)
+    randaugment: str | None = None  # timm's grammar, e.g. "rand-m9-mstd0.5-inc1" (in the workers, after the crop)
+    trivialaugment: bool = False  # TrivialAugment Wide (one op, uniform magnitude; not with randaugment)
+    reprob: float = 0.0  # random erasing probability per image (timm's --reprob), in the workers
+    remode: str = "pixel"  # random erasing fill: "pixel" (per-pixel normal noise), "rand" (per-channel), "const" (0)
+    recount: int = 1  # random erasing: up to this many boxes per image
+    mixup: float = 0.0  # mixup alpha (0: off), on the device inside the step, soft targets
+    cutmix: float = 0.0  # CutMix alpha (0: off)
+    mixup_prob: float = 1.0  # probability of mixing a batch (or an example, with mixup_mode "elem")
+    mixup_switch_prob: float = 0.5  # with both mixup and cutmix on: probability of CutMix instead of mixup
+    mixup_mode: str = "batch"  # "batch" (one lambda and box per batch) or "elem" (one per example)
+    mixup_off_epoch: int | None = None  # mix only the first E epochs (timm's --mixup-off-epoch)
     # --- optimisation --------------------------------------------------------------------------------------
     epochs: int = 3
     batch_size: int = 32  # global batch; must divide by the device count
@@ -65,6 +77,14 @@ class TrainConfig:
     accumulate_steps: int = 1  # split each batch into this many micro-batches (same update, less memory)
     label_smoothing: float = 0.0
     layer_decay: float | None = None  # ViT layer-wise learning-rate decay, e.g. 0.75
+    ema_decay: float | None = None  # EMA of the weights (timm ModelEmaV3), e.g. 0.9998; evaluated beside the raw
+    ema_warmup: bool = False  # EMA decay warmup: 1 - (1 + step) ** -2/3, capped at ema_decay
+    best_by: str = "raw"  # which weights choose the best checkpoint: "raw" or "ema" (needs ema_decay)
+    # --- LoRA (low-rank adapters; the base weights are frozen: only adapters and the head train) ---------------
+    lora_rank: int | None = None  # e.g. 16 (None: no LoRA)
+    lora_alpha: float | None = None  # scale alpha / rank (None: alpha = rank)
+    lora_targets: str = "qkv"  # comma list of qkv, q, k, v (parts of the fused qkv), proj, fc1, fc2
+    lora_dropout: float = 0.0  # dropout on the adapter's input
     # --- sharding (see docs/DISTRIBUTED.md) ------------------------------------------------------------------
     param_sharding: str = "replicated"  # "fsdp": shard big parameters + optimizer state over the data axis
     fsdp_min_size: int = 2**18  # with fsdp: arrays with fewer elements stay replicated (biases, norms, ...)
@@ -116,6 +136,51 @@ class TrainConfig:
             raise bad("train_only", 'use "head" or "last:K" (e.g. last:2)')
         if not 0.1 <= self.rrc_scale_min <= 1.0:
             raise bad("rrc_scale_min", "must be in [0.1, 1]")
+        self._check_recipe_options(bad)
+
+    def _check_recipe_options(self, bad: Any) -> None:
+        """EMA, mixup/CutMix, host augmentation and LoRA options."""
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise bad("ema_decay", "must be in (0, 1), e.g. 0.9998")
+        if self.best_by not in ("raw", "ema"):
+            raise bad("best_by", "use raw or ema")
+        if self.best_by == "ema" and self.ema_decay is None:
+            raise bad("best_by", "needs --ema-decay (there are no EMA weights to choose by)")
+        if self.ema_warmup and self.ema_decay is None:
+            raise bad("ema_warmup", "needs --ema-decay")
+        for field in ("mixup", "cutmix"):
+            if getattr(self, field) < 0:
+                raise bad(field, "must be >= 0 (0 turns it off), e.g. 0.8")
+        for field in ("mixup_prob", "mixup_switch_prob", "reprob", "lora_dropout"):
+            if not 0.0 <= getattr(self, field) <= 1.0:
+                raise bad(field, "must be in [0, 1]")
+        if self.lora_dropout >= 1.0:
+            raise bad("lora_dropout", "must be below 1")
+        if self.mixup_mode not in ("batch", "elem"):
+            raise bad("mixup_mode", "use batch or elem")
+        if self.mixup_off_epoch is not None and self.mixup_off_epoch < 0:
+            raise bad("mixup_off_epoch", "must be >= 0")
+        if self.remode not in ("pixel", "rand", "const"):
+            raise bad("remode", "use pixel, rand or const")
+        if self.recount < 1:
+            raise bad("recount", "must be >= 1")
+        if self.randaugment is not None and self.trivialaugment:
+            raise bad("trivialaugment", "choose one of --randaugment and --trivialaugment")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise bad("lora_rank", "must be >= 1, e.g. 16")
+        if self.lora_alpha is not None and (self.lora_rank is None or self.lora_alpha <= 0):
+            raise bad("lora_alpha", "must be > 0 and goes with --lora-rank")
+        targets = [t.strip() for t in self.lora_targets.split(",")]
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if unknown or not targets:
+            raise bad("lora_targets", f"{unknown[0] if unknown else 'empty'!r} is not one of {', '.join(LORA_TARGETS)}")
+        if "qkv" in targets and any(t in targets for t in ("q", "k", "v")):
+            raise bad("lora_targets", "qkv already covers q, k and v; list either qkv or some of q, k, v")
+
+    @property
+    def mixes(self) -> bool:
+        """Whether mixup or CutMix is on (then the step trains on soft targets)."""
+        return self.mixup > 0 or self.cutmix > 0
 
     @property
     def global_eval_batch_size(self) -> int:
