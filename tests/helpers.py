@@ -4,7 +4,7 @@ models, directory snapshots, checkpoint damage, CLI runners, a tmpfs mount.
 Also a script, for tests that need a fit in a child process (to kill it, lock against it, fill its disk):
 
     python tests/helpers.py fit SPEC_JSON                             # one tiny colour-data fit (see `_child`)
-    python tests/helpers.py resume-fit RUN_DIR STEPS fresh|resume DELAY   # the SIGKILL/resume test's fit (test_train)
+    python tests/helpers.py resume-fit RUN_DIR STEPS fresh|resume DELAY [RECIPE_JSON]   # the SIGKILL/resume tests' fit
 
 Each prints its outcome as JSON on its last line.
 """
@@ -351,15 +351,41 @@ def remount_read_only(path) -> None:
 # ---- the SIGKILL/resume test's child (tests/test_train.py) ---------------------------------------------------
 
 
-def resume_fit_process(run_dir, steps: int, mode: str, delay: float = 0.0, **popen) -> subprocess.Popen:
-    """This file as a script: `resume_fit` in a child process (mode "fresh" or "resume")."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "resume-fit", str(run_dir), str(steps), mode, str(delay)]
+def resume_fit_process(run_dir, steps: int, mode: str, delay: float = 0.0, recipe: dict | None = None,
+                       **popen) -> subprocess.Popen:  # fmt: skip
+    """This file as a script: `resume_fit` in a child process (mode "fresh" or "resume"); `recipe`: TrainConfig
+    fields on top of the tiny recipe."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "resume-fit", str(run_dir), str(steps), mode, str(delay),
+           json.dumps(recipe or {})]  # fmt: skip
     # The child imports this checkout's flaxvision (src/) and the tests package, as the test process does.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen)
 
 
-def resume_fit(run_dir: str, steps: int, resume: bool, delay: float) -> None:
+def kill_once_checkpointed(run_dir, steps: int, at_least: int, recipe: dict | None = None) -> int:
+    """Start a paced `resume_fit` child (0.1 s per batch), SIGKILL it once it has checkpointed step `at_least`;
+    return the newest step it left in checkpoints/."""
+    child = resume_fit_process(run_dir, steps, "fresh", 0.1, recipe)
+    checkpoints = Path(run_dir) / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if checkpoints.exists() and max(checkpoint_steps(run_dir), default=-1) >= at_least:
+            break
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.communicate(timeout=60)
+    assert child.returncode == -signal.SIGKILL
+    assert not (Path(run_dir) / "summary.json").exists()
+    return max(checkpoint_steps(run_dir))
+
+
+def metrics_records(run_dir) -> list[dict[str, Any]]:
+    """metrics.jsonl without the throughput (which differs between any two runs)."""
+    records = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "images_per_second"} for r in records]
+
+
+def resume_fit(run_dir: str, steps: int, resume: bool, delay: float, recipe: dict | None = None) -> None:
     """Train the trainer tests' tiny ViT for `steps` steps (8 per epoch), checkpointing every 2; print the summary
     as JSON."""
     from flaxvision.train import TrainConfig, fit
@@ -369,7 +395,7 @@ def resume_fit(run_dir: str, steps: int, resume: bool, delay: float) -> None:
     config = TrainConfig(
         model="vit_tiny_patch16_224", epochs=steps // 8, batch_size=32, eval_batch_size=16, optimizer="adamw", lr=3e-3,
         warmup_steps=3, weight_decay=0.05, log_every=3, checkpoint_every=2, keep_checkpoints=3, progress=False,
-        model_overrides=dict(TRAINER_VIT), seed=3,
+        model_overrides=dict(TRAINER_VIT), seed=3, **(recipe or {}),
     )  # fmt: skip
     result = fit(
         config, run_dir=run_dir, model=trainer_vit(), train_data=batches(xt, yt, 32, delay), val_data=batches(xv, yv, 16),
@@ -381,10 +407,10 @@ def resume_fit(run_dir: str, steps: int, resume: bool, delay: float) -> None:
 def _main(argv: list[str]) -> None:
     if len(argv) == 2 and argv[0] == "fit":
         _child(json.loads(argv[1]))
-    elif len(argv) == 5 and argv[0] == "resume-fit":
-        resume_fit(argv[1], int(argv[2]), argv[3] == "resume", float(argv[4]))
+    elif len(argv) in (5, 6) and argv[0] == "resume-fit":
+        resume_fit(argv[1], int(argv[2]), argv[3] == "resume", float(argv[4]), json.loads(argv[5]) if len(argv) == 6 else None)
     else:
-        sys.exit(f"usage: python {sys.argv[0]} fit SPEC_JSON | resume-fit RUN_DIR STEPS fresh|resume DELAY")
+        sys.exit(f"usage: python {sys.argv[0]} fit SPEC_JSON | resume-fit RUN_DIR STEPS fresh|resume DELAY [RECIPE_JSON]")
 
 
 if __name__ == "__main__":

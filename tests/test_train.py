@@ -2,8 +2,6 @@
 
 import json
 import shutil
-import signal
-import time
 from typing import Any
 
 import jax
@@ -18,7 +16,15 @@ import flaxvision
 from flaxvision.train import Checkpointer, TrainConfig, Trainer, TrainingDiverged, fit, learning_rate_schedule
 from flaxvision.train.optim import _decay_mask, _layer_scales, trainable_predicate
 from flaxvision.train.step import cross_entropy
-from tests.helpers import TRAINER_VIT, batches, colour_data, resume_fit_process, trainer_vit
+from tests.helpers import (
+    TRAINER_VIT,
+    batches,
+    colour_data,
+    kill_once_checkpointed,
+    metrics_records,
+    resume_fit_process,
+    trainer_vit,
+)
 
 
 def small_config(**kw) -> TrainConfig:
@@ -72,17 +78,7 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     assert child.returncode == 0, err
 
     # Kill a paced run (0.1 s per batch) with SIGKILL once it has checkpointed step 6 of 16.
-    child = run_child(killed, 16, "fresh", delay=0.1)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        done = [int(p.name) for p in (killed / "checkpoints").glob("*") if p.name.isdigit()] if (killed / "checkpoints").exists() else []
-        if done and max(done) >= 6:
-            break
-        time.sleep(0.05)
-    child.send_signal(signal.SIGKILL)
-    child.communicate(timeout=60)
-    assert child.returncode == -signal.SIGKILL
-    assert not (killed / "summary.json").exists()
+    kill_once_checkpointed(killed, 16, 6)
 
     # A write that was cut off (what a kill during a save leaves): a later step's temporary directory.
     latest = max(int(p.name) for p in (killed / "checkpoints").glob("*") if p.name.isdigit())
@@ -101,9 +97,7 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)  # bitwise on CPU
-    strip = lambda recs: [{k: v for k, v in r.items() if k != "images_per_second"} for r in recs]  # noqa: E731
-    recs = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    assert strip(recs(straight)) == strip(recs(killed))
+    assert metrics_records(straight) == metrics_records(killed)
 
 
 def test_existing_run_is_not_overwritten(tmp_path):

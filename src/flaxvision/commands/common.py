@@ -8,12 +8,18 @@ from typing import Any
 from flaxvision.errors import FlaxvisionError
 
 
-def load_model(source: str) -> Any:
-    """A run directory (its model/), a model directory, a weights file or a Hub id -> a model in eval mode."""
+def load_model(source: str, weights: str = "raw") -> Any:
+    """A run directory (its model/, or with weights="ema" its model_ema/), a model directory, a weights file or a
+    Hub id -> a model in eval mode."""
     from flaxvision.weights import load_pretrained
 
     path = Path(source)
-    if path.is_dir() and (path / "model").is_dir():
+    if weights == "ema":
+        if not (path / "model_ema").is_dir():
+            raise FlaxvisionError(f"{source} has no model_ema/ (EMA weights): --weights ema needs a run directory "
+                                  "trained with --ema-decay; drop --weights ema for its raw weights")  # fmt: skip
+        path = path / "model_ema"
+    elif path.is_dir() and (path / "model").is_dir():
         path = path / "model"
     elif not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") != 1):
         raise FlaxvisionError(f"{source!r} is not a run directory, a model directory or a Hub id; check the path")

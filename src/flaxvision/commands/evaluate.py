@@ -30,6 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--val-fraction", type=float, default=None, help="held-out fraction when there is no split")
     parser.add_argument("--seed", type=int, default=None, help="seed of the held-out fraction")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--weights", choices=("raw", "ema"), default="raw",
+                        help="a run trained with --ema-decay: its raw weights (default) or their EMA")  # fmt: skip
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print {accuracy, top5_accuracy, loss, per_class, ...}")
     parser.set_defaults(func=run)
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from flaxvision.train.config import TrainConfig
     from flaxvision.train.evaluation import Evaluator
 
-    model = load_model(args.model)
+    model = load_model(args.model, weights=args.weights)
     recorded = _run_recipe(args.model)
     if args.dataset is None and recorded is None:
         raise FlaxvisionError(f"{args.model!r} is not a run directory; pass --dataset")

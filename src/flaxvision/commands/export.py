@@ -10,7 +10,8 @@ from flaxvision.errors import FlaxvisionError
 EPILOG = """examples:
   flaxvision export runs/food --format transformers --out exported/vit-food20   # ViTForImageClassification.from_pretrained
   flaxvision export runs/food --format timm --out exported/timm-food20
-  flaxvision export runs/food --format npz --out exported/npz-food20"""
+  flaxvision export runs/food --format npz --out exported/npz-food20
+  flaxvision export runs/deit --weights ema --format timm --out exported/deit-ema   # a run trained with --ema-decay"""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,6 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--format", required=True, choices=list(FORMATS))
     parser.add_argument("--out", required=True, metavar="DIR", help="a new or empty directory (npz: or a .npz file)")
     parser.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+    parser.add_argument("--weights", choices=("raw", "ema"), default="raw",
+                        help="a run trained with --ema-decay: export its raw weights (default) or their EMA")  # fmt: skip
     parser.set_defaults(func=run)
 
 
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
     out, source = Path(args.out), Path(args.run)
     _check_out(out, source, args.overwrite)
-    model = load_model(args.run)
+    model = load_model(args.run, weights=args.weights)
     if args.format == "npz" and out.suffix == ".npz":  # one file, written atomically
         with files.scratch_dir(out.parent) as tmp:
             files.write_atomic(out, save_pretrained(model, tmp / out.name, format=args.format).read_bytes())

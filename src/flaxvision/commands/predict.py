@@ -23,6 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--weights", choices=("raw", "ema"), default="raw",
+                        help="a run trained with --ema-decay: its raw weights (default) or their EMA")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print [{path, predictions: [{label, probability}]}]")
     parser.set_defaults(func=run)
 
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     paths = _expand(args.images)
     if not paths:
         raise FlaxvisionError(f"no image files in {' '.join(args.images)}")
-    model = load_model(args.model)
+    model = load_model(args.model, weights=args.weights)
     names = class_names_of(model)
     pre = model.preprocessing
     stage = DeviceStage(pre, devices=jax.devices()[:1], dtype=model.config.dtype)

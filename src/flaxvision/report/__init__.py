@@ -111,6 +111,8 @@ def write_report(
         made["val_curves.png"] = plots.val_curves(
             [r["step"] / per_epoch for r in evals], [r["val_loss"] for r in evals], [r["val_accuracy"] for r in evals],
             run_dir / "val_curves.png",
+            ema=([r["ema_val_loss"] for r in evals], [r["ema_val_accuracy"] for r in evals])
+            if all("ema_val_accuracy" in r for r in evals) else None,
         )  # fmt: skip
     if evaluation and evaluation.get("confusion"):
         made["confusion_matrix.png"] = plots.confusion_matrix(np.asarray(evaluation["confusion"]), class_names or [], run_dir / "confusion_matrix.png")

@@ -42,14 +42,21 @@ def train_loss(steps: Sequence[int], losses: Sequence[float], path: Path) -> Pat
     return _save(fig, path)
 
 
-def val_curves(epochs: Sequence[float], losses: Sequence[float], accuracies: Sequence[float], path: Path) -> Path:
+def val_curves(epochs: Sequence[float], losses: Sequence[float], accuracies: Sequence[float], path: Path, *,
+               ema: tuple[Sequence[float], Sequence[float]] | None = None) -> Path:  # fmt: skip
+    """Validation loss and top-1 per epoch; `ema` = (losses, accuracies) of the EMA weights, drawn beside them."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
-    left.plot(epochs, losses, marker="o", color="#bf3989")
+    left.plot(epochs, losses, marker="o", color="#bf3989", label="raw weights")
     left.set(xlabel="epoch", ylabel="validation loss", title="Validation loss")
-    right.plot(epochs, np.asarray(accuracies) * 100, marker="o", color=GREEN)
+    right.plot(epochs, np.asarray(accuracies) * 100, marker="o", color=GREEN, label="raw weights")
     right.set(xlabel="epoch", ylabel="top-1 (%)", title="Validation accuracy")
+    if ema is not None:
+        left.plot(epochs, ema[0], marker="s", linestyle="--", color="#444444", label="EMA")
+        right.plot(epochs, np.asarray(ema[1]) * 100, marker="s", linestyle="--", color="#444444", label="EMA")
     for ax in (left, right):
         ax.grid(alpha=0.3)
+        if ema is not None:
+            ax.legend()
     return _save(fig, path)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import jax
 
 from flaxvision import distributed
-from flaxvision.errors import ConfigError, FlaxvisionError
+from flaxvision.errors import FlaxvisionError
 from flaxvision.train import recipe
 from flaxvision.train.checkpoint import Checkpointer, Progress
 from flaxvision.train.config import TrainConfig
@@ -81,11 +81,7 @@ def fit(
     mode = run.check_mode(resume=resume, overwrite=overwrite)
     if mode == "finished":
         return _already_finished(run)
-    changes = run.recipe_changes(config) if mode == "resume" else {}
-    if changes and not allow_changes:
-        listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
-        raise ConfigError(f"--resume with a recipe that differs from {run.file('config.json')}: {listed}; drop those "
-                          "options to resume as it was, or pass --allow-changes to continue with them (recorded)")  # fmt: skip
+    changes = run.check_changes(config, allow=allow_changes) if mode == "resume" else {}
     if is_main:
         run.lock()
     try:
@@ -170,11 +166,18 @@ def _fit_locked(run: RunDirectory, mode: str, config: TrainConfig, changes: dict
 
     # ---- results: model/, eval.json, then summary.json (the run is finished) ---------------------------------------
     final_model = trainer.current_model()
+    ema_model = trainer.current_model(weights="ema") if trainer.has_ema else None  # (every process gathers)
     summary = session.summary()
     if run.is_main:
         run.export_model(final_model)
+        if ema_model is not None:
+            run.export_model(ema_model, weights="ema")
         if session.last_eval is not None:
-            run.write_json("eval.json", {"class_names": list(final_model.label_names or []), **session.last_eval})
+            names = {"class_names": list(final_model.label_names or [])}
+            raw = {k: v for k, v in session.last_eval.items() if k != "ema"}
+            run.write_json("eval.json", {**names, **raw})
+            if "ema" in session.last_eval:
+                run.write_json("eval_ema.json", {**names, **session.last_eval["ema"]})
         if hasattr(train_data, "write_report"):  # unusable images met (flaxvision.data loaders)
             train_data.write_report(run.path)
         if hasattr(val_data, "skipped"):

@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from flaxvision import files
-from flaxvision.errors import FlaxvisionError
+from flaxvision.errors import ConfigError, FlaxvisionError
 
 # What a finished or started run leaves; --overwrite removes exactly these (nothing else the user put there).
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "eval.json", "diverged.json", "report.html",
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "eval.json", "eval_ema.json", "diverged.json", "report.html",
              "skipped_images.json", "skipped_images_val.json")  # fmt: skip
-RUN_DIRS = ("checkpoints", "model")
+RUN_DIRS = ("checkpoints", "model", "model_ema")
 # TrainConfig fields that change how a run is watched, not what it computes: free to differ on resume.
 NOT_RECIPE = ("progress", "report", "workers", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints")
 
@@ -106,6 +106,23 @@ class RunDirectory:
             return {}
         now = config.to_dict()
         return {k: [saved.get(k), v] for k, v in now.items() if k not in NOT_RECIPE and _differs(saved.get(k), v)}
+
+    def check_changes(self, config: Any, *, allow: bool) -> dict[str, list[Any]]:
+        """On resume: the recipe changes, when they are allowed; else one clear error. Changes that alter what a
+        checkpoint holds (the trained parameters, the optimizer state, the EMA) are never accepted."""
+        changes = self.recipe_changes(config)
+        fixed = state_changes(changes)
+        if fixed:
+            listed = ", ".join(f"{k} {changes[k][0]!r} -> {changes[k][1]!r}" for k in fixed)
+            raise ConfigError(f"--resume cannot change {listed}: the checkpoints in {self.checkpoints} hold a state "
+                              "without it; drop those options to continue the run, or start a new run (another "
+                              "--run-dir) that starts from this one's model/ with --pretrained")  # fmt: skip
+        if changes and not allow:
+            listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+            raise ConfigError(f"--resume with a recipe that differs from {self.file('config.json')}: {listed}; drop "
+                              "those options to resume as it was, or pass --allow-changes to continue with them "
+                              "(recorded)")  # fmt: skip
+        return changes
 
     # ---- the lock ------------------------------------------------------------------------------------------------
     def lock(self) -> None:
@@ -202,12 +219,17 @@ class RunDirectory:
         if self.is_main:
             files.write_json(self.file(name), value)
 
-    def export_model(self, model: Any) -> Path:
-        """Write the final model with its label names into model/ (atomically) in its family's preferred format."""
+    def weights_dir(self, weights: str = "raw") -> Path:
+        """model/ (the raw weights) or model_ema/ (their EMA, for runs with --ema-decay)."""
+        return self.model_dir if weights == "raw" else self.path / "model_ema"
+
+    def export_model(self, model: Any, weights: str = "raw") -> Path:
+        """Write the final model with its label names into model/ (or model_ema/), atomically, in its family's
+        preferred format."""
         from flaxvision.weights import save_pretrained
 
         formats = _export_formats(model)
-        with files.atomic_directory(self.model_dir, overwrite=True) as tmp:
+        with files.atomic_directory(self.weights_dir(weights), overwrite=True) as tmp:
             for fmt in formats:
                 try:
                     save_pretrained(model, tmp, format=fmt)
@@ -215,10 +237,10 @@ class RunDirectory:
                 except FlaxvisionError as err:
                     if fmt == formats[-1]:
                         raise
-                    print(f"flaxvision: model/ not in {fmt} format ({err}); trying {formats[formats.index(fmt) + 1]}")
+                    print(f"flaxvision: {self.weights_dir(weights).name}/ not in {fmt} format ({err}); trying {formats[formats.index(fmt) + 1]}")
                     for leftover in tmp.iterdir():
                         leftover.unlink()
-        return self.model_dir
+        return self.weights_dir(weights)
 
 
 class MetricsLog:
@@ -265,6 +287,30 @@ def _read_holder(fd: int) -> dict[str, Any]:
         return json.loads(data) if data.strip() else {}
     except (OSError, json.JSONDecodeError):
         return {}
+
+
+# Recipe fields whose change alters the shapes of the trained state: what is trained (and so what has optimizer
+# state), the optimizer's own state, the EMA. A checkpoint cannot be restored into such a state.
+_MODEL_SHAPES_KEEP = ("drop_path_rate", "dropout_rate", "attention_dropout_rate", "remat", "scan_blocks")
+
+
+def state_changes(changes: dict[str, list[Any]]) -> list[str]:
+    """The fields of `changes` ({field: [saved, now]}) that no checkpoint of the saved recipe can continue."""
+    def on(field: str, value: Any) -> bool:
+        return value is not None and not (field == "layer_decay" and value >= 1.0) and value != 0
+
+    def overrides(value: Any) -> dict:
+        return {k: v for k, v in (value or {}).items() if k not in _MODEL_SHAPES_KEEP}
+
+    fixed = []
+    for field, (saved, now) in changes.items():
+        if field in ("model", "img_size", "optimizer", "train_only", "freeze", "lora_rank", "lora_targets"):
+            fixed.append(field)
+        elif field in ("ema_decay", "clip_grad_norm", "layer_decay", "momentum") and on(field, saved) != on(field, now):
+            fixed.append(field)
+        elif field == "model_overrides" and overrides(saved) != overrides(now):
+            fixed.append(field)
+    return fixed
 
 
 def _differs(saved: Any, now: Any) -> bool:

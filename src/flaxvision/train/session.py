@@ -100,7 +100,7 @@ class Session:
             mid_epoch = position < trainer.steps_per_epoch
             if mid_epoch and config.eval_every and self.step % config.eval_every == 0 and self.val_data is not None:
                 p.train_seconds += time.perf_counter() - clock
-                self.save(self.evaluate(epoch)["val_accuracy"])
+                self.save(self._score(self.evaluate(epoch)))
                 clock = self._log_clock = time.perf_counter()
             elif mid_epoch and config.checkpoint_every and self.step % config.checkpoint_every == 0:
                 self.save()
@@ -113,9 +113,10 @@ class Session:
         p.epoch, p.batch_in_epoch, p.data_state = epoch + 1, 0, None
         result = self.evaluate(epoch) if self.val_data is not None else None
         if result is not None and self.is_main:
+            ema = f"; EMA: val loss {result['ema']['val_loss']:.4f}, top-1 {result['ema']['val_accuracy']:.4f}" if "ema" in result else ""
             print(f"epoch {epoch + 1}/{config.epochs}: val loss {result['val_loss']:.4f}, "
-                  f"top-1 {result['val_accuracy']:.4f}, top-5 {result['val_top5_accuracy']:.4f}")  # fmt: skip
-        self.save(result["val_accuracy"] if result else None)
+                  f"top-1 {result['val_accuracy']:.4f}, top-5 {result['val_top5_accuracy']:.4f}{ema}")  # fmt: skip
+        self.save(self._score(result) if result else None)
         self._report_skipped(epoch)
         self._images_since_log, self._log_clock = 0, time.perf_counter()
         if self.on_epoch_end is not None:
@@ -143,13 +144,22 @@ class Session:
         return record
 
     def evaluate(self, epoch: int) -> dict[str, Any]:
+        """Evaluate the raw weights (and their EMA, as result["ema"], when the run keeps one); log both."""
         result = self.trainer.evaluate(self.val_data)  # type: ignore[arg-type]
+        keys = ("val_loss", "val_accuracy", "val_top5_accuracy", "val_count")
+        record = {"type": "eval", "step": self.step, "epoch": epoch + 1, **{k: result[k] for k in keys}}
+        if self.trainer.has_ema:
+            result["ema"] = self.trainer.evaluate(self.val_data, weights="ema")  # type: ignore[arg-type]
+            record.update({f"ema_{k}": result["ema"][k] for k in keys[:3]})
         self.last_eval = result
-        if self.progress.improves(result["val_accuracy"]):
-            self.progress.best_val_accuracy, self.progress.best_step = result["val_accuracy"], self.step
-        self.log.write({"type": "eval", "step": self.step, "epoch": epoch + 1,
-                        **{k: result[k] for k in ("val_loss", "val_accuracy", "val_top5_accuracy", "val_count")}})  # fmt: skip
+        if self.progress.improves(self._score(result)):
+            self.progress.best_val_accuracy, self.progress.best_step = self._score(result), self.step
+        self.log.write(record)
         return result
+
+    def _score(self, result: dict[str, Any]) -> float:
+        """The top-1 that chooses the best checkpoint: of the raw weights or of their EMA (--best-by)."""
+        return result["ema"]["val_accuracy"] if self.config.best_by == "ema" else result["val_accuracy"]
 
     def summary(self) -> dict[str, Any]:
         p, last = self.progress, self.last_eval
@@ -158,6 +168,9 @@ class Session:
             "final_val_accuracy": last["val_accuracy"] if last else None,
             "final_val_loss": last["val_loss"] if last else None,
             "final_val_top5_accuracy": last["val_top5_accuracy"] if last else None,
+            **({"final_ema_val_accuracy": last["ema"]["val_accuracy"], "final_ema_val_loss": last["ema"]["val_loss"]}
+               if last and "ema" in last else {}),
+            "best_by": self.config.best_by,
             "best_step": p.best_step,
             "epochs": self.config.epochs,
             "steps": self.step,

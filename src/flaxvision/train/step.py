@@ -21,6 +21,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from flaxvision.train import ema as ema_lib
+from flaxvision.train.mixup import MixConfig, mix_batch
+
 METRIC_KEYS = ("loss_sum", "correct", "count", "first_bad_step")
 
 
@@ -32,6 +35,7 @@ class TrainState:
     model_state: Any  # BatchNorm statistics and any other non-parameter state (nnx.State)
     opt_state: Any
     metrics: dict[str, jax.Array]  # running sums since metrics were last read
+    ema: Any = None  # {"params", "model_state"}: the EMA of the weights (train.ema), or None without EMA
 
     if TYPE_CHECKING:  # flax.struct.dataclass adds `replace` at runtime; declared here for the type checker only
 
@@ -84,6 +88,11 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     return optax.softmax_cross_entropy(logits, targets)
 
 
+def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-example cross-entropy against soft targets (mixup/CutMix), in float32."""
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
 def _tree_select(pred: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
 
@@ -96,23 +105,34 @@ def make_train_step(
     seed: int,
     accumulate_steps: int = 1,
     label_smoothing: float = 0.0,
+    mix: MixConfig | None = None,
+    num_classes: int | None = None,
+    ema_decay: float | None = None,
+    ema_warmup: bool = False,
 ) -> Callable[[TrainState, dict[str, jax.Array]], TrainState]:
     """Build `train_step(state, batch) -> state` (to be jitted with the state donated).
 
     `preprocess(images, key)` turns a batch of raw images into model inputs on the device (normalisation and any
     device-side augmentation). With `accumulate_steps` k > 1 the batch is split into k micro-batches whose
     gradients are averaged: the same update as the whole batch at a k-th of the activation memory.
+    `mix` mixes the batch (mixup/CutMix, train.mixup) and trains on soft targets; train accuracy then counts the
+    label with the larger share. `ema_decay` keeps `state.ema` (train.ema) as the average of the weights.
     A step whose loss or gradients are not finite leaves the state untouched and is recorded in the metrics.
     """
     base_key = jax.random.key(seed)
+    if mix is not None and num_classes is None:
+        raise ValueError("mixing needs num_classes")
 
-    def loss_fn(params, state, images, labels, key):
+    def loss_fn(params, state, images, targets, key):
         # Fresh Variable objects at this trace level (a captured State's Variables cannot be mutated in here).
         fresh = jax.tree.map(lambda x: x, (state.frozen, parts.rngs, state.model_state))
         model = nnx.merge(parts.train_graph, params, *fresh)
         nnx.reseed(model, dropout=key)
         logits = model(images)
-        losses = cross_entropy(logits, labels, label_smoothing)
+        if targets.ndim == 2:  # soft targets
+            losses, labels = soft_cross_entropy(logits, targets), jnp.argmax(targets, axis=-1)
+        else:
+            losses, labels = cross_entropy(logits, targets, label_smoothing), targets
         new_model_state = nnx.state(model, nnx.Not(nnx.Any(nnx.Param, nnx.RngState)))
         correct = jnp.sum(jnp.argmax(logits, axis=-1) == labels)
         return losses.mean(), (new_model_state, losses.sum(), correct)
@@ -124,6 +144,8 @@ def make_train_step(
         augment_key, dropout_key = jax.random.split(step_key)
         images = preprocess(batch["image"], augment_key)
         labels = batch["label"].astype(jnp.int32)
+        if mix is not None:  # (a third stream: the others stay as they are without mixing)
+            images, labels = mix_batch(images, labels, jax.random.fold_in(step_key, 2), mix, num_classes, state.step)  # type: ignore[arg-type]
 
         if accumulate_steps == 1:
             (_, (model_state, loss_sum, correct)), grads = grad_fn(state.params, state, images, labels, dropout_key)
@@ -161,12 +183,17 @@ def make_train_step(
             "count": m["count"] + jnp.where(finite, labels.shape[0], 0).astype(jnp.int32),
             "first_bad_step": jnp.where((m["first_bad_step"] < 0) & ~finite, state.step, m["first_bad_step"]),
         }
+        new_ema = state.ema
+        if ema_decay is not None:
+            decay = ema_lib.decay_at(state.step + 1, ema_decay, ema_warmup)
+            new_ema = _tree_select(finite, ema_lib.update(state.ema, params, model_state, decay), state.ema)
         return state.replace(
             step=state.step + 1,
             params=_tree_select(finite, params, state.params),
             opt_state=_tree_select(finite, opt_state, state.opt_state),
             model_state=_tree_select(finite, model_state, state.model_state),
             metrics=metrics,
+            ema=new_ema,
         )
 
     return train_step

@@ -16,8 +16,10 @@ from flaxvision import distributed, host_memory
 from flaxvision.data.device import DeviceStage
 from flaxvision.errors import FlaxvisionError
 from flaxvision.models.base import Classifier
+from flaxvision.train import ema
 from flaxvision.train.config import TrainConfig
 from flaxvision.train.evaluation import run_evaluation
+from flaxvision.train.mixup import MixConfig
 from flaxvision.train.optim import make_optimizer, trainable_filter
 from flaxvision.train.step import TrainState, empty_metrics, make_eval_step, make_train_step, merge_model, split_model
 
@@ -62,6 +64,9 @@ class Trainer:
             raise FlaxvisionError("nothing to train: --train-only/--freeze froze every parameter")
         self.tx, self.schedule = make_optimizer(config, state.params, model.config, self.total_steps)
         state = state.replace(opt_state=self.tx.init(state.params))
+        self.has_ema = config.ema_decay is not None
+        if self.has_ema:
+            state = state.replace(ema=ema.init(state.params, state.model_state))
         # Replicated, or FSDP: big arrays (parameters and the optimizer state shaped like them) split over "data".
         self.state_sharding = distributed.state_shardings(state, self.mesh, config.param_sharding, config.fsdp_min_size)
         self.state: TrainState = jax.device_put(state, self.state_sharding)
@@ -71,6 +76,8 @@ class Trainer:
         train_step = make_train_step(
             self.parts, self.tx, preprocess=self.stage.train_inputs, seed=config.seed,
             accumulate_steps=config.accumulate_steps, label_smoothing=config.label_smoothing,
+            mix=MixConfig.from_train_config(config, steps_per_epoch, groups=n), num_classes=model.config.num_classes,
+            ema_decay=config.ema_decay, ema_warmup=config.ema_warmup,
         )  # fmt: skip
         batch_sharding = self.stage.batch_sharding
         self.train_step = jax.jit(train_step, in_shardings=(self.state_sharding, batch_sharding),
@@ -94,17 +101,27 @@ class Trainer:
             "first_bad_step": int(m["first_bad_step"]),
         }
 
-    def evaluate(self, batches: Iterable) -> dict[str, Any]:
-        return run_evaluation(self.eval_step, self.state, batches, self.config.global_eval_batch_size, self.stage)
+    def weights_state(self, weights: str = "raw") -> TrainState:
+        """The train state with the raw weights, or with their EMA in their place (`weights="ema"`)."""
+        if weights == "ema":
+            if not self.has_ema:
+                raise FlaxvisionError("this run keeps no EMA of the weights; train with --ema-decay")
+            return ema.weights(self.state)
+        return self.state
 
-    def current_model(self) -> Any:
-        """The model with the current weights, in eval mode (a fresh module; the trainer's state is untouched)."""
+    def evaluate(self, batches: Iterable, weights: str = "raw") -> dict[str, Any]:
+        return run_evaluation(self.eval_step, self.weights_state(weights), batches, self.config.global_eval_batch_size,
+                              self.stage)  # fmt: skip
+
+    def current_model(self, weights: str = "raw") -> Any:
+        """The model with the current (or EMA) weights, in eval mode (a fresh module; the trainer's state is untouched)."""
         # Sharded arrays (FSDP, several processes) are gathered first; every process must call this.
-        parts = (self.state.params, self.state.frozen, self.state.model_state)
+        source = self.weights_state(weights)
+        parts = (source.params, source.frozen, source.model_state)
         if not all(leaf.is_fully_replicated for leaf in jax.tree.leaves(parts)):
             parts = jax.jit(lambda x: x, out_shardings=self.replicated)(parts)
         params, frozen, model_state = jax.device_get(parts)
-        state = self.state.replace(params=params, frozen=frozen, model_state=model_state, opt_state=None)
+        state = self.state.replace(params=params, frozen=frozen, model_state=model_state, opt_state=None, ema=None)
         model = cast(Classifier, merge_model(self.parts, state, train=False))
         model.preprocessing = self.model.preprocessing
         model.label_names = self.model.label_names
