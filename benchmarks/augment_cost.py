@@ -63,7 +63,7 @@ def per_image(data: list[bytes], preprocessing: Preprocessing, augment: AugmentC
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description="CPU time per image of decode_train with and without host augmentation")
     parser.add_argument("--images", type=int, default=96, help="224 px images per configuration and round (32 px: 8x)")
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
