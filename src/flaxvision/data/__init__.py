@@ -8,9 +8,10 @@
 
 Stages, one module each. Sources: `sources` (spec -> splits, class selection, checks) reading through
 `hf_datasets` (Hub, save_to_disk, parquet) or `image_folder`, into `image_source` (`ImageSource`). Host work:
-`transforms` (decode + host augmentation, PIL/numpy), `batches` (the worker-side batch maker), `pipeline` (the
-loader: order, sharding, resumable state), `stream` (grain workers and their shared memory), `skipped` (unusable
-images). Device: `device` (transfer, jitter + normalisation inside jit).
+`transforms` (decode + host augmentation, PIL/numpy; RandAugment and TrivialAugment in `autoaugment`, random
+erasing in `erasing`), `batches` (the worker-side batch maker), `pipeline` (the loader: order, sharding, resumable
+state), `stream` (grain workers and their shared memory), `skipped` (unusable images). Device: `device` (transfer,
+jitter + normalisation inside jit).
 """
 
 from flaxvision.data.device import DevicePreprocess, device_preprocess

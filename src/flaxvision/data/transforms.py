@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from flaxvision.data.autoaugment import auto_augment, parse_randaugment
+from flaxvision.data.erasing import check_erasing, random_erase
 from flaxvision.errors import ConfigError
 from flaxvision.preprocessing import Preprocessing
 
@@ -67,6 +69,10 @@ class AugmentConfig:
         may keep as little as this fraction of the output side. 1.0 (default) never lets draft mode cost any
         resolution; e.g. 0.9 also decodes at half size when that leaves the crop 10% short of the output (a mild
         upscale), which saves ~15% of the CPU time on 512-pixel photos at 224.
+      randaugment: a timm RandAugment string, e.g. "rand-m9-mstd0.5-inc1"; trivialaugment: TrivialAugment Wide
+        (not both). On the host after crop and flip, whatever the crop mode (see `flaxvision.data.autoaugment`).
+      reprob, remode, recount: random erasing, last, on the uint8 image: probability, fill ("pixel", "rand",
+        "const") and up to how many boxes (see `flaxvision.data.erasing`).
     """
 
     crop: str = "random_resized"
@@ -78,6 +84,11 @@ class AugmentConfig:
     contrast: float = 0.2
     saturation: float = 0.2
     draft_min_fraction: float = 1.0
+    randaugment: str | None = None
+    trivialaugment: bool = False
+    reprob: float = 0.0
+    remode: str = "pixel"
+    recount: int = 1
 
     def __post_init__(self) -> None:
         if self.crop not in _CROP_MODES:
@@ -93,6 +104,11 @@ class AugmentConfig:
                 raise ConfigError(f"AugmentConfig: {name} must be in [0, 1), got {getattr(self, name)}")
         if not 0.5 <= self.draft_min_fraction <= 1.0:
             raise ConfigError(f"AugmentConfig: draft_min_fraction must be in [0.5, 1], got {self.draft_min_fraction}")
+        if self.randaugment is not None:
+            parse_randaugment(self.randaugment)
+            if self.trivialaugment:
+                raise ConfigError("AugmentConfig: randaugment and trivialaugment exclude each other; choose one")
+        check_erasing(self.reprob, self.remode, self.recount)
 
     @classmethod
     def cifar(cls) -> AugmentConfig:
@@ -313,8 +329,9 @@ def decode_eval(data: Any, preprocessing: Preprocessing, *, draft: bool = True,
 
 def decode_train(data: Any, preprocessing: Preprocessing, augment: AugmentConfig, rng: np.random.Generator, *,
                  draft: bool = True, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Training preprocessing of one image: random geometry and flip per `augment`, drawn from `rng`; uint8
-    (img_size, img_size, channels). `draft` and `max_image_pixels` as in `decode_eval`."""
+    """Training preprocessing of one image: random geometry and flip, then RandAugment or TrivialAugment, then
+    random erasing, per `augment`, all drawn from `rng`; uint8 (img_size, img_size, channels). `draft` and
+    `max_image_pixels` as in `decode_eval`."""
     if augment.crop == "resize":
         array = decode_eval(data, preprocessing, draft=draft, max_image_pixels=max_image_pixels)
     elif augment.crop == "pad_crop":
@@ -332,6 +349,11 @@ def decode_train(data: Any, preprocessing: Preprocessing, augment: AugmentConfig
         array = _as_array(image.resize((size, size), _RESAMPLE[preprocessing.interpolation], box=box), channels)
     if augment.hflip and rng.random() < 0.5:
         array = array[:, ::-1]
+    array = auto_augment(array, rng, randaugment=augment.randaugment, trivialaugment=augment.trivialaugment,
+                         mean=preprocessing.mean)  # fmt: skip
+    if augment.reprob > 0:
+        array = random_erase(array, rng, prob=augment.reprob, mode=augment.remode, max_count=augment.recount,
+                             mean=preprocessing.mean, std=preprocessing.std)  # fmt: skip
     return array
 
 

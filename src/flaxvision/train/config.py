@@ -14,6 +14,7 @@ import types
 import typing
 from typing import Any
 
+from flaxvision.data.autoaugment import parse_randaugment
 from flaxvision.errors import ConfigError, did_you_mean
 from flaxvision.files import read_json
 from flaxvision.models.base import HEAD_INITS
@@ -164,6 +165,8 @@ class TrainConfig:
             raise bad("remode", "use pixel, rand or const")
         if self.recount < 1:
             raise bad("recount", "must be >= 1")
+        if self.randaugment is not None:
+            parse_randaugment(self.randaugment)  # a one-line ConfigError naming the bad option
         if self.randaugment is not None and self.trivialaugment:
             raise bad("trivialaugment", "choose one of --randaugment and --trivialaugment")
         if self.lora_rank is not None and self.lora_rank < 1:

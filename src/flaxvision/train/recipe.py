@@ -28,14 +28,19 @@ class RunParts:
 
 
 def augment_config(config: TrainConfig) -> Any:
+    """The training AugmentConfig of a recipe. RandAugment / TrivialAugment and random erasing apply whenever given,
+    with every `augment` crop mode ("none" included: the eval geometry, then those)."""
     from flaxvision import data
 
+    host: dict[str, Any] = dict(randaugment=config.randaugment, trivialaugment=config.trivialaugment,
+                                reprob=config.reprob, remode=config.remode, recount=config.recount)  # fmt: skip
     if config.augment == "rrc":
         return data.AugmentConfig(scale=(config.rrc_scale_min, 1.0), hflip=config.hflip, brightness=config.color_jitter,
-                                  contrast=config.color_jitter, saturation=config.color_jitter)  # fmt: skip
+                                  contrast=config.color_jitter, saturation=config.color_jitter, **host)  # fmt: skip
     if config.augment == "cifar":
-        return data.AugmentConfig(crop="pad_crop", hflip=config.hflip, brightness=0.0, contrast=0.0, saturation=0.0)
-    return data.AugmentConfig(crop="resize", hflip=False, brightness=0.0, contrast=0.0, saturation=0.0)
+        return data.AugmentConfig(crop="pad_crop", hflip=config.hflip, brightness=0.0, contrast=0.0, saturation=0.0,
+                                  **host)  # fmt: skip
+    return data.AugmentConfig(crop="resize", hflip=False, brightness=0.0, contrast=0.0, saturation=0.0, **host)
 
 
 def build_model(config: TrainConfig, *, num_classes: int | None, in_chans: int | None = None) -> Any:
