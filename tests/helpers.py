@@ -91,6 +91,13 @@ def tiny_vit(seed: int = 0, **kw):
     return flaxvision.create_model("vit_tiny_patch16_224", num_classes=4, seed=seed, **{**TINY_VIT, **kw})
 
 
+def flat_params(model) -> dict[str, np.ndarray]:
+    """A model's parameters by dotted path, as numpy arrays."""
+    from flax import nnx
+
+    return {".".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
 def trainer_vit(seed: int = 0, **kw):
     """The trainer tests' tiny ViT (TRAINER_VIT: two blocks)."""
     return tiny_vit(seed, **{**TRAINER_VIT, **kw})
@@ -111,6 +118,44 @@ def colour_fit_kwargs(n_train: int = 128, delay: float = 0.0, overrides: dict | 
     xv, yv = colour_data(32, 1)
     return dict(model=tiny_vit(**(overrides or {})), train_data=batches(xt, yt, 32, delay), val_data=batches(xv, yv, 16),
                 class_names=CLASS_NAMES)  # fmt: skip
+
+
+class StopAfter:
+    """Wraps a flaxvision.data loader and raises KeyboardInterrupt (as Ctrl-C would) after `n` training batches."""
+
+    def __init__(self, loader, n):
+        self.loader, self.n, self.seen = loader, n, 0
+        self.augment = loader.augment  # the colour jitter the device stage applies
+
+    def __len__(self):
+        return len(self.loader)
+
+    def set_epoch(self, epoch):
+        self.loader.set_epoch(epoch)
+
+    def __iter__(self):
+        wrapper = self
+
+        class It:
+            def __init__(self):
+                self.it = iter(wrapper.loader)
+
+            def __iter__(self):
+                return self
+
+            def __next__(self):
+                if wrapper.seen == wrapper.n:
+                    raise KeyboardInterrupt
+                wrapper.seen += 1
+                return next(self.it)
+
+            def get_state(self):
+                return self.it.get_state()
+
+            def set_state(self, state):
+                self.it.set_state(state)
+
+        return It()
 
 
 def stop_after_first_epoch(*_args, **_kw):

@@ -18,8 +18,10 @@ from flaxvision.train.optim import _decay_mask, _layer_scales, trainable_predica
 from flaxvision.train.step import cross_entropy
 from tests.helpers import (
     TRAINER_VIT,
+    StopAfter,
     batches,
     colour_data,
+    flat_params,
     kill_once_checkpointed,
     metrics_records,
     resume_fit_process,
@@ -31,10 +33,6 @@ def small_config(**kw) -> TrainConfig:
     base = dict(model="vit_tiny_patch16_224", epochs=1, batch_size=32, optimizer="adamw", lr=3e-3, log_every=2,
                 progress=False, model_overrides=dict(TRAINER_VIT))  # fmt: skip
     return TrainConfig(**{**base, **kw})
-
-
-def flat_params(model) -> dict[str, np.ndarray]:
-    return {".".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 def test_learnable_task_reaches_high_accuracy(tmp_path):
@@ -276,44 +274,6 @@ def test_device_out_of_memory_becomes_a_batch_size_suggestion():
     assert isinstance(err, flaxvision.FlaxvisionError)
     assert str(err).startswith("the device ran out of memory at batch size 64; try --batch-size 32")
     assert out_of_memory_error(RuntimeError("INVALID_ARGUMENT: shapes"), config) is None
-
-
-class StopAfter:
-    """Wraps a flaxvision.data loader and raises KeyboardInterrupt (as Ctrl-C would) after `n` training batches."""
-
-    def __init__(self, loader, n):
-        self.loader, self.n, self.seen = loader, n, 0
-        self.augment = loader.augment  # the colour jitter the device stage applies
-
-    def __len__(self):
-        return len(self.loader)
-
-    def set_epoch(self, epoch):
-        self.loader.set_epoch(epoch)
-
-    def __iter__(self):
-        wrapper = self
-
-        class It:
-            def __init__(self):
-                self.it = iter(wrapper.loader)
-
-            def __iter__(self):
-                return self
-
-            def __next__(self):
-                if wrapper.seen == wrapper.n:
-                    raise KeyboardInterrupt
-                wrapper.seen += 1
-                return next(self.it)
-
-            def get_state(self):
-                return self.it.get_state()
-
-            def set_state(self, state):
-                self.it.set_state(state)
-
-        return It()
 
 
 def test_resume_mid_epoch_with_the_grain_loader_is_exact(tmp_path):
