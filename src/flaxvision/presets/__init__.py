@@ -19,6 +19,8 @@ _MODULES = {
     "food101-vit-b16-adamw": "food101_vit_b16_adamw",
     "mnist-cnn": "mnist_cnn",
     "cifar10-resnet18": "cifar10_resnet18",
+    "digits-vit-deit": "digits_vit_deit",
+    "food101-vit-b16-lora": "food101_vit_b16_lora",
 }
 
 
