@@ -1,4 +1,4 @@
-"""What several subcommands share: finding the model of a run directory or a model directory."""
+"""What several subcommands share: finding the model of a run directory, a model directory or a LoRA adapter."""
 
 from __future__ import annotations
 
@@ -9,10 +9,14 @@ from flaxvision.errors import FlaxvisionError
 
 
 def load_model(source: str) -> Any:
-    """A run directory (its model/), a model directory, a weights file or a Hub id -> a model in eval mode."""
-    from flaxvision.weights import load_pretrained
+    """A run directory (its model/), a model directory, a weights file, a Hub id or a LoRA adapter directory (onto
+    the base it names: the model keeps its adapters, unmerged) -> a model in eval mode."""
+    from flaxvision.weights import load_adapter, load_pretrained
+    from flaxvision.weights.adapter import is_adapter_dir
 
     path = Path(source)
+    if is_adapter_dir(path):
+        return load_adapter(path)
     if path.is_dir() and (path / "model").is_dir():
         path = path / "model"
     elif not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") != 1):
