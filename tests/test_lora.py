@@ -119,6 +119,7 @@ def test_bfloat16_adapters_compute_in_bfloat16_and_merge():
     assert model.blocks[0].attn.qkv(tokens).dtype == jnp.bfloat16
     assert all(v.dtype == np.float32 for v in flat(model).values())  # float32 master weights
     np.testing.assert_allclose(logits(merge_lora(model), x), logits(model, x), atol=0.05)
+    assert np.abs(logits(model, x, train=True) - logits(model, x)).max() > 1e-3  # the adapters' dropout, training
 
 
 def test_only_vits_are_adaptable():
@@ -173,6 +174,8 @@ def test_freeze_applies_on_top_and_train_only_is_refused():
     assert not trainable(("blocks", 1, "attn", "qkv", "kernel")) and not trainable(("norm", "scale"))
     with pytest.raises(flaxvision.ConfigError, match="train_only='head': LoRA already trains only"):
         small_config(lora_rank=4, train_only="head")
+    with pytest.raises(flaxvision.ConfigError, match="lora_targets='q,v': goes with --lora-rank"):
+        small_config(lora_targets="q,v")
     preset_like = TrainConfig(lora_rank=16, lora_alpha=16, lora_targets="q,v")  # the PEFT guide's setting
     assert preset_like.lora_targets == "q,v"
     assert flaxvision.train.config.LORA_TARGETS == flaxvision.models.lora.TARGETS
@@ -223,6 +226,9 @@ def test_an_adapter_on_the_wrong_base_is_one_error(tmp_path):
     out = save_adapter(model, tmp_path / "adapter", base=None)
     with pytest.raises(flaxvision.FlaxvisionError, match="trained on a model built from scratch"):
         load_adapter(out)
+    offline = save_adapter(model, tmp_path / "hub-adapter", base="flaxvision-tests/no-such-base")
+    with pytest.raises(flaxvision.FlaxvisionError, match="cannot reach the Hugging Face Hub to fetch 'flaxvision-tests/"):
+        load_adapter(offline)  # the recorded base id goes through weights.hub (offline in the tests)
     for base, message in ((trainer_vit(mlp_dim=48), "mlp_dim 48 .base. vs 64"), (flaxvision.create_model("vit_tiny_patch16_224", **{**cast(dict[str, Any], TRAINER_VIT), "num_classes": 3}), "num_classes=4"),
                           (flaxvision.create_model("cnn", num_classes=4), "trained on a"),
                           (trainer_vit(depth=1), "depth 1 .base. vs 2")):  # fmt: skip
@@ -323,6 +329,15 @@ def test_predict_and_export_an_adapter_from_the_command_line(lora_run, tmp_path,
         with torch.no_grad():
             theirs = hf(torch.from_numpy(x).permute(0, 3, 1, 2)).logits.numpy()
         np.testing.assert_allclose(theirs, logits(result.model, x), atol=1e-4)
+    import timm
+
+    code, _, err = run_cli(["export", root / "run" / "adapter", "--merge-lora", "--format", "timm", "--out",
+                            tmp_path / "timm"], capsys)  # fmt: skip
+    assert code == 0, err
+    reference = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+    with torch.no_grad():
+        theirs = reference(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_allclose(theirs, logits(result.model, x), atol=1e-4)
 
 
 @pytest.mark.parametrize("extra, message", [
