@@ -158,9 +158,10 @@ class LoRALinear(nnx.Linear):
 
     def merged(self) -> nnx.Linear:
         """A plain nnx.Linear whose kernel is W + alpha / rank * A @ B (the same settings and bias)."""
-        settings: dict[str, Any] = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-                        dot_general=self.dot_general, promote_dtype=self.promote_dtype,
-                        preferred_element_type=self.preferred_element_type)  # fmt: skip
+        settings: dict[str, Any] = dict(
+            use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+            dot_general=self.dot_general, promote_dtype=self.promote_dtype, preferred_element_type=self.preferred_element_type,
+        )  # fmt: skip
         plain = nnx.eval_shape(lambda: nnx.Linear(self.in_features, self.out_features, rngs=nnx.Rngs(0), **settings))
         kernel = self.kernel[...]
         plain.kernel = nnx.Param((jnp.asarray(kernel, jnp.float32) + self.delta()).astype(kernel.dtype))
