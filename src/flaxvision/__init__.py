@@ -24,15 +24,17 @@ from flaxvision.models import (
     ResNetConfig,
     ViT,
     ViTConfig,
+    apply_lora,
     build_model,
     create_model,
     list_models,
+    merge_lora,
     model_config,
     model_info,
     register_model,
 )
 from flaxvision.preprocessing import Preprocessing
-from flaxvision.weights import LoadReport, load_pretrained, save_pretrained
+from flaxvision.weights import LoadReport, load_adapter, load_pretrained, save_adapter, save_pretrained
 
 __version__ = "0.1.0"
 
@@ -42,7 +44,7 @@ __all__ = [
     "CNN", "CNNConfig", "Classifier", "ConfigError", "FlaxvisionError", "PeerProcessLost", "Preprocessing", "ResNet",
     "ResNetConfig", "RunStopped", "TrainingDiverged", "TrainingInterrupted", "ViT", "ViTConfig", "build_model",
     "create_model", "data", "list_models", "model_config", "model_info", "register_model", "LoadReport",
-    "load_pretrained", "save_pretrained",
+    "load_pretrained", "save_pretrained", "apply_lora", "merge_lora", "load_adapter", "save_adapter",
 ]  # fmt: skip
 
 _SUBPACKAGES = ("data", "presets", "report", "train")

@@ -1,4 +1,4 @@
-"""What several subcommands share: finding the model of a run directory or a model directory."""
+"""What several subcommands share: finding the model of a run directory, a model directory or a LoRA adapter."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from flaxvision.errors import FlaxvisionError
 
 
 def load_model(source: str, weights: str = "raw") -> Any:
-    """A run directory (its model/, or with weights="ema" its model_ema/), a model directory, a weights file or a
-    Hub id -> a model in eval mode."""
-    from flaxvision.weights import load_pretrained
+    """A run directory (its model/, or with weights="ema" its model_ema/), a model directory, a weights file, a Hub
+    id or a LoRA adapter directory (onto the base it names: the model keeps its adapters, unmerged) -> a model in
+    eval mode."""
+    from flaxvision.weights import load_adapter, load_pretrained
+    from flaxvision.weights.adapter import is_adapter_dir
 
     path = Path(source)
     if weights == "ema":
@@ -19,6 +21,8 @@ def load_model(source: str, weights: str = "raw") -> Any:
             raise FlaxvisionError(f"{source} has no model_ema/ (EMA weights): --weights ema needs a run directory "
                                   "trained with --ema-decay; drop --weights ema for its raw weights")  # fmt: skip
         path = path / "model_ema"
+    elif is_adapter_dir(path):
+        return load_adapter(path)
     elif path.is_dir() and (path / "model").is_dir():
         path = path / "model"
     elif not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") != 1):

@@ -11,7 +11,8 @@ EPILOG = """examples:
   flaxvision export runs/food --format transformers --out exported/vit-food20   # ViTForImageClassification.from_pretrained
   flaxvision export runs/food --format timm --out exported/timm-food20
   flaxvision export runs/food --format npz --out exported/npz-food20
-  flaxvision export runs/deit --weights ema --format timm --out exported/deit-ema   # a run trained with --ema-decay"""
+  flaxvision export runs/deit --weights ema --format timm --out exported/deit-ema   # a run trained with --ema-decay
+  flaxvision export runs/food-lora/adapter --merge-lora --format transformers --out exported/vit-food-lora"""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,12 +23,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Export the model of a run (or a model directory) for transformers, timm or big_vision.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    parser.add_argument("run", metavar="RUN_DIR", help="a run directory or a model directory")
+    parser.add_argument("run", metavar="RUN_DIR", help="a run directory, a model directory or a LoRA adapter directory")
     parser.add_argument("--format", required=True, choices=list(FORMATS))
     parser.add_argument("--out", required=True, metavar="DIR", help="a new or empty directory (npz: or a .npz file)")
     parser.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     parser.add_argument("--weights", choices=("raw", "ema"), default="raw",
                         help="a run trained with --ema-decay: export its raw weights (default) or their EMA")  # fmt: skip
+    parser.add_argument("--merge-lora", action="store_true", help="merge a LoRA adapter into its base's kernels "
+                        "(needed to export an adapter; a LoRA run's model/ is merged already)")  # fmt: skip
     parser.set_defaults(func=run)
 
 
@@ -42,6 +45,24 @@ def _check_out(out: Path, source: Path, overwrite: bool) -> None:
         raise FlaxvisionError(f"--out {out} already exists and is not empty; choose a new directory or pass --overwrite")
 
 
+def _check_lora(source: Path, args: argparse.Namespace) -> None:
+    """Before anything is loaded: an adapter needs --merge-lora (no format holds one unmerged), --merge-lora needs one."""
+    from flaxvision.weights.adapter import is_adapter_dir
+
+    adapter = is_adapter_dir(source)
+    if adapter and not args.merge_lora:
+        raise FlaxvisionError(f"{source} is a LoRA adapter, which {args.format} format cannot express; pass "
+                              "--merge-lora to export its base with the adapter merged into the kernels")  # fmt: skip
+    if args.merge_lora and not (adapter or (source / "adapter").is_dir()):
+        raise FlaxvisionError(f"--merge-lora: {source} holds no LoRA adapter (a LoRA run or its adapter/); drop --merge-lora")
+
+
+def _merged(model):
+    from flaxvision.models.lora import lora_spec, merge_lora
+
+    return merge_lora(model) if lora_spec(model) is not None else model  # a LoRA run's model/ is merged already
+
+
 def run(args: argparse.Namespace) -> int:
     from flaxvision import files
     from flaxvision.commands.common import load_model
@@ -49,7 +70,9 @@ def run(args: argparse.Namespace) -> int:
 
     out, source = Path(args.out), Path(args.run)
     _check_out(out, source, args.overwrite)
+    _check_lora(source, args)
     model = load_model(args.run, weights=args.weights)
+    model = _merged(model) if args.merge_lora else model
     if args.format == "npz" and out.suffix == ".npz":  # one file, written atomically
         with files.scratch_dir(out.parent) as tmp:
             files.write_atomic(out, save_pretrained(model, tmp / out.name, format=args.format).read_bytes())

@@ -18,11 +18,11 @@ from flaxvision.data.autoaugment import parse_randaugment
 from flaxvision.errors import ConfigError, did_you_mean
 from flaxvision.files import read_json
 from flaxvision.models.base import HEAD_INITS
+from flaxvision.models.lora import TARGETS as LORA_TARGETS
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("linear", "cosine", "constant")
 PARAM_SHARDINGS = ("replicated", "fsdp")
-LORA_TARGETS = ("qkv", "q", "k", "v", "proj", "fc1", "fc2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +179,12 @@ class TrainConfig:
             raise bad("lora_targets", f"{unknown[0] if unknown else 'empty'!r} is not one of {', '.join(LORA_TARGETS)}")
         if "qkv" in targets and any(t in targets for t in ("q", "k", "v")):
             raise bad("lora_targets", "qkv already covers q, k and v; list either qkv or some of q, k, v")
+        for field, default in (("lora_targets", "qkv"), ("lora_dropout", 0.0)):
+            if self.lora_rank is None and getattr(self, field) != default:
+                raise bad(field, "goes with --lora-rank (without it there are no adapters)")
+        if self.lora_rank is not None and self.train_only is not None:
+            raise bad("train_only", "LoRA already trains only the adapters and the head; drop --train-only "
+                      "(--freeze still applies on top)")  # fmt: skip
 
     @property
     def mixes(self) -> bool:

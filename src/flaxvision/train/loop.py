@@ -64,7 +64,9 @@ def fit(
     Args:
       config: the recipe (see TrainConfig; presets are TrainConfigs).
       run_dir: where config.json, metrics.jsonl, summary.json, checkpoints/ and model/ go.
-      model: a flaxvision model; None builds `config.model` (pretrained from `config.pretrained`).
+      model: a flaxvision model; None builds `config.model` (pretrained from `config.pretrained`). With
+        `config.lora_rank` it gets LoRA adapters (in place; see flaxvision.models.lora): only they and the head train,
+        model/ holds the merged model and adapter/ the adapter alone.
       train_data / val_data: re-iterable batch sources (None: built from `config.dataset`).
       class_names: label names (taken from the data source when it has `class_names`).
       steps_per_epoch: batches per epoch when `len(train_data)` is not defined.
@@ -114,6 +116,7 @@ def _fit_locked(run: RunDirectory, mode: str, config: TrainConfig, changes: dict
         recipe.check_class_count(model, len(class_names))
         if model.label_names is None:
             model.label_names = tuple(class_names)
+    model = recipe.with_lora(config, model)  # a given model gets the recipe's adapters too
     recipe.check_fits(config, model, jax.devices())
 
     # ---- mesh, sharded state, compiled steps ---------------------------------------------------------------------
@@ -169,7 +172,7 @@ def _fit_locked(run: RunDirectory, mode: str, config: TrainConfig, changes: dict
     ema_model = trainer.current_model(weights="ema") if trainer.has_ema else None  # (every process gathers)
     summary = session.summary()
     if run.is_main:
-        run.export_model(final_model)
+        run.export_model(final_model, lora_base=config.pretrained)
         if ema_model is not None:
             run.export_model(ema_model, weights="ema")
         if session.last_eval is not None:

@@ -2,6 +2,8 @@
 
 Parameters are addressed by their dotted path in the model ("blocks.3.attn.qkv.kernel", "head.bias"). What a
 model's layers are (for layer-wise decay and --train-only last:K) its config says: `num_layers()`, `layer_index(path)`.
+With LoRA, the adapters' paths lie inside their blocks ("blocks.3.attn.qkv.lora_q.lora_a"): layer-wise decay scales
+them as their block.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from flax import nnx
 
 from flaxvision.errors import ConfigError
 from flaxvision.models.base import param_path, require_layers
+from flaxvision.models.lora import is_adapter_path
 from flaxvision.train.config import TrainConfig, _last_k
 
 # Never weight-decayed (besides every 0/1-D tensor: biases, LayerNorm/BatchNorm scales and offsets).
@@ -39,7 +42,8 @@ def learning_rate_schedule(config: TrainConfig, total_steps: int) -> optax.Sched
 
 
 def trainable_predicate(config: TrainConfig, model_config: Any) -> Callable[[tuple], bool]:
-    """path -> whether the parameter is trained, from --train-only and --freeze."""
+    """path -> whether the parameter is trained, from --lora-rank (only the adapters and the head), --train-only and
+    --freeze (on top of either)."""
     last_k = _last_k(config.train_only) if config.train_only else None
     layers = require_layers(model_config, f"train_only={config.train_only!r}") if last_k is not None else 0
     if last_k is not None and last_k > layers:
@@ -50,6 +54,8 @@ def trainable_predicate(config: TrainConfig, model_config: Any) -> Callable[[tup
         raise ConfigError(f"freeze={config.freeze!r} is not a valid regular expression ({err})") from None
 
     def trainable(path: tuple) -> bool:
+        if config.lora_rank is not None and not is_adapter_path(path):
+            return False
         if config.train_only == "head" and path[0] != "head":
             return False
         # The last K layers and what sits above them (final norm, head): layer indices above layers - K.

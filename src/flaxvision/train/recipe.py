@@ -44,14 +44,38 @@ def augment_config(config: TrainConfig) -> Any:
 
 
 def build_model(config: TrainConfig, *, num_classes: int | None, in_chans: int | None = None) -> Any:
-    """`config.model` (pretrained from `config.pretrained`) for `num_classes` classes."""
+    """`config.model` (pretrained from `config.pretrained`) for `num_classes` classes, with the recipe's LoRA adapters."""
     from flaxvision.models import create_model
 
     kwargs = dict(num_classes=num_classes, img_size=config.img_size, dtype=config.dtype, seed=config.seed)
     if config.pretrained:
-        return create_model(config.model, pretrained=config.pretrained, head_init=config.head_init, **kwargs,
-                            **config.model_overrides)  # fmt: skip
-    return create_model(config.model, in_chans=in_chans, **kwargs, **config.model_overrides)
+        model = create_model(config.model, pretrained=config.pretrained, head_init=config.head_init, **kwargs,
+                             **config.model_overrides)  # fmt: skip
+    else:
+        model = create_model(config.model, in_chans=in_chans, **kwargs, **config.model_overrides)
+    return with_lora(config, model)
+
+
+def with_lora(config: TrainConfig, model: Any) -> Any:
+    """The model as the recipe trains it: LoRA adapters added (in place) with --lora-rank, unless it carries them
+    already, in which case they must be the recipe's; a model with adapters needs --lora-rank."""
+    from flaxvision.models import lora
+
+    have = lora.lora_spec(model)
+    if config.lora_rank is None:
+        if have is not None:
+            raise ConfigError(f"the model carries LoRA adapters ({have.describe()}) but the recipe has no --lora-rank; "
+                              f"pass --lora-rank {have.rank} --lora-targets {','.join(have.targets)}, or merge_lora(model) first")  # fmt: skip
+        return model
+    want = lora.LoRASpec(config.lora_rank, float(config.lora_alpha or config.lora_rank),
+                         lora.parse_targets(config.lora_targets), config.lora_dropout)  # fmt: skip
+    if have is None:
+        return lora.apply_lora(model, rank=want.rank, alpha=want.alpha, targets=want.targets, dropout=want.dropout,
+                               seed=config.seed)  # fmt: skip
+    if have != want:
+        raise ConfigError(f"the model's LoRA adapters ({have.describe()}) differ from the recipe's ({want.describe()}); "
+                          "pass the recipe they were made with, or merge_lora(model) first")  # fmt: skip
+    return model
 
 
 def open_data(config: TrainConfig, *, split: str | None = None) -> Any:
@@ -145,6 +169,8 @@ def check_fits(config: TrainConfig, model: Any, devices: list[Any]) -> None:
     per_device = max(1, config.batch_size // len(devices) // config.accumulate_steps)
     slots = 2 if config.optimizer == "adamw" else 1
     need = int(estimate(per_device, optimizer_slots=slots))
+    if config.lora_rank is not None:  # the frozen base has no gradients, updates or moments (the adapters: ~nothing)
+        need -= 4 * model.config.param_count() * (2 + slots)
     # CPU "devices" are one machine: they share its memory.
     total = need * len(devices) if devices[0].platform == "cpu" else need
     limit = memory_limit_bytes(devices[0])

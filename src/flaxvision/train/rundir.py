@@ -6,7 +6,8 @@
       metrics.jsonl    one record per logged step and per evaluation
       checkpoints/     Orbax run state (train.checkpoint)
       diverged.json    written when a run stops on NaN/Inf: the bad step and the last good checkpoint
-      model/           the final model (export), eval.json, summary.json (written last: the run is finished)
+      model/           the final model (export; a LoRA run's merged), eval.json, summary.json (written last: finished)
+      adapter/         a LoRA run's adapter on its own (flaxvision.weights.adapter): adapter_config.json, adapter_model.safetensors
       *.png, report.html
 
 Rules: nothing is written before every check has passed; every file is written atomically (flaxvision.files);
@@ -30,7 +31,7 @@ from flaxvision.errors import ConfigError, FlaxvisionError
 # What a finished or started run leaves; --overwrite removes exactly these (nothing else the user put there).
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "eval.json", "eval_ema.json", "diverged.json", "report.html",
              "skipped_images.json", "skipped_images_val.json")  # fmt: skip
-RUN_DIRS = ("checkpoints", "model", "model_ema")
+RUN_DIRS = ("checkpoints", "model", "model_ema", "adapter")
 # TrainConfig fields that change how a run is watched, not what it computes: free to differ on resume.
 NOT_RECIPE = ("progress", "report", "workers", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints")
 
@@ -55,6 +56,10 @@ class RunDirectory:
     @property
     def model_dir(self) -> Path:
         return self.path / "model"
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / "adapter"
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -223,16 +228,24 @@ class RunDirectory:
         """model/ (the raw weights) or model_ema/ (their EMA, for runs with --ema-decay)."""
         return self.model_dir if weights == "raw" else self.path / "model_ema"
 
-    def export_model(self, model: Any, weights: str = "raw") -> Path:
+    def export_model(self, model: Any, weights: str = "raw", *, lora_base: str | None = None) -> Path:
         """Write the final model with its label names into model/ (or model_ema/), atomically, in its family's
-        preferred format."""
-        from flaxvision.weights import save_pretrained
+        preferred format.
 
-        formats = _export_formats(model)
+        A model with LoRA adapters goes there merged (what predict, evaluate, export and the report read); the raw
+        weights' adapter alone also goes to adapter/ (atomically too), recorded as trained on `lora_base` (None:
+        from scratch).
+        """
+        from flaxvision.models.lora import lora_spec, merge_lora
+        from flaxvision.weights import save_adapter, save_pretrained
+
+        adapted = lora_spec(model) is not None
+        plain = merge_lora(model) if adapted else model
+        formats = _export_formats(plain)
         with files.atomic_directory(self.weights_dir(weights), overwrite=True) as tmp:
             for fmt in formats:
                 try:
-                    save_pretrained(model, tmp, format=fmt)
+                    save_pretrained(plain, tmp, format=fmt)
                     break
                 except FlaxvisionError as err:
                     if fmt == formats[-1]:
@@ -240,7 +253,15 @@ class RunDirectory:
                     print(f"flaxvision: {self.weights_dir(weights).name}/ not in {fmt} format ({err}); trying {formats[formats.index(fmt) + 1]}")
                     for leftover in tmp.iterdir():
                         leftover.unlink()
-        return self.weights_dir(weights)
+        if weights != "raw":
+            return self.weights_dir(weights)
+        if adapted:
+            save_adapter(model, self.adapter_dir, base=lora_base, overwrite=True)
+        elif self.adapter_dir.exists():  # left by an earlier LoRA recipe of this run: it is not this model's
+            import shutil
+
+            shutil.rmtree(self.adapter_dir, ignore_errors=True)
+        return self.model_dir
 
 
 class MetricsLog:

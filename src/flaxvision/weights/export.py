@@ -21,6 +21,7 @@ import flaxvision.weights.transformers_format as transformers_format
 from flaxvision.errors import FlaxvisionError
 from flaxvision.files import write_atomic, write_json
 from flaxvision.models.base import Classifier
+from flaxvision.models.lora import lora_spec
 from flaxvision.models.registry import default_preprocessing, name_of
 from flaxvision.weights.convert import weight_state
 
@@ -49,6 +50,9 @@ def save_pretrained(model: Classifier, out: str | Path, *, format: str = "flaxvi
     if format not in FORMATS:
         raise FlaxvisionError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     config = model.config
+    if lora_spec(model) is not None:  # its LoRA tensors have no place in any format; merged, they do
+        raise FlaxvisionError(f"the model carries LoRA adapters, which format {format!r} cannot hold; save "
+                              "merge_lora(model) instead (or the adapter alone with save_adapter)")  # fmt: skip
     if format not in config.export_formats:
         choices = " or ".join(repr(f) for f in config.export_formats)
         raise FlaxvisionError(f"format {format!r} cannot hold {name_of(config)}; save it with format={choices}")
