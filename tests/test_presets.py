@@ -78,7 +78,7 @@ def test_every_preset_runs_two_steps_on_stand_in_data(name, tmp_path):
     preset = get_preset(name)
     # Same recipe with a small batch; a tiny model of the same family (no download, CPU-sized).
     config = preset.replace(epochs=1, batch_size=8, eval_batch_size=8, log_every=1, pretrained=None, report=False,
-                            progress=False, warmup_steps=min(preset.warmup_steps, 1))  # fmt: skip
+                            progress=False, warmup_steps=min(preset.warmup_steps, 1), accumulate_steps=1)  # fmt: skip
     overrides = {"vit": dict(img_size=32, patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64),
                  "resnet": dict(stage_widths=(8, 8, 8, 8), stage_depths=(1, 1, 1, 1)), "cnn": {}}  # fmt: skip
     assert preset.model is not None, name
@@ -101,5 +101,5 @@ def test_presets_command_and_unknown_preset():
     assert bad.returncode == 2
     assert bad.stderr.strip() == (
         "flaxvision: error: unknown preset 'food101-vit-b16-sdg' (did you mean food101-vit-b16-sgd, "
-        "food101-vit-b16-adamw?); `flaxvision presets` lists them"
+        "food101-vit-b16-adamw, food101-vit-b16-lora?); `flaxvision presets` lists them"
     )
