@@ -6,7 +6,9 @@
 The same `Trainer` is built three times (no mixing; mixup 0.8 + CutMix 1.0 per batch; the same per example) and the
 compiled steps are timed in interleaved rounds (plain, batch, elem, plain, ...) on the same device batch, each step
 synchronised (`block_until_ready`), so that the machine's drift hits all three alike; the median per-step time of
-each is reported with the overhead against plain.
+each is reported with the overhead against plain. On a shared machine the step-to-step noise (+-10%) is far larger
+than mixing's cost, so the mixing itself is also timed alone: `mix_batch` jitted on the same normalised float batch
+(median of 20 synchronised calls), as a fraction of the plain step.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ import numpy as np
 
 import flaxvision
 from flaxvision.train import TrainConfig, Trainer
+from flaxvision.train.mixup import MixConfig, mix_batch
 
 
 def cpu_model() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+        return f"{name} ({'AVX-512' if ' avx512f' in out else 'AVX2' if ' avx2' in out else 'no AVX2'})"
     except (OSError, StopIteration):
         return "unknown CPU"
 
@@ -64,8 +68,22 @@ def main() -> None:
             jax.block_until_ready(trainer.state)
             times[name].append(time.perf_counter() - start)
     median = {name: statistics.median(t) for name, t in times.items()}
+    images = jax.numpy.asarray(batch["image"], jax.numpy.float32) / 255.0
+    labels = jax.numpy.asarray(batch["label"])
+    alone = {}
+    for mode in ("batch", "elem"):
+        cfg = MixConfig(mixup=0.8, cutmix=1.0, mode=mode, label_smoothing=0.1)
+        mix = jax.jit(lambda x, y, k, cfg=cfg: mix_batch(x, y, k, cfg, 100, jax.numpy.int32(0)))
+        jax.block_until_ready(mix(images, labels, jax.random.key(0)))
+        runs = []
+        for i in range(20):
+            start = time.perf_counter()
+            jax.block_until_ready(mix(images, labels, jax.random.key(i)))
+            runs.append(time.perf_counter() - start)
+        alone[mode] = statistics.median(runs)
     result = {"model": args.model, "batch_size": args.batch_size, "cpu": cpu_model(), "devices": jax.device_count(),
               "seconds_per_step": median, "overhead": {n: median[n] / median["plain"] - 1 for n in ("batch", "elem")},
+              "mix_alone_seconds": alone, "mix_alone_fraction": {m: alone[m] / median["plain"] for m in alone},
               "all_seconds": times}  # fmt: skip
     if args.json:
         print(json.dumps(result))
@@ -74,6 +92,8 @@ def main() -> None:
     for name in variants:
         extra = "" if name == "plain" else f"  (+{result['overhead'][name]:.1%})"
         print(f"  {name:5s} {median[name]:.3f} s/step{extra}")
+    for mode, seconds in alone.items():
+        print(f"  mixing alone ({mode}): {seconds * 1e3:.2f} ms = {seconds / median['plain']:.2%} of the plain step")
 
 
 if __name__ == "__main__":
