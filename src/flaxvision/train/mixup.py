@@ -108,7 +108,8 @@ def mix_batch(images: jax.Array, labels: jax.Array, key: jax.Array, cfg: MixConf
     lam, use_cutmix = draw(k_draw, batch, cfg, active)
     partner = partners(images, cfg.groups)
     if cfg.cutmix > 0:
-        inside, box_lam = cutmix_boxes(k_box, lam, height, width)
+        # "batch": one box (drawn once, then broadcast) for the whole batch, as timm; "elem": one per example
+        inside, box_lam = cutmix_boxes(k_box, lam if cfg.mode == "elem" else lam[:1], height, width)
         inside = inside & use_cutmix[:, None, None, None]
         lam = jnp.where(use_cutmix, box_lam, lam)
     else:

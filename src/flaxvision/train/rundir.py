@@ -110,7 +110,8 @@ class RunDirectory:
         if saved is None:
             return {}
         now = config.to_dict()
-        return {k: [saved.get(k), v] for k, v in now.items() if k not in NOT_RECIPE and _differs(saved.get(k), v)}
+        return {k: [saved.get(k), v] for k, v in now.items()
+                if k not in NOT_RECIPE and _differs(_canonical(k, saved.get(k)), _canonical(k, v))}  # fmt: skip
 
     def check_changes(self, config: Any, *, allow: bool) -> dict[str, list[Any]]:
         """On resume: the recipe changes, when they are allowed; else one clear error. Changes that alter what a
@@ -332,6 +333,18 @@ def state_changes(changes: dict[str, list[Any]]) -> list[str]:
         elif field == "model_overrides" and overrides(saved) != overrides(now):
             fixed.append(field)
     return fixed
+
+
+def _canonical(field: str, value: Any) -> Any:
+    """A recipe value as compared on resume: LoRA targets in canonical order ("v,q" is "q,v")."""
+    if field == "lora_targets" and isinstance(value, str):
+        from flaxvision.models.lora import parse_targets
+
+        try:
+            return ",".join(parse_targets(value))
+        except FlaxvisionError:
+            return value
+    return value
 
 
 def _differs(saved: Any, now: Any) -> bool:
