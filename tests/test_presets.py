@@ -41,6 +41,13 @@ def test_source_recipes_are_what_the_sources_report():
         64, 128, 10, 3e-5, 0.05, 500)
     mnist = get_preset("mnist-cnn")
     assert (mnist.model, mnist.batch_size, mnist.epochs, mnist.optimizer, mnist.lr, mnist.b1) == ("cnn", 32, 10, "adamw", 0.005, 0.9)
+    lora = get_preset("food101-vit-b16-lora")  # HF PEFT's image-classification LoRA guide
+    assert (lora.lora_rank, lora.lora_alpha, lora.lora_targets, lora.lora_dropout) == (16, 16.0, "q,v", 0.1)
+    assert (lora.lr, lora.batch_size, lora.accumulate_steps, lora.epochs, lora.weight_decay) == (5e-3, 512, 4, 5, 0.0)
+    deit = get_preset("digits-vit-deit")  # DeiT's regularisers (Touvron et al. 2021)
+    assert (deit.optimizer, deit.weight_decay, deit.schedule, deit.label_smoothing) == ("adamw", 0.05, "cosine", 0.1)
+    assert (deit.mixup, deit.cutmix, deit.mixup_switch_prob, deit.reprob) == (0.8, 1.0, 0.5, 0.25)
+    assert deit.randaugment == "rand-m9-mstd0.5-inc1" and deit.ema_decay and deit.model_overrides["drop_path_rate"] == 0.1
     cifar = get_preset("cifar10-resnet18")
     assert (cifar.model, cifar.augment, cifar.batch_size, cifar.epochs, cifar.lr) == ("resnet18_cifar", "cifar", 512, 3, 0.005)
 

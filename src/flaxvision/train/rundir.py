@@ -120,9 +120,9 @@ class RunDirectory:
         fixed = state_changes(changes)
         if fixed:
             listed = ", ".join(f"{k} {changes[k][0]!r} -> {changes[k][1]!r}" for k in fixed)
-            raise ConfigError(f"--resume cannot change {listed}: the checkpoints in {self.checkpoints} hold a state "
-                              "without it; drop those options to continue the run, or start a new run (another "
-                              "--run-dir) that starts from this one's model/ with --pretrained")  # fmt: skip
+            raise ConfigError(f"--resume cannot change {listed}: the checkpoints in {self.checkpoints} were made "
+                              "(and the best one chosen) under the saved value; drop those options to continue the "
+                              "run, or start a new run (another --run-dir) from this one's model/ with --pretrained")  # fmt: skip
         if changes and not allow:
             listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
             raise ConfigError(f"--resume with a recipe that differs from {self.file('config.json')}: {listed}; drop "
@@ -326,7 +326,8 @@ def state_changes(changes: dict[str, list[Any]]) -> list[str]:
 
     fixed = []
     for field, (saved, now) in changes.items():
-        if field in ("model", "img_size", "optimizer", "train_only", "freeze", "lora_rank", "lora_targets"):
+        # best_by: the best checkpoint so far was chosen by the other weights' score.
+        if field in ("model", "img_size", "optimizer", "train_only", "freeze", "lora_rank", "lora_targets", "best_by"):
             fixed.append(field)
         elif field in ("ema_decay", "clip_grad_norm", "layer_decay", "momentum") and on(field, saved) != on(field, now):
             fixed.append(field)

@@ -163,9 +163,16 @@ def load_adapter(source: str | Path, base: str | Path | Classifier | None = None
     if base is None:
         base = info.get("base_model") or "none"
         if base == "none":
-            raise FlaxvisionError(f"{what} was trained on a model built from scratch (no pretrained base); pass "
-                                  "base= (the model it was trained on)")  # fmt: skip
-    model = _load_base(base, config, what, hub_kwargs)
+            raise FlaxvisionError(f"{what} was trained on a model built from scratch (no pretrained base to put it "
+                                  "on); use the run's merged model/ directory instead (in Python, give load_adapter "
+                                  "the model it was trained on)")  # fmt: skip
+        try:
+            model = _load_base(base, config, what, hub_kwargs)
+        except FlaxvisionError as err:
+            raise FlaxvisionError(f"the base that {what} names in its adapter_config.json ({base}) cannot be loaded: "
+                                  f"{err}; restore it there, or use the run's merged model/ directory") from None
+    else:
+        model = _load_base(base, config, what, hub_kwargs)
     recorded = info.get("base_sha256")
     if recorded and base_fingerprint(model) != recorded:
         logger.warning("%s: the base weights of %s differ from those it was trained on; its predictions will differ "
