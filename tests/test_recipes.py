@@ -259,7 +259,9 @@ def test_mixing_keeps_every_image_on_its_device(cpu_devices):
             np.testing.assert_allclose(mixed[i], lam * images[i] + (1 - lam) * images[partner], atol=1e-5)
 
 
-def test_a_resumed_run_with_every_recipe_option_ends_equal_to_an_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("lora", [{}, {"lora_rank": 2, "lora_targets": "q,v,fc1", "lora_dropout": 0.1}],
+                         ids=["full", "lora"])  # fmt: skip
+def test_a_resumed_run_with_every_recipe_option_ends_equal_to_an_uninterrupted_one(tmp_path, lora):
     """EMA, mixup + CutMix per example, RandAugment, random erasing, drop-path and label smoothing, through the
     grain loader of the recipe: interrupted mid-epoch and resumed, the run ends bit-identical to one that never
     stopped (raw and EMA weights, metrics)."""
@@ -274,7 +276,7 @@ def test_a_resumed_run_with_every_recipe_option_ends_equal_to_an_uninterrupted_o
     config = small_config(
         epochs=2, batch_size=8, eval_batch_size=8, log_every=2, seed=5, ema_decay=0.8, ema_warmup=True, mixup=0.8,
         cutmix=1.0, mixup_mode="elem", randaugment="rand-m9-mstd0.5-inc1", reprob=0.5, label_smoothing=0.1,
-        model_overrides={**small_config().model_overrides, "drop_path_rate": 0.1},
+        model_overrides={**small_config().model_overrides, "drop_path_rate": 0.1}, **lora,
     )  # fmt: skip
 
     def run(run_dir, stop_after=None, resume=False):

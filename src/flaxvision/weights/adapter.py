@@ -37,9 +37,9 @@ from flaxvision.models.base import Classifier
 from flaxvision.models.lora import LoRASpec, adapter_state, apply_lora, base_fingerprint, load_adapter_state, lora_spec
 from flaxvision.models.registry import default_preprocessing, name_of
 from flaxvision.preprocessing import Preprocessing
-from flaxvision.weights import native_format
 from flaxvision.weights.hub import read_safetensors, resolve
 from flaxvision.weights.loader import load_pretrained
+from flaxvision.weights.native_format import config_from_dict, describe
 
 FORMAT = "flaxvision-lora"
 CONFIG_FILE = "adapter_config.json"
@@ -69,7 +69,7 @@ def adapter_config(model: Any, *, base: str | Path | None) -> dict[str, Any]:
     if spec is None:
         raise FlaxvisionError("the model carries no LoRA adapters: there is no adapter to save (apply_lora adds them)")
     prep = getattr(model, "preprocessing", None) or default_preprocessing(model.config)
-    info = native_format.describe(model.config, prep, getattr(model, "label_names", None))
+    info = describe(model.config, prep, getattr(model, "label_names", None))
     name = name_of(model.config)
     return {**info, "format": FORMAT, "base_model": _base_id(base), "base_sha256": base_fingerprint(model),
             "model_name": None if name.startswith("a ") else name, "lora": spec.to_dict(), "trained": ["lora", "head"]}  # fmt: skip
@@ -154,7 +154,7 @@ def load_adapter(source: str | Path, base: str | Path | Classifier | None = None
     """
     info, tensors, directory = read_adapter(source, **hub_kwargs)
     what = f"the LoRA adapter '{source}'"
-    config = native_format.config_from_dict(info, what)
+    config = config_from_dict(info, what)
     lora = info["lora"]
     try:
         spec = LoRASpec(int(lora["rank"]), float(lora["alpha"]), tuple(lora["targets"]), float(lora.get("dropout", 0.0)))
