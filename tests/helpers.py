@@ -158,6 +158,35 @@ class StopAfter:
         return It()
 
 
+def straight_and_interrupted(tmp_path, config, make_model, make_loaders) -> tuple[Any, Any]:
+    """(straight, resumed) FitResults of `config` on a tiny image folder (4 classes, 12 training images each: 6
+    batches of 8 per epoch, 2 epochs): once without a stop, once interrupted in the middle of epoch 2 (as Ctrl-C
+    would, after 9 batches: a checkpoint is saved) and resumed. `make_loaders(model, splits) -> (train, val)`."""
+    import pytest
+
+    from flaxvision import data
+    from flaxvision.data.synthetic import write_image_folder
+    from flaxvision.train import TrainingInterrupted, fit
+
+    root = write_image_folder(tmp_path / "images", num_classes=4, per_split={"train": 12, "validation": 3},
+                              max_side=40, min_side=24)  # fmt: skip
+
+    def run(run_dir, stop_after=None, resume=False):
+        model = make_model()
+        splits = data.load(str(root))
+        train, val = make_loaders(model, splits)
+        source = StopAfter(train, stop_after) if stop_after else train
+        return fit(config, run_dir=run_dir, model=model, train_data=source, val_data=val,
+                   class_names=list(splits.class_names), resume=resume)  # fmt: skip
+
+    straight = run(tmp_path / "straight")
+    with pytest.raises(TrainingInterrupted, match=r"interrupted at step [78]; checkpoint saved"):
+        run(tmp_path / "cut", stop_after=9)
+    resumed = run(tmp_path / "cut", resume=True)
+    assert resumed.summary["steps"] == straight.summary["steps"] == 12
+    return straight, resumed
+
+
 def stop_after_first_epoch(*_args, **_kw):
     """An on_epoch_end callback that interrupts the run (as Ctrl-C would) once epoch 1 is checkpointed."""
     raise KeyboardInterrupt

@@ -178,7 +178,10 @@ def test_freeze_applies_on_top_and_train_only_is_refused():
         small_config(lora_targets="q,v")
     preset_like = TrainConfig(lora_rank=16, lora_alpha=16, lora_targets="q,v")  # the PEFT guide's setting
     assert preset_like.lora_targets == "q,v"
-    assert flaxvision.train.config.LORA_TARGETS == flaxvision.models.lora.TARGETS
+    # The recipe checks its targets with the adapters' own rule (models.lora.parse_targets), as one line.
+    for bad, why in (("attn", "'attn' is not one of"), ("qkv,q", "qkv already covers")):
+        with pytest.raises(flaxvision.ConfigError, match=f"lora_targets='{bad}': .*{why}"):
+            small_config(lora_rank=4, lora_targets=bad)
 
 
 def test_a_model_with_other_adapters_than_the_recipe_is_refused():

@@ -265,33 +265,17 @@ def test_a_resumed_run_with_every_recipe_option_ends_equal_to_an_uninterrupted_o
     """EMA, mixup + CutMix per example, RandAugment, random erasing, drop-path and label smoothing, through the
     grain loader of the recipe: interrupted mid-epoch and resumed, the run ends bit-identical to one that never
     stopped (raw and EMA weights, metrics)."""
-    from flaxvision import data
-    from flaxvision.data.synthetic import write_image_folder
-    from flaxvision.train import TrainingInterrupted
     from flaxvision.train.recipe import make_loaders
-    from tests.helpers import StopAfter, flat_params
+    from tests.helpers import flat_params, straight_and_interrupted
 
-    root = write_image_folder(tmp_path / "images", num_classes=4, per_split={"train": 12, "validation": 3},
-                              max_side=40, min_side=24)  # fmt: skip
     config = small_config(
         epochs=2, batch_size=8, eval_batch_size=8, log_every=2, seed=5, ema_decay=0.8, ema_warmup=True, mixup=0.8,
         cutmix=1.0, mixup_mode="elem", randaugment="rand-m9-mstd0.5-inc1", reprob=0.5, label_smoothing=0.1,
         model_overrides={**small_config().model_overrides, "drop_path_rate": 0.1}, **lora,
     )  # fmt: skip
-
-    def run(run_dir, stop_after=None, resume=False):
-        model = tiny_vit(drop_path_rate=0.1)
-        splits = data.load(str(root))
-        train, val = make_loaders(config, model, splits.train, splits.val)
-        source = StopAfter(train, stop_after) if stop_after else train
-        return fit(config, run_dir=run_dir, model=model, train_data=source, val_data=val,
-                   class_names=list(splits.class_names), resume=resume)  # fmt: skip
-
-    straight = run(tmp_path / "straight")
-    with pytest.raises(TrainingInterrupted, match=r"interrupted at step [78]; checkpoint saved"):
-        run(tmp_path / "cut", stop_after=9)  # 6 batches per epoch: stops in the middle of epoch 2
-    resumed = run(tmp_path / "cut", resume=True)
-    assert resumed.summary["steps"] == straight.summary["steps"] == 12
+    straight, resumed = straight_and_interrupted(
+        tmp_path, config, lambda: tiny_vit(drop_path_rate=0.1), lambda model, splits: make_loaders(config, model, splits.train, splits.val)
+    )  # fmt: skip
     for weights in ("raw", "ema"):
         a, b = (flat_params(r.trainer.current_model(weights=weights)) for r in (straight, resumed))  # type: ignore[union-attr]
         for key in a:

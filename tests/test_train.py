@@ -18,13 +18,13 @@ from flaxvision.train.optim import _decay_mask, _layer_scales, trainable_predica
 from flaxvision.train.step import cross_entropy
 from tests.helpers import (
     TRAINER_VIT,
-    StopAfter,
     batches,
     colour_data,
     flat_params,
     kill_once_checkpointed,
     metrics_records,
     resume_fit_process,
+    straight_and_interrupted,
     trainer_vit,
 )
 
@@ -279,28 +279,14 @@ def test_device_out_of_memory_becomes_a_batch_size_suggestion():
 def test_resume_mid_epoch_with_the_grain_loader_is_exact(tmp_path):
     """A run interrupted mid-epoch resumes from its checkpoint with the data iterator's state: same end result."""
     from flaxvision import data
-    from flaxvision.data.synthetic import write_image_folder
-    from flaxvision.train import TrainingInterrupted
 
-    root = write_image_folder(tmp_path / "images", num_classes=4, per_split={"train": 12, "validation": 3},
-                              max_side=40, min_side=24)  # fmt: skip
-    config = small_config(epochs=2, batch_size=8, eval_batch_size=8, log_every=2, seed=5, report=False)
-
-    def run(run_dir, stop_after=None, resume=False):
-        model = trainer_vit()
-        splits = data.load(str(root))
+    def loaders(model, splits):
         common: dict[str, Any] = dict(preprocessing=model.preprocessing, seed=5)
-        train = data.make_loader(splits.train, batch_size=8, train=True, **common)
-        val = data.make_loader(splits.val, batch_size=8, train=False, **common)
-        source = StopAfter(train, stop_after) if stop_after else train
-        return fit(config, run_dir=run_dir, model=model, train_data=source, val_data=val,
-                   class_names=list(splits.class_names), resume=resume)  # fmt: skip
+        return (data.make_loader(splits.train, batch_size=8, train=True, **common),
+                data.make_loader(splits.val, batch_size=8, train=False, **common))  # fmt: skip
 
-    straight = run(tmp_path / "straight")
-    with pytest.raises(TrainingInterrupted, match=r"interrupted at step [78]; checkpoint saved"):
-        run(tmp_path / "cut", stop_after=9)  # 6 batches per epoch: stops in the middle of epoch 2
-    resumed = run(tmp_path / "cut", resume=True)
-    assert resumed.summary["steps"] == straight.summary["steps"] == 12
+    config = small_config(epochs=2, batch_size=8, eval_batch_size=8, log_every=2, seed=5, report=False)
+    straight, resumed = straight_and_interrupted(tmp_path, config, trainer_vit, loaders)
     a, b = flat_params(straight.model), flat_params(resumed.model)
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)

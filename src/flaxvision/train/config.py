@@ -18,7 +18,7 @@ from flaxvision.data.autoaugment import parse_randaugment
 from flaxvision.errors import ConfigError, did_you_mean
 from flaxvision.files import read_json
 from flaxvision.models.base import HEAD_INITS
-from flaxvision.models.lora import TARGETS as LORA_TARGETS
+from flaxvision.models.lora import parse_targets as parse_lora_targets
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -152,11 +152,11 @@ class TrainConfig:
         for field in ("mixup", "cutmix"):
             if getattr(self, field) < 0:
                 raise bad(field, "must be >= 0 (0 turns it off), e.g. 0.8")
-        for field in ("mixup_prob", "mixup_switch_prob", "reprob", "lora_dropout"):
+        for field in ("mixup_prob", "mixup_switch_prob", "reprob"):
             if not 0.0 <= getattr(self, field) <= 1.0:
                 raise bad(field, "must be in [0, 1]")
-        if self.lora_dropout >= 1.0:
-            raise bad("lora_dropout", "must be below 1")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise bad("lora_dropout", "must be in [0, 1)")
         if self.mixup_mode not in ("batch", "elem"):
             raise bad("mixup_mode", "use batch or elem")
         if self.mixup_off_epoch is not None and self.mixup_off_epoch < 0:
@@ -173,12 +173,10 @@ class TrainConfig:
             raise bad("lora_rank", "must be >= 1, e.g. 16")
         if self.lora_alpha is not None and (self.lora_rank is None or self.lora_alpha <= 0):
             raise bad("lora_alpha", "must be > 0 and goes with --lora-rank")
-        targets = [t.strip() for t in self.lora_targets.split(",")]
-        unknown = [t for t in targets if t not in LORA_TARGETS]
-        if unknown or not targets:
-            raise bad("lora_targets", f"{unknown[0] if unknown else 'empty'!r} is not one of {', '.join(LORA_TARGETS)}")
-        if "qkv" in targets and any(t in targets for t in ("q", "k", "v")):
-            raise bad("lora_targets", "qkv already covers q, k and v; list either qkv or some of q, k, v")
+        try:
+            parse_lora_targets(self.lora_targets)
+        except ConfigError as err:
+            raise bad("lora_targets", str(err)) from None
         for field, default in (("lora_targets", "qkv"), ("lora_dropout", 0.0)):
             if self.lora_rank is None and getattr(self, field) != default:
                 raise bad(field, "goes with --lora-rank (without it there are no adapters)")

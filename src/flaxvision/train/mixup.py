@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,7 @@ class MixConfig:
 
 def soft_targets(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
     """Label-smoothed one-hot targets (float32): on = 1 - s + s/K, off = s/K."""
-    off = smoothing / num_classes
-    return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * (1.0 - smoothing) + off
+    return optax.smooth_labels(jax.nn.one_hot(labels, num_classes, dtype=jnp.float32), smoothing)
 
 
 def draw(key: jax.Array, batch: int, cfg: MixConfig, active: jax.Array) -> tuple[jax.Array, jax.Array]:
