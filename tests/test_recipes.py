@@ -1,4 +1,6 @@
-"""Training recipes on the device: the EMA of the weights and mixup / CutMix (train.ema, train.mixup)."""
+"""Training recipes on the device: the EMA of the weights and mixup / CutMix (train.ema, train.mixup).
+
+Their SIGKILL + resume test is test_train.py's test_resume_after_sigkill_is_exact (its run has both on)."""
 
 from __future__ import annotations
 
@@ -19,9 +21,7 @@ from tests.helpers import (
     CLASS_NAMES,
     batches,
     colour_data,
-    kill_once_checkpointed,
     metrics_records,
-    resume_fit_process,
     run_cli,
     small_config,
     tiny_cli_config,
@@ -77,24 +77,6 @@ def test_ema_run_writes_both_curves_both_models_and_chooses_best_by_ema(tmp_path
     ema_model = flaxvision.load_pretrained(tmp_path / "model_ema")
     again = flaxvision.train.Evaluator(ema_model, batch_size=16).evaluate(batches(*colour_data(32, 1), 16))
     assert again["val_loss"] == pytest.approx(evals[-1]["ema_val_loss"], rel=1e-5)
-
-
-def test_ema_survives_sigkill_and_resume_bit_exactly(tmp_path):
-    recipe = {"ema_decay": 0.9, "ema_warmup": True, "mixup": 0.8, "cutmix": 1.0, "mixup_mode": "elem"}
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    child = resume_fit_process(straight, 16, "fresh", recipe=recipe)
-    _, err = child.communicate(timeout=300)
-    assert child.returncode == 0, err
-    latest = kill_once_checkpointed(killed, 16, 6, recipe)
-    child = resume_fit_process(killed, 16, "resume", recipe=recipe)
-    out, err = child.communicate(timeout=300)
-    assert child.returncode == 0, err
-    assert f"resumed from step {latest}" in out
-    for weights in ("model", "model_ema"):
-        a, b = load_file(str(straight / weights / "model.safetensors")), load_file(str(killed / weights / "model.safetensors"))
-        for key in a:
-            np.testing.assert_array_equal(a[key], b[key], err_msg=f"{weights}: {key}")
-    assert metrics_records(straight) == metrics_records(killed)
 
 
 def test_export_and_predict_choose_raw_or_ema_weights(tmp_path, capsys):

@@ -65,18 +65,19 @@ def test_learnable_task_reaches_high_accuracy(tmp_path):
     assert result.model.label_names == ("red", "green", "blue", "grey")
 
 
-def run_child(run_dir, steps, mode, delay=0.0, **popen):
-    return resume_fit_process(run_dir, steps, mode, delay, **popen)
+# The SIGKILL run trains with an EMA of the weights and mixup + CutMix per example on (train.ema, train.mixup): one
+# kill test covers the plain state and the state those options add.
+SIGKILL_RECIPE = {"ema_decay": 0.9, "ema_warmup": True, "mixup": 0.8, "cutmix": 1.0, "mixup_mode": "elem"}
 
 
 def test_resume_after_sigkill_is_exact(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    child = run_child(straight, 16, "fresh")
+    child = resume_fit_process(straight, 16, "fresh", recipe=SIGKILL_RECIPE)
     out, err = child.communicate(timeout=300)
     assert child.returncode == 0, err
 
     # Kill a paced run (0.1 s per batch) with SIGKILL once it has checkpointed step 6 of 16.
-    kill_once_checkpointed(killed, 16, 6)
+    kill_once_checkpointed(killed, 16, 6, SIGKILL_RECIPE)
 
     # A write that was cut off (what a kill during a save leaves): a later step's temporary directory.
     latest = max(int(p.name) for p in (killed / "checkpoints").glob("*") if p.name.isdigit())
@@ -86,15 +87,17 @@ def test_resume_after_sigkill_is_exact(tmp_path):
         if f.is_file() and f.stat().st_size > 0:
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
 
-    child = run_child(killed, 16, "resume")
+    child = resume_fit_process(killed, 16, "resume", recipe=SIGKILL_RECIPE)
     out, err = child.communicate(timeout=300)
     assert child.returncode == 0, err
     assert f"resumed from step {latest}" in out
 
-    a, b = load_file(str(straight / "model" / "model.safetensors")), load_file(str(killed / "model" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)  # bitwise on CPU
+    for weights in ("model", "model_ema"):  # the raw weights and their EMA
+        a = load_file(str(straight / weights / "model.safetensors"))
+        b = load_file(str(killed / weights / "model.safetensors"))
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"{weights}: {key}")  # bitwise on CPU
     assert metrics_records(straight) == metrics_records(killed)
 
 
