@@ -16,6 +16,7 @@ import flaxvision
 from flaxvision.models import ModelConfig, ViTConfig, abstract_model, build_model, model_config
 from flaxvision.models.cnn import CNN
 from flaxvision.models.vit import ViT
+from flaxvision.weights.layouts import export_formats, verify_references
 
 # Parameter counts the reference implementations report (timm / torchvision / transformers, 1000 classes
 # unless the model's default says otherwise). vit_tiny_patch32_224 has no timm counterpart: computed by hand.
@@ -393,7 +394,8 @@ def test_models_and_weights_import_without_cycles():
 def test_every_config_has_the_capabilities(name):
     config = model_config(name)
     assert isinstance(config, ModelConfig)
-    assert config.export_formats[-1] == "flaxvision" and isinstance(config.export_formats, tuple)
+    formats = export_formats(config)
+    assert formats[-1] == "flaxvision" and isinstance(formats, tuple)
     assert config.train_memory_bytes(8) > config.train_memory_bytes(1) > 4 * config.param_count()
     assert config.train_memory_bytes(8, optimizer_slots=0) < config.train_memory_bytes(8)
 
@@ -403,8 +405,10 @@ def test_vit_layers_and_formats():
     assert config.num_layers() == 3 and config.position_grid() == 14
     assert [config.layer_index(p) for p in ("pos_embed", "patch_embed.kernel", "blocks.0.attn.qkv.kernel",
                                             "blocks.2.mlp.fc2.bias", "norm.scale", "head.kernel")] == [0, 0, 1, 3, 4, 4]  # fmt: skip
-    assert config.export_formats == ("transformers", "timm", "npz", "flaxvision")
-    assert config.verify_references == ("timm", "transformers")
+    assert export_formats(config) == ("transformers", "timm", "npz", "flaxvision")
+    assert verify_references(config) == ("timm", "transformers")
+    avg = dataclasses.replace(config, global_pool="avg")  # ViTForImageClassification and .npz hold a CLS head only
+    assert export_formats(avg) == ("timm", "flaxvision") and verify_references(avg) == ("timm",)
 
 
 def test_a_missing_capability_names_the_model():
@@ -412,7 +416,7 @@ def test_a_missing_capability_names_the_model():
     from flaxvision.train.optim import make_optimizer, trainable_predicate
 
     resnet = model_config("resnet18", num_classes=5)
-    assert resnet.num_layers() == 0 and resnet.position_grid() is None and resnet.export_formats == ("flaxvision",)
+    assert resnet.num_layers() == 0 and resnet.position_grid() is None
     params = nnx.state(abstract_model(resnet), nnx.Param)
     with pytest.raises(flaxvision.ConfigError, match=r"layer_decay=0.75 needs a model with layers .*; resnet18 has none"):
         make_optimizer(TrainConfig(layer_decay=0.75), params, resnet, 10)

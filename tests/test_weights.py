@@ -330,7 +330,7 @@ def test_export_refuses_what_a_format_cannot_hold(tmp_path):
         flaxvision.save_pretrained(avg, tmp_path, format="transformers")
     with pytest.raises(flaxvision.FlaxvisionError, match="npz layout has a CLS-token head.*global_pool='avg'"):
         flaxvision.save_pretrained(avg, tmp_path, format="npz")
-    with pytest.raises(flaxvision.FlaxvisionError, match="unknown export format 'onnx'; choose one of flaxvision, transformers, timm, npz"):
+    with pytest.raises(flaxvision.FlaxvisionError, match="unknown export format 'onnx'; choose one of transformers, timm, npz, flaxvision"):
         flaxvision.save_pretrained(avg, tmp_path, format="onnx")
     assert not (tmp_path / "model.safetensors").exists()
 

@@ -195,7 +195,7 @@ def test_timm_variants_flaxvision_cannot_express(tmp_path, kwargs, field, with_c
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"model_type": "swin"}, "model_type='swin' is not supported; flaxvision reads transformers ViT weights"),
+        ({"model_type": "swin"}, "model_type='swin' is not supported; flaxvision reads transformers weights of model_type 'vit'"),
         ({"hidden_act": "silu"}, "hidden_act='silu' is not supported; flaxvision ViTs use gelu"),
         ({"image_size": [32, 16]}, r"image_size=\[32, 16\] is not square"),
     ],

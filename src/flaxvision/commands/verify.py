@@ -4,7 +4,7 @@ Both models get the same images, decoded and normalised by the data pipeline's e
 (`flaxvision.data.transforms.decode_eval`, then `flaxvision.data.device.device_preprocess`) with the preprocessing
 saved with the weights; the command prints the largest and mean |logit difference|, top-1 / top-5 agreement and
 both top-1 predictions, saves a side-by-side figure, and exits with 1 when the largest difference exceeds
---tolerance. Which references exist for a model its config says (`config.verify_references`, preferred first).
+--tolerance. Which references exist for a model its config says (`flaxvision.weights.layouts.verify_references`, preferred first).
 The reference is built by the reference library from the weight files wherever it can read them itself
 (transformers' from_pretrained on a transformers directory, timm's state dict or .npz loader); otherwise from
 flaxvision's export of the weights (e.g. timm weights checked against transformers are exported to transformers'
@@ -133,53 +133,66 @@ def preprocess(image: str | bytes | np.ndarray, prep: Preprocessing) -> np.ndarr
 def reference_model(kind: str, model: Any, report: Any, *, allow_pickle: bool = False) -> Any:
     """The PyTorch reference for loaded pretrained weights, in eval mode, float32.
 
+    Built from the library's own files: the source files when they are in that library's format, else
+    flaxvision's export of the weights (`flaxvision.weights.layouts` writes them), so that the reference library
+    reads every tensor itself. transformers: the class config.json names in "architectures"; timm:
+    `create_model(architecture, **model_args)` with the state dict (or timm's own .npz reader).
+
     Args:
       kind: "transformers" or "timm".
       model, report: what `load_pretrained(..., return_report=True)` returned.
     """
     import torch
 
-    import flaxvision.weights.timm_format as timm_format
     from flaxvision.weights.convert import weight_state
     from flaxvision.weights.hub import read_tensors
+    from flaxvision.weights.layouts import writer
 
     config = model.config
     files = tuple(Path(f) for f in report.files)
+    layout = writer(kind, config)
 
     def flax_params() -> dict[str, np.ndarray]:
         return {k: np.asarray(v, np.float32) for k, v in weight_state(model).items()}
-
-    def original() -> dict[str, torch.Tensor]:
-        tensors, _ = read_tensors(files, allow_pickle)
-        return {k: torch.tensor(np.asarray(v)) for k, v in tensors.items()}
 
     if kind == "transformers":
         import transformers
 
         directory = files[0].parent
         if report.format == "transformers" and (directory / "config.json").is_file():
-            reference = transformers.ViTForImageClassification.from_pretrained(directory, dtype=torch.float32)
-        else:
-            from flaxvision.weights.export import save_pretrained
+            return _transformers_reference(transformers, directory)
+        from flaxvision.weights.export import save_pretrained
 
-            with tempfile.TemporaryDirectory(prefix="flaxvision-verify-") as exported:
-                save_pretrained(model, exported, format="transformers")  # transformers then reads the files itself
-                reference = transformers.ViTForImageClassification.from_pretrained(exported, dtype=torch.float32)
-        return _unwrap_logits(reference.eval())
+        with tempfile.TemporaryDirectory(prefix="flaxvision-verify-") as exported:
+            save_pretrained(model, exported, format="transformers")  # transformers then reads the files itself
+            return _transformers_reference(transformers, Path(exported))
 
     import timm
 
-    reference = timm.create_model(timm_format.architecture_name(config), pretrained=False, **timm_format.model_args(config))
+    timm_config = layout.config_files(config, model.preprocessing, model.label_names)["config.json"]
+    reference = timm.create_model(timm_config["architecture"], pretrained=False, **timm_config["model_args"])
     if report.format == "npz":
         from timm.models.vision_transformer import _load_weights
 
         _load_weights(reference, str(files[0]))  # timm's own reader of Google's .npz layout
     elif report.format == "timm":
-        reference.load_state_dict(original(), strict=True)
+        tensors, _ = read_tensors(files, allow_pickle)
+        reference.load_state_dict({k: torch.tensor(np.asarray(v)) for k, v in tensors.items()}, strict=True)
     else:
-        state = timm_format.from_flaxvision(flax_params(), config)
+        state = layout.from_flaxvision(flax_params(), config)
         reference.load_state_dict({k: torch.tensor(np.asarray(v)) for k, v in state.items()}, strict=True)
     return reference.eval()
+
+
+def _transformers_reference(transformers: Any, directory: Path) -> Any:
+    import torch
+
+    info = json.loads((directory / "config.json").read_text())
+    architecture = (info.get("architectures") or ["AutoModelForImageClassification"])[0]
+    cls = getattr(transformers, architecture, None)
+    if cls is None:
+        raise FlaxvisionError(f"this transformers has no {architecture} (named in {directory / 'config.json'}); upgrade transformers")
+    return _unwrap_logits(cls.from_pretrained(directory, dtype=torch.float32).eval())
 
 
 def _unwrap_logits(module: Any) -> Any:
@@ -259,7 +272,9 @@ def run(args: argparse.Namespace) -> int:
         raise FlaxvisionError(f"verify needs the reference libraries ({err.name} is missing): pip install 'flaxvision[verify]'") from None
 
     model, report = load_pretrained(args.source, allow_pickle=args.allow_pickle, revision=args.revision, return_report=True)
-    references = model.config.verify_references
+    from flaxvision.weights.layouts import verify_references
+
+    references = verify_references(model.config)
     if not references:
         raise FlaxvisionError(
             f"verify compares a model with its PyTorch reference ({'/'.join(REFERENCES)}); there is none for "

@@ -5,13 +5,12 @@ needs instead of testing for one family:
 
     config.num_layers()                  # 12 for ViT-B: layer-wise lr decay and --train-only last:K; 0: no layers
     config.layer_index("blocks.3.mlp.fc1.kernel")   # 4: 0 = embeddings, i + 1 = block i, num_layers() + 1 = head
-    config.export_formats                # ("transformers", "timm", "npz", "flaxvision"): preferred format first
-    config.verify_references             # ("timm", "transformers"): what `flaxvision verify` compares with, preferred first
     config.position_grid()               # 14: patches per side of a learned position embedding (None: none)
     config.train_memory_bytes(32)        # device memory one training step needs, estimated from the config
     config.param_count(), config.forward_flops()
 
-`ConfigBase` gives the defaults of a family without layers, position embeddings or foreign formats;
+Which weight formats can hold a config is the weight layouts' business (`flaxvision.weights.layouts.export_formats`).
+`ConfigBase` gives the defaults of a family without layers or position embeddings;
 `require_layers` turns a missing capability into one error that names the model.
 """
 
@@ -47,8 +46,6 @@ class ModelConfig(Protocol):
     img_size: int
     in_chans: int
     dtype: str
-    export_formats: ClassVar[tuple[str, ...]]  # formats `save_pretrained` can write, the preferred one first
-    verify_references: ClassVar[tuple[str, ...]]  # PyTorch libraries `flaxvision verify` can compare it with
 
     def param_count(self) -> int: ...
 
@@ -79,8 +76,6 @@ class ConfigBase:
     """Defaults of `ModelConfig` for a family without layers, position embeddings or foreign weight formats."""
 
     __slots__ = ()
-    export_formats: ClassVar[tuple[str, ...]] = ("flaxvision",)
-    verify_references: ClassVar[tuple[str, ...]] = ()
 
     def num_layers(self) -> int:
         return 0

@@ -47,9 +47,6 @@ REMAT_POLICIES = {
 class ViTConfig(ConfigBase):
     """Architecture of a Vision Transformer. Presets: `ViTConfig.base(patch=16)` etc."""
 
-    export_formats: ClassVar[tuple[str, ...]] = ("transformers", "timm", "npz", "flaxvision")
-    verify_references: ClassVar[tuple[str, ...]] = ("timm", "transformers")
-
     num_classes: int = 1000
     img_size: int = 224
     patch_size: int = 16

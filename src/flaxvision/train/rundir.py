@@ -298,8 +298,9 @@ def _record_step(line: str) -> float:
 def _export_formats(model: Any) -> tuple[str, ...]:
     """The family's preferred format (ViTs: transformers, which ViTForImageClassification reads too), then
     flaxvision's own, which holds everything (a ViT with average pooling, say)."""
-    formats = tuple(getattr(model.config, "export_formats", ()) or ())
-    first = formats[0] if formats else "flaxvision"
+    from flaxvision.weights.layouts import export_formats
+
+    first = export_formats(model.config)[0]
     return (first, "flaxvision") if first != "flaxvision" else ("flaxvision",)
 
 

@@ -169,6 +169,25 @@ class Parsed:
     ignored: tuple[str, ...] = ()
 
 
+# ---- detection ----------------------------------------------------------------------------------------------
+
+
+def detect_transformers(weights: Any, model_types: Iterable[str], keys_match: Callable[[Any], bool]) -> bool:
+    """A transformers layout's `detect`: config.json's model_type when there is one, else the tensor names."""
+    config = weights.config or {}
+    if "model_type" in config:
+        return config["model_type"] in tuple(model_types)
+    return "architecture" not in config and keys_match(weights.tensors.keys())
+
+
+def detect_timm(weights: Any, architecture: Callable[[str], bool], keys_match: Callable[[Any], bool]) -> bool:
+    """A timm layout's `detect`: config.json's architecture when there is one, else the tensor names."""
+    config = weights.config or {}
+    if "architecture" in config:
+        return architecture(str(config["architecture"]))
+    return "model_type" not in config and keys_match(weights.tensors.keys())
+
+
 # ---- architecture inference ------------------------------------------------------------------------------------
 
 # Standard ViT widths and their head counts (DeiT/ViT papers; huge and giant use 16 heads of 80/88).

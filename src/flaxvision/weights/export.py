@@ -16,17 +16,13 @@ import numpy as np
 
 import flaxvision.weights.native_format as native_format
 import flaxvision.weights.npz_format as npz_format
-import flaxvision.weights.timm_format as timm_format
-import flaxvision.weights.transformers_format as transformers_format
 from flaxvision.errors import FlaxvisionError
 from flaxvision.files import write_atomic, write_json
 from flaxvision.models.base import Classifier
 from flaxvision.models.lora import lora_spec
-from flaxvision.models.registry import default_preprocessing, name_of
+from flaxvision.models.registry import default_preprocessing
 from flaxvision.weights.convert import weight_state
-
-# Every format save_pretrained writes; which of them a model can be saved in is `model.config.export_formats`.
-FORMATS = ("flaxvision", "transformers", "timm", "npz")
+from flaxvision.weights.layouts import FORMATS, writer
 
 
 def _write_json(path: Path, content: dict) -> None:
@@ -37,12 +33,12 @@ def save_pretrained(model: Classifier, out: str | Path, *, format: str = "flaxvi
     """Save a model's weights, config, label names and preprocessing in one of the supported formats.
 
     Args:
-      model: a flaxvision model; `model.config.export_formats` lists the formats it fits, the preferred first
-        (a ViT: transformers, timm, npz, flaxvision; ResNet and CNN: flaxvision).
+      model: a flaxvision model; `flaxvision.weights.layouts.export_formats(model.config)` lists the formats
+        that can hold it, the preferred first (a plain ViT: transformers, timm, npz, flaxvision).
       out: output directory (created), or for format="npz" a file path ending in .npz (else DIR/model.npz).
-      format: "flaxvision" (config.json + model.safetensors, every family), "transformers" (config.json,
-        preprocessor_config.json, model.safetensors for ViTForImageClassification), "timm" (config.json +
-        model.safetensors for timm's VisionTransformer) or "npz" (vision_transformer / big_vision layout).
+      format: "flaxvision" (config.json + model.safetensors, every model), "transformers" (config.json,
+        preprocessor_config.json, model.safetensors for the family's transformers class), "timm" (config.json +
+        model.safetensors for timm) or "npz" (vision_transformer / big_vision layout).
 
     Returns:
       The directory written, or the .npz file.
@@ -53,21 +49,18 @@ def save_pretrained(model: Classifier, out: str | Path, *, format: str = "flaxvi
     if lora_spec(model) is not None:  # its LoRA tensors have no place in any format; merged, they do
         raise FlaxvisionError(f"the model carries LoRA adapters, which format {format!r} cannot hold; save "
                               "merge_lora(model) instead (or the adapter alone with save_adapter)")  # fmt: skip
-    if format not in config.export_formats:
-        choices = " or ".join(repr(f) for f in config.export_formats)
-        raise FlaxvisionError(f"format {format!r} cannot hold {name_of(config)}; save it with format={choices}")
+    layout = writer(format, config)
     prep = getattr(model, "preprocessing", None) or default_preprocessing(config)
     labels = getattr(model, "label_names", None)
     # Everything a format cannot hold is refused before any file is written.
-    if format == "transformers":
-        files = transformers_format.config_files(config, prep, labels)
-    elif format == "timm":
-        files = timm_format.config_files(config, prep, labels)
-    elif format == "npz":
+    if format == "npz":
         npz_format.check_exportable(config)
-    else:
+        files: dict = {}
+    elif format == "flaxvision":
         info = native_format.describe(config, prep, labels)
         files = {"config.json": info}
+    else:
+        files = layout.config_files(config, prep, labels)
     params = {k: np.asarray(v, dtype=np.float32) for k, v in weight_state(model).items()}
 
     if format == "npz":
@@ -82,12 +75,10 @@ def save_pretrained(model: Classifier, out: str | Path, *, format: str = "flaxvi
         np.savez(buffer, **{k: np.ascontiguousarray(v) for k, v in tensors.items()})  # pyright: ignore[reportArgumentType]
         write_atomic(path, buffer.getvalue())
         return path
-    if format == "transformers":
-        tensors, metadata = transformers_format.from_flaxvision(params, config), {"format": "pt"}
-    elif format == "timm":
-        tensors, metadata = timm_format.from_flaxvision(params, config), {"format": "pt"}
-    else:
+    if format == "flaxvision":
         tensors, metadata = params, {"format": native_format.FORMAT, native_format.METADATA_KEY: json.dumps(info)}
+    else:
+        tensors, metadata = layout.from_flaxvision(params, config), {"format": "pt"}
 
     from safetensors.numpy import save
 

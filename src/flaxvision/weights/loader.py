@@ -23,10 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import flaxvision.weights.native_format as native_format
-import flaxvision.weights.npz_format as npz_format
-import flaxvision.weights.timm_format as timm_format
-import flaxvision.weights.transformers_format as transformers_format
 from flaxvision.errors import ConfigError, FlaxvisionError
 from flaxvision.models.base import HEAD_INITS, Classifier, param_path
 from flaxvision.models.registry import default_preprocessing, dtype_name, list_models, model_config
@@ -38,12 +34,12 @@ from flaxvision.weights.convert import (
     import_params,
     param_shapes,
 )
-from flaxvision.weights.hub import WeightFiles, read_weights
+from flaxvision.weights.hub import read_weights
+from flaxvision.weights.layouts import parse_weights
 from flaxvision.weights.posembed import resample_pos_embed
 
 logger = logging.getLogger(__name__)
 
-FORMATS = "transformers ViT (config.json model_type 'vit'), timm ViT, big_vision/vision_transformer .npz, flaxvision"
 # Config fields that describe how a model is trained or run, not which weights it has: callers may change them.
 TUNABLE = ("dropout_rate", "attention_dropout_rate", "drop_path_rate", "bn_momentum", "scan_blocks", "remat")
 # Fields a registry name may differ in from the weights (the weights' values win).
@@ -85,23 +81,6 @@ class LoadReport:
         if self.ignored_keys:
             lines.append(f"not loaded (unused by a classifier): {', '.join(self.ignored_keys)}")
         return "\n".join(lines)
-
-
-def parse_weights(weights: WeightFiles) -> Parsed:
-    """Detect the format of pretrained weights (config first, then tensor names) and read their architecture."""
-    config = weights.config or {}
-    if native_format.is_native(weights):
-        return native_format.parse(weights)
-    if "model_type" in config:
-        return transformers_format.parse(weights)
-    if "architecture" in config:
-        return timm_format.parse(weights)
-    keys = weights.tensors.keys()
-    for module in (transformers_format, timm_format, npz_format):
-        if module.is_layout(keys):
-            return module.parse(weights)
-    sample = ", ".join(sorted(keys)[:4])
-    raise FlaxvisionError(f"cannot tell the format of '{weights.origin}' (tensors like {sample}); flaxvision reads {FORMATS}")
 
 
 def check_architecture(name: str, config: Any, origin: str) -> None:

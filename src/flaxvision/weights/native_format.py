@@ -32,8 +32,18 @@ def _version() -> str:
         return "unknown"
 
 
+FAMILY = "every family"
+
+
 def is_native(weights: WeightFiles) -> bool:
     return (weights.config or {}).get("format") == FORMAT or weights.metadata.get("format") == FORMAT
+
+
+detect = is_native
+
+
+def exports(config: Any) -> bool:
+    return True  # the config itself is stored
 
 
 def describe(config: Any, preprocessing: Preprocessing, label_names: tuple[str, ...] | None) -> dict[str, Any]:

@@ -28,6 +28,8 @@ from flaxvision.weights.hub import WeightFiles
 
 logger = logging.getLogger(__name__)
 
+FORMAT = "npz"
+FAMILY = "ViT (vision_transformer / big_vision .npz)"
 PREFIXES = ("opt/target/", "params/img/", "params/")
 BLOCK = "Transformer/encoderblock_{}/"
 STACKED = "Transformer/encoderblock/"
@@ -39,6 +41,21 @@ BIG_VISION_NAMES = (("MultiHeadDotProductAttention_0/", "MultiHeadDotProductAtte
 
 def is_layout(keys: Any) -> bool:
     return any(k.endswith("embedding/kernel") for k in keys)
+
+
+def detect(weights: WeightFiles) -> bool:
+    config = weights.config or {}
+    return "model_type" not in config and "architecture" not in config and is_layout(weights.tensors.keys())
+
+
+def exports(config: Any) -> bool:
+    return isinstance(config, ViTConfig) and refusal(config) is None
+
+
+def refusal(config: Any) -> str | None:
+    if isinstance(config, ViTConfig) and (config.global_pool != "token" or config.use_fc_norm):
+        return f"the .npz layout has a CLS-token head with encoder_norm before it, this model has global_pool={config.global_pool!r}"
+    return None
 
 
 def rules(config: ViTConfig, *, head: bool = True) -> list[Rule]:
@@ -125,11 +142,9 @@ def to_flaxvision(tensors: dict[str, np.ndarray], config: ViTConfig) -> dict[str
 
 def check_exportable(config: ViTConfig) -> None:
     """Raise when the .npz layout cannot hold this architecture."""
-    if config.global_pool != "token" or config.use_fc_norm:
-        raise FlaxvisionError(
-            f"the .npz layout has a CLS-token head with encoder_norm before it, this model has global_pool="
-            f"{config.global_pool!r}; export it with format='timm' or 'flaxvision'"
-        )
+    reason = refusal(config)
+    if reason:
+        raise FlaxvisionError(f"{reason}; export it with format='timm' or 'flaxvision'")
 
 
 def from_flaxvision(params: dict[str, np.ndarray], config: ViTConfig) -> dict[str, np.ndarray]:

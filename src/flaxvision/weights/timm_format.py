@@ -31,6 +31,7 @@ from flaxvision.weights.convert import (
     conv,
     copy,
     default_num_heads,
+    detect_timm,
     export,
     grid_of,
     import_params,
@@ -40,6 +41,8 @@ from flaxvision.weights.hub import WeightFiles
 
 logger = logging.getLogger(__name__)
 
+FORMAT = "timm"
+FAMILY = "VisionTransformer"
 HEADS_BY_SIZE = {"tiny": 3, "small": 6, "medium": 8, "base": 12, "large": 16, "huge": 16, "giant": 16, "gigantic": 16}
 _NAME = re.compile(r"^(?:vit|deit)_(tiny|small|medium|base|large|huge|giant|gigantic)_patch(\d+)_")
 # timm architecture names for the registered sizes, used as the constructor name when exporting.
@@ -75,6 +78,16 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 
 def is_layout(keys: Any) -> bool:
     return any(k.endswith("patch_embed.proj.weight") for k in keys)
+
+
+def detect(weights: WeightFiles) -> bool:
+    # Last of the timm layouts in READERS: it takes every architecture the others did not (and refuses what its
+    # VisionTransformer cannot express, naming the option).
+    return detect_timm(weights, lambda arch: True, is_layout)
+
+
+def exports(config: Any) -> bool:
+    return isinstance(config, ViTConfig)
 
 
 def rules(config: ViTConfig, *, head: bool = True) -> list[Rule]:

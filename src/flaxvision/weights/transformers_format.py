@@ -32,6 +32,7 @@ from flaxvision.weights.convert import (
     conv,
     copy,
     default_num_heads,
+    detect_transformers,
     export,
     fused,
     grid_of,
@@ -43,6 +44,8 @@ from flaxvision.weights.hub import WeightFiles
 
 logger = logging.getLogger(__name__)
 
+FORMAT = "transformers"
+FAMILY = "ViT (model_type 'vit')"
 MODEL_TYPES = ("vit",)
 # transformers hidden_act -> flaxvision act. gelu_new / gelu_pytorch_tanh / gelu_fast are all the tanh form.
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
@@ -55,6 +58,22 @@ _DEFAULT_LABEL = re.compile(r"LABEL_\d+")
 
 def is_layout(keys: Any) -> bool:
     return any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in keys)
+
+
+def detect(weights: WeightFiles) -> bool:
+    # Without a config.json, any transformers ViT-like file is read here (and refused with a reason if it cannot be).
+    return detect_transformers(weights, MODEL_TYPES, is_layout)
+
+
+def exports(config: Any) -> bool:
+    """ViTForImageClassification: a plain ViT with a CLS-token head."""
+    return isinstance(config, ViTConfig) and refusal(config) is None
+
+
+def refusal(config: Any) -> str | None:
+    if isinstance(config, ViTConfig) and (config.global_pool != "token" or config.use_fc_norm):
+        return f"transformers' ViTForImageClassification has a CLS-token head only, this model has global_pool={config.global_pool!r}"
+    return None
 
 
 # Per-layer names: weight files (the Hub, save_pretrained) and transformers v5's module names
@@ -231,11 +250,9 @@ def parse(weights: WeightFiles) -> Parsed:
 
 def config_files(config: ViTConfig, prep: Preprocessing, label_names: tuple[str, ...] | None) -> dict[str, dict[str, Any]]:
     """config.json and preprocessor_config.json for a ViTForImageClassification with these weights."""
-    if config.global_pool != "token" or config.use_fc_norm:
-        raise FlaxvisionError(
-            f"transformers' ViTForImageClassification has a CLS-token head only, this model has global_pool="
-            f"{config.global_pool!r}; export it with format='timm' or 'flaxvision'"
-        )
+    reason = refusal(config)
+    if reason:
+        raise FlaxvisionError(f"{reason}; export it with format='timm' or 'flaxvision'")
     if prep.crop_pct != 1.0 or prep.resize_mode != "squash":
         logger.warning(
             "ViTImageProcessor resizes straight to %d px; this model's crop_pct=%g / resize_mode=%r are not stored "
