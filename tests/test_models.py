@@ -155,7 +155,7 @@ def test_cnn_has_no_mode_dependence():
 
 
 def test_drop_path_drops_whole_samples():
-    from flaxvision.models.vit import Block
+    from flaxvision.models.vit_layers import Block
 
     cfg = ViTConfig.tiny(img_size=32)
     block = Block(cfg, drop_path_rate=0.5, dtype=jnp.float32, rngs=nnx.Rngs(0))
@@ -173,13 +173,14 @@ def test_drop_path_drops_whole_samples():
 
 
 def test_patch_embedding_equals_strided_convolution():
-    from flaxvision.models.vit import PatchEmbed
+    from flaxvision.models.vit_layers import PatchEmbed
 
     embed = PatchEmbed(4, 3, 8, dtype=jnp.float32, rngs=nnx.Rngs(0))
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 16, 12, 3)), jnp.float32)
     conv = jax.lax.conv_general_dilated(
         x, embed.kernel[...], window_strides=(4, 4), padding="VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
+    assert embed.bias is not None
     expected = (conv + embed.bias[...][None, None, None, :]).reshape(2, 12, 8)
     np.testing.assert_allclose(embed(x), expected, rtol=1e-5, atol=1e-5)
 
@@ -216,7 +217,7 @@ def test_bfloat16_computes_in_bf16_with_float32_params():
 
 
 def test_gelu_is_exact_erf():
-    from flaxvision.models.vit import ACTIVATIONS
+    from flaxvision.models.vit_layers import ACTIVATIONS
 
     x = jnp.linspace(-4, 4, 101)
     exact = 0.5 * x * (1 + jax.scipy.special.erf(x / np.sqrt(2)))
@@ -273,7 +274,7 @@ def test_unknown_model_suggests_close_names():
         ({"num_classes": 0}, r"num_classes must be an integer >= 1, got 0"),
         ({"in_chans": 0}, r"in_chans must be an integer from 1 to 64.*got 0"),
         ({"dtype": "int8"}, r"dtype must be one of .*'int8'"),
-        ({"global_pool": "max"}, r"global_pool must be one of token, avg, got 'max'"),
+        ({"global_pool": "max"}, r"global_pool must be one of token, avg, map, token_avg, got 'max'"),
         ({"drop_path_rate": 1.5}, r"drop_path_rate must be in \[0, 1\)"),
         ({"depthh": 2}, r"no option 'depthh'.*did you mean depth"),
     ],

@@ -1,0 +1,202 @@
+"""`ViTConfig`: the architecture of a Vision Transformer (`flaxvision.models.vit`), every option a field."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from flaxvision.errors import ConfigError
+from flaxvision.models.base import ConfigBase, check_common, compute_dtype, train_step_bytes
+from flaxvision.models.vit_layers import ACTIVATIONS
+
+GLOBAL_POOLS = ("token", "avg", "map", "token_avg")
+# What the backward pass keeps of each encoder block (jax.checkpoint policies; None: everything).
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ViTConfig(ConfigBase):
+    """Architecture of a Vision Transformer. Presets: `ViTConfig.base(patch=16)` etc."""
+
+    num_classes: int = 1000
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    qkv_bias: bool = True
+    layer_norm_eps: float = 1e-6
+    act: str = "gelu"
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    global_pool: str = "token"
+    fc_norm: bool | None = None  # None: timm's rule, norm after pooling exactly when global_pool == "avg"
+    class_token: bool = True
+    distilled: bool = False
+    reg_tokens: int = 0
+    no_embed_class: bool = False
+    init_values: float | None = None
+    qk_norm: bool = False
+    pre_norm: bool = False
+    patch_bias: bool = True
+    dtype: str = "float32"
+    # How the encoder trains (not which weights it has). `scan_blocks`: one compiled block scanned over the depth,
+    # which compiles in a fraction of the time of the unrolled loop and keeps XLA from fusing the residual
+    # stream's gradient across blocks (evaluation, with no backward pass, runs unrolled). `remat`: what the
+    # backward pass keeps of each block: "none" every activation, "dots" the matmul outputs (recomputing layer
+    # norms, softmax and GELU; as fast here and 1.2 GB less for ViT-B/16 at batch 8), "full" only the block
+    # inputs (recomputes the whole forward pass: least memory, ~15% slower).
+    scan_blocks: bool = True
+    remat: str = "dots"
+
+    def __post_init__(self) -> None:
+        check_common(self)
+        if not isinstance(self.patch_size, int) or self.patch_size < 1:
+            raise ConfigError(f"ViTConfig: patch_size must be a positive integer, got {self.patch_size!r}")
+        if self.img_size % self.patch_size:
+            raise ConfigError(
+                f"ViTConfig: img_size {self.img_size} is not divisible by patch_size {self.patch_size}; "
+                f"use a multiple of {self.patch_size} such as {max(1, round(self.img_size / self.patch_size)) * self.patch_size}"
+            )
+        if self.width % self.num_heads:
+            raise ConfigError(f"ViTConfig: width {self.width} is not divisible by num_heads {self.num_heads}")
+        if self.act not in ACTIVATIONS:
+            raise ConfigError(f"ViTConfig: act must be one of {', '.join(ACTIVATIONS)}, got {self.act!r}")
+        if self.global_pool not in GLOBAL_POOLS:
+            raise ConfigError(f"ViTConfig: global_pool must be one of {', '.join(GLOBAL_POOLS)}, got {self.global_pool!r}")
+        for field in ("dropout_rate", "attention_dropout_rate", "drop_path_rate"):
+            rate = getattr(self, field)
+            if not 0.0 <= rate < 1.0:
+                raise ConfigError(f"ViTConfig: {field} must be in [0, 1), got {rate!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"ViTConfig: remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
+        if self.depth < 1 or self.layer_norm_eps <= 0:
+            raise ConfigError(f"ViTConfig: depth must be >= 1 and layer_norm_eps > 0, got {self.depth}, {self.layer_norm_eps}")
+        self._check_tokens()
+
+    def _check_tokens(self) -> None:
+        """The token and pooling options that only make sense together."""
+        if self.global_pool in ("token", "token_avg") and not self.class_token:
+            raise ConfigError(f"ViTConfig: global_pool={self.global_pool!r} pools the CLS token, but class_token=False; "
+                              "use global_pool='avg' or 'map'")  # fmt: skip
+        if self.distilled and (not self.class_token or self.global_pool != "token"):
+            raise ConfigError("ViTConfig: distilled=True (DeiT's distillation token) needs class_token=True and global_pool='token'")
+        if not isinstance(self.reg_tokens, int) or isinstance(self.reg_tokens, bool) or not 0 <= self.reg_tokens <= 64:
+            raise ConfigError(f"ViTConfig: reg_tokens must be an integer from 0 to 64, got {self.reg_tokens!r}")
+        if self.init_values is not None and not (isinstance(self.init_values, (int, float)) and 0 < self.init_values <= 10):
+            raise ConfigError(f"ViTConfig: init_values (layer scale) must be None or in (0, 10], got {self.init_values!r}")
+        if self.global_pool == "map" and self.use_fc_norm:
+            raise ConfigError("ViTConfig: global_pool='map' normalises before pooling; fc_norm must be None or False")
+
+    # Sizes from the ViT paper (Ti and S from DeiT); patch 16 or 32.
+    @classmethod
+    def tiny(cls, patch: int = 16, **kw) -> ViTConfig:
+        return cls(patch_size=patch, width=192, depth=12, num_heads=3, mlp_dim=768, **kw)
+
+    @classmethod
+    def small(cls, patch: int = 16, **kw) -> ViTConfig:
+        return cls(patch_size=patch, width=384, depth=12, num_heads=6, mlp_dim=1536, **kw)
+
+    @classmethod
+    def base(cls, patch: int = 16, **kw) -> ViTConfig:
+        return cls(patch_size=patch, width=768, depth=12, num_heads=12, mlp_dim=3072, **kw)
+
+    @classmethod
+    def large(cls, patch: int = 16, **kw) -> ViTConfig:
+        return cls(patch_size=patch, width=1024, depth=24, num_heads=16, mlp_dim=4096, **kw)
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def use_fc_norm(self) -> bool:
+        return self.global_pool == "avg" if self.fc_norm is None else self.fc_norm
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches: CLS, distillation, registers."""
+        return int(self.class_token) + int(self.distilled) + self.reg_tokens
+
+    @property
+    def pos_prefix_tokens(self) -> int:
+        """Leading positions of pos_embed that are not on the patch grid (0 with no_embed_class)."""
+        return 0 if self.no_embed_class else self.num_prefix_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix_tokens + self.num_patches
+
+    @property
+    def head_features(self) -> int:
+        return 2 * self.width if self.global_pool == "token_avg" else self.width
+
+    def param_count(self) -> int:
+        """Trainable parameters, from the config alone (tests check it against the built model)."""
+        d, m, c = self.width, self.mlp_dim, self.num_classes
+        embed = self.patch_size**2 * self.in_chans * d + (d if self.patch_bias else 0)
+        embed += self.num_prefix_tokens * d + (self.num_patches + self.pos_prefix_tokens) * d + (2 * d if self.pre_norm else 0)
+        per_block = 4 * d + 3 * d * d + (3 * d if self.qkv_bias else 0) + d * d + d + 2 * d * m + m + d
+        per_block += (2 * d if self.init_values is not None else 0) + (4 * (d // self.num_heads) if self.qk_norm else 0)
+        head = 2 * d + self.head_features * c + c + (d * c + c if self.distilled else 0)
+        if self.global_pool == "map":
+            head += d + 4 * d * d + (3 * d if self.qkv_bias else 0) + d + 2 * d + 2 * d * m + m + d
+        return embed + self.depth * per_block + head
+
+    def forward_flops(self) -> int:
+        """2 x multiply-adds of the patch projection, all attention and MLP matmuls, and the head."""
+        tokens, d, m = self.num_tokens, self.width, self.mlp_dim
+        patch = self.num_patches * self.patch_size**2 * self.in_chans * d
+        per_block = tokens * (3 * d * d + d * d + 2 * d * m) + 2 * tokens * tokens * d
+        head = self.head_features * self.num_classes * (2 if self.distilled else 1)
+        if self.global_pool == "map":  # keys and values of every token, one query
+            head += tokens * 2 * d * d + 2 * tokens * d + 2 * d * d + 2 * d * m
+        return 2 * (patch + self.depth * per_block + head)
+
+    # ---- capabilities (flaxvision.models.base.ModelConfig) ----
+
+    def num_layers(self) -> int:
+        return self.depth
+
+    def layer_index(self, path: str) -> int:
+        """BEiT's layer ids: embeddings 0, block i -> i + 1, the final norm and the head depth + 1."""
+        top, _, rest = path.partition(".")
+        if top in ("patch_embed", "cls_token", "dist_token", "reg_token", "pos_embed", "norm_pre"):
+            return 0
+        if top == "blocks":
+            return int(rest.split(".", 1)[0]) + 1
+        return self.depth + 1
+
+    def position_grid(self) -> int | None:
+        return self.grid_size
+
+    def train_memory_bytes(self, batch_size: int, *, optimizer_slots: int = 2) -> int:
+        """Device memory of one training step, estimated: within ~2x of XLA's (tests check it).
+
+        Activations the backward pass keeps, per token and block: "dots" keeps the matmul outputs (qkv, the
+        attention scores, the attention output, proj, fc1, fc2) and the block input, "none" about twice that
+        (layer norms, softmax, GELU), "full" the block input only; plus one block's worth for the backward pass
+        itself. XLA's attention materialises the (heads, T, T) scores, which dominate at many tokens (ViT-Ti
+        with 3,137 tokens needs tens of GB at batch 32); a fused (flash) kernel needs less than estimated.
+        """
+        tokens, d, m = self.num_tokens, self.width, self.mlp_dim
+        scores = self.num_heads * tokens
+        everything = 11 * d + 3 * m + 3 * scores
+        per_block = {"none": everything, "dots": 7 * d + m + scores, "full": d}[self.remat]
+        itemsize = jnp.dtype(compute_dtype(self.dtype)).itemsize
+        activations = batch_size * tokens * (self.depth * per_block + everything) * itemsize
+        inputs = batch_size * self.img_size**2 * self.in_chans * 4
+        return train_step_bytes(self.param_count(), optimizer_slots, activations + inputs)

@@ -1,0 +1,178 @@
+"""The layers of flaxvision's Vision Transformer (`flaxvision.models.vit`): patch embedding, attention, MLP, layer
+scale, attention pooling, the encoder block. Parameter names follow timm's wherever timm has the part.
+`cfg` is a `flaxvision.models.vit_config.ViTConfig` (typed Any: that module imports ACTIVATIONS from here)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flaxvision.errors import ConfigError
+
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact erf GELU: transformers' and timm's default
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+}
+
+
+def _trunc_normal(std: float = 0.02):
+    return nnx.initializers.truncated_normal(stddev=std)
+
+
+class PatchEmbed(nnx.Module):
+    """Non-overlapping p x p patches projected to `width` channels.
+
+    Mathematically a VALID convolution with kernel = stride = p (the kernel is stored in that HWIO layout), but
+    computed as one (B*N, p*p*C) x (p*p*C, D) matmul: the same numbers, and a plain GEMM on every backend.
+    """
+
+    def __init__(self, patch_size: int, in_chans: int, width: int, *, bias: bool = True, dtype, rngs: nnx.Rngs):
+        self.patch_size = patch_size
+        self.dtype = dtype
+        fan_in_init = nnx.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3)
+        self.kernel = nnx.Param(fan_in_init(rngs.params(), (patch_size, patch_size, in_chans, width)))
+        self.bias = nnx.Param(jnp.zeros((width,))) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        p = self.patch_size
+        patches = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        patches = patches.reshape(b, (h // p) * (w // p), p * p * c).astype(self.dtype)
+        kernel = self.kernel[...].reshape(p * p * c, -1).astype(self.dtype)
+        out = patches @ kernel
+        return out if self.bias is None else out + self.bias[...].astype(self.dtype)[None, None, :]
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with a fused qkv projection."""
+
+    def __init__(self, cfg: Any, *, dtype, rngs: nnx.Rngs):
+        d = cfg.width
+        self.num_heads = cfg.num_heads
+        self.qkv = nnx.Linear(d, 3 * d, use_bias=cfg.qkv_bias, dtype=dtype, kernel_init=_trunc_normal(), rngs=rngs)
+        self.proj = nnx.Linear(d, d, dtype=dtype, kernel_init=_trunc_normal(), rngs=rngs)
+        self.attn_drop = nnx.Dropout(cfg.attention_dropout_rate, rngs=rngs)
+        self.proj_drop = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+        head_dim = d // cfg.num_heads
+        self.q_norm = _layer_norm(cfg, head_dim, dtype=dtype, rngs=rngs) if cfg.qk_norm else None
+        self.k_norm = _layer_norm(cfg, head_dim, dtype=dtype, rngs=rngs) if cfg.qk_norm else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, t, d = x.shape
+        qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.attn_drop.rate > 0 and not self.attn_drop.deterministic:
+            # Dropout on the attention probabilities needs them materialised; the fused kernel has no dropout.
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+            probs = self.attn_drop(jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype))
+            out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        else:
+            # Picks cuDNN flash attention on GPUs, the XLA composition elsewhere.
+            out = jax.nn.dot_product_attention(q, k, v)
+        return self.proj_drop(self.proj(out.reshape(b, t, d)))
+
+
+class Mlp(nnx.Module):
+    def __init__(self, cfg: Any, *, dtype, rngs: nnx.Rngs, dropout: bool = True):
+        self.fc1 = nnx.Linear(cfg.width, cfg.mlp_dim, dtype=dtype, kernel_init=_trunc_normal(), rngs=rngs)
+        self.fc2 = nnx.Linear(cfg.mlp_dim, cfg.width, dtype=dtype, kernel_init=_trunc_normal(), rngs=rngs)
+        rate = cfg.dropout_rate if dropout else 0.0
+        self.drop1 = nnx.Dropout(rate, rngs=rngs)
+        self.drop2 = nnx.Dropout(rate, rngs=rngs)
+        self.act = cfg.act
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.drop2(self.fc2(self.drop1(ACTIVATIONS[self.act](self.fc1(x)))))
+
+
+def _layer_norm(cfg: Any, features: int | None = None, *, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # Two-pass variance: the fast E[x^2] - E[x]^2 form costs parity with PyTorch's LayerNorm.
+    width = features or cfg.width
+    return nnx.LayerNorm(width, epsilon=cfg.layer_norm_eps, dtype=dtype, use_fast_variance=False, rngs=rngs)
+
+
+class LayerScale(nnx.Module):
+    """A learned per-channel gain on a residual branch (CaiT; DeiT III and DINOv2 use it), `gamma` as timm names it."""
+
+    def __init__(self, width: int, init_values: float):
+        self.gamma = nnx.Param(jnp.full((width,), init_values, jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x * self.gamma[...].astype(x.dtype)
+
+
+class AttentionPool(nnx.Module):
+    """Multi-head attention pooling (MAP, SigLIP; timm's AttentionPoolLatent): one learned query attends over every
+    token, then a residual MLP: `y = proj(attn(q(latent), kv(x))); y + mlp(norm(y))`."""
+
+    def __init__(self, cfg: Any, *, dtype, rngs: nnx.Rngs):
+        d = cfg.width
+        self.num_heads = cfg.num_heads
+        self.latent = nnx.Param(_trunc_normal(d**-0.5)(rngs.params(), (1, 1, d)))
+        self.q = nnx.Linear(d, d, use_bias=cfg.qkv_bias, dtype=dtype, kernel_init=_trunc_normal(), rngs=rngs)
+        self.kv = nnx.Linear(d, 2 * d, use_bias=cfg.qkv_bias, dtype=dtype, kernel_init=_trunc_normal(), rngs=rngs)
+        self.proj = nnx.Linear(d, d, dtype=dtype, kernel_init=_trunc_normal(), rngs=rngs)
+        self.norm = _layer_norm(cfg, dtype=dtype, rngs=rngs)
+        self.mlp = Mlp(cfg, dtype=dtype, rngs=rngs, dropout=False)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, t, d = x.shape
+        h = self.num_heads
+        latent = jnp.broadcast_to(self.latent[...].astype(x.dtype), (b, 1, d))
+        q = self.q(latent).reshape(b, 1, h, d // h)
+        kv = self.kv(x).reshape(b, t, 2, h, d // h)
+        y = jax.nn.dot_product_attention(q, kv[:, :, 0], kv[:, :, 1]).reshape(b, 1, d)
+        y = self.proj(y)
+        return (y + self.mlp(self.norm(y)))[:, 0]
+
+
+def drop_path(x: jax.Array, rate: jax.Array, key: jax.Array) -> jax.Array:
+    """Stochastic depth with a traced rate: drop whole samples, as nnx.Dropout(rate, broadcast_dims=(1, 2))."""
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
+
+
+class Block(nnx.Module):
+    """Pre-LN encoder block: x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x))).
+
+    `drop_path_rate`, when given, replaces the block's own rate (a traced value: the scanned encoder passes each
+    block's rate as data, so that one compiled body serves blocks whose rates differ).
+    """
+
+    def __init__(self, cfg: Any, drop_path_rate: float, *, dtype, rngs: nnx.Rngs):
+        self.norm1 = _layer_norm(cfg, dtype=dtype, rngs=rngs)
+        self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
+        self.norm2 = _layer_norm(cfg, dtype=dtype, rngs=rngs)
+        self.mlp = Mlp(cfg, dtype=dtype, rngs=rngs)
+        # Stochastic depth = dropout of whole samples: one Bernoulli per example, broadcast over tokens/channels.
+        self.drop_path1 = nnx.Dropout(drop_path_rate, broadcast_dims=(1, 2), rngs=rngs)
+        self.drop_path2 = nnx.Dropout(drop_path_rate, broadcast_dims=(1, 2), rngs=rngs)
+        scale = cfg.init_values
+        self.ls1 = LayerScale(cfg.width, scale) if scale is not None else None
+        self.ls2 = LayerScale(cfg.width, scale) if scale is not None else None
+
+    def _attn(self, x: jax.Array) -> jax.Array:
+        y = self.attn(self.norm1(x))
+        return y if self.ls1 is None else self.ls1(y)
+
+    def _mlp(self, x: jax.Array) -> jax.Array:
+        y = self.mlp(self.norm2(x))
+        return y if self.ls2 is None else self.ls2(y)
+
+    def __call__(self, x: jax.Array, drop_path_rate: jax.Array | None = None) -> jax.Array:
+        if drop_path_rate is None or self.drop_path1.deterministic:
+            x = x + self.drop_path1(self._attn(x))
+            return x + self.drop_path2(self._mlp(x))
+        rngs1, rngs2 = self.drop_path1.rngs, self.drop_path2.rngs
+        if rngs1 is None or rngs2 is None:
+            raise ConfigError("stochastic depth in training mode needs the block built with rngs")
+        x = x + drop_path(self._attn(x), drop_path_rate, rngs1())
+        return x + drop_path(self._mlp(x), drop_path_rate, rngs2())
