@@ -14,6 +14,8 @@ from flaxvision.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's training statistics (timm's OPENAI_CLIP_MEAN/STD)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF = (0.5, 0.5, 0.5)  # google/vit-* checkpoints and the ViT tutorial: pixels in [-1, 1]
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 RESIZE_MODES = ("squash", "shortest")

@@ -5,6 +5,7 @@ the families `vit`, `resnet`, `cnn` (each registers itself); `lora` (LoRA adapte
 above the weight loaders.
 """
 
+from flaxvision.models import vit_zoo  # noqa: F401  (registers the DeiT, DINOv2, CLIP, SigLIP names)
 from flaxvision.models.base import HEAD_INITS, Classifier, ModelConfig, param_path
 from flaxvision.models.cnn import CNN, CNNConfig
 from flaxvision.models.factory import create_model

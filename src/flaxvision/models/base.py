@@ -63,6 +63,10 @@ class ModelConfig(Protocol):
         """Patches per side of a learned position embedding (resampled when img_size changes); None: none."""
         ...
 
+    def position_prefix(self) -> int:
+        """Leading entries of that position embedding that are not on the grid (a ViT's CLS position)."""
+        ...
+
     def train_memory_bytes(self, batch_size: int, *, optimizer_slots: int = 2) -> int:
         """Device memory of one training step: parameters, gradients, optimizer state, saved activations.
 
@@ -85,6 +89,9 @@ class ConfigBase:
 
     def position_grid(self) -> int | None:
         return None
+
+    def position_prefix(self) -> int:
+        return 0
 
 
 def require_layers(config: Any, option: str) -> int:

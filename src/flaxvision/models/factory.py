@@ -14,7 +14,7 @@ from typing import Any
 
 from flaxvision.errors import FlaxvisionError
 from flaxvision.models.base import Classifier
-from flaxvision.models.registry import build_model, model_config
+from flaxvision.models.registry import build_model, model_config, named_preprocessing
 from flaxvision.weights.loader import load_pretrained
 
 
@@ -53,4 +53,4 @@ def create_model(
     if name is None:
         raise FlaxvisionError("create_model needs a model name, or pretrained= to build what the weights hold")
     config = model_config(name, num_classes=num_classes, img_size=img_size, in_chans=in_chans, dtype=dtype, **overrides)
-    return build_model(config, seed=seed)
+    return build_model(config, seed=seed, preprocessing=named_preprocessing(name, config))

@@ -41,9 +41,13 @@ class Family:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
+    """A registered name: its default config, and the preprocessing of its published weights (timm's
+    pretrained_cfg: mean, std, crop, interpolation), when they have one."""
+
     name: str
     config: Any  # the default config (a frozen dataclass)
     description: str
+    preprocessing: Preprocessing | None = None
 
 
 _FAMILIES: dict[type, Family] = {}
@@ -58,13 +62,14 @@ def register_family(config_class: type, model_class: type, *, mean: Sequence[flo
     _FAMILIES[config_class] = Family(model_class, tuple(mean), tuple(std))
 
 
-def register_model(name: str, config: Any, description: str) -> None:
-    """Add a named default config to the zoo (e.g. from a plug-in); the name must be new."""
+def register_model(name: str, config: Any, description: str, *, preprocessing: Preprocessing | None = None) -> None:
+    """Add a named default config to the zoo (e.g. from a plug-in); the name must be new. `preprocessing`: that of
+    the name's published weights (a model built from the name uses it; one trained from scratch the family's)."""
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is already registered")
     if type(config) not in _FAMILIES:
         raise TypeError(f"no model class for config type {type(config).__name__}; register_family it first")
-    _REGISTRY[name] = ModelSpec(name, config, description)
+    _REGISTRY[name] = ModelSpec(name, config, description, preprocessing)
 
 
 def config_classes() -> dict[str, type]:
@@ -146,6 +151,18 @@ def default_preprocessing(config: Any) -> Preprocessing:
     if family is None:
         raise ConfigError(f"no flaxvision model takes a {type(config).__name__}")
     return Preprocessing(img_size=config.img_size, mean=family.mean, std=family.std).for_channels(config.in_chans)
+
+
+def named_preprocessing(name: str, config: Any) -> Preprocessing:
+    """The preprocessing a model built from registry `name` with `config` uses: the name's published one at the
+    config's size and channels, else the family's default."""
+    prep = get_model_spec(name).preprocessing
+    if prep is None:
+        return default_preprocessing(config)
+    try:
+        return dataclasses.replace(prep, img_size=config.img_size).for_channels(config.in_chans)
+    except ConfigError:  # e.g. 3-channel statistics for a 2-channel model
+        return default_preprocessing(config)
 
 
 def build_model(

@@ -183,6 +183,9 @@ class ViTConfig(ConfigBase):
     def position_grid(self) -> int | None:
         return self.grid_size
 
+    def position_prefix(self) -> int:
+        return self.pos_prefix_tokens
+
     def train_memory_bytes(self, batch_size: int, *, optimizer_slots: int = 2) -> int:
         """Device memory of one training step, estimated: within ~2x of XLA's (tests check it).
 

@@ -105,7 +105,7 @@ class LayerScale(nnx.Module):
         self.gamma = nnx.Param(jnp.full((width,), init_values, jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return x * self.gamma[...].astype(x.dtype)
+        return x * self.gamma[...].astype(x.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
 
 
 class AttentionPool(nnx.Module):

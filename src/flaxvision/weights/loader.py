@@ -95,7 +95,7 @@ def check_architecture(name: str, config: Any, origin: str) -> None:
     diffs = [f"{f} {getattr(config, f)!r} (weights) vs {getattr(named, f)!r}" for f in fields if getattr(config, f) != getattr(named, f)]
     if diffs:
         same = [n for n in list_models() if _same_architecture(model_config(n), config, fields)]
-        hint = f"use {same[0]!r} or None" if same else "use name=None"
+        hint = f"use {', '.join(map(repr, same[:3]))} or None" if same else "use name=None"
         raise FlaxvisionError(f"'{origin}' is not a {name}: {'; '.join(diffs)}; {hint} to build what the weights hold")
 
 
@@ -128,7 +128,7 @@ def _adapt(params: dict[str, np.ndarray], parsed: Parsed, target: Any, head_init
     resampled = None
     grid, source_grid = target.position_grid(), parsed.config.position_grid()
     if grid is not None and source_grid is not None and grid != source_grid:
-        params["pos_embed"] = resample_pos_embed(params["pos_embed"], grid)
+        params["pos_embed"] = resample_pos_embed(params["pos_embed"], grid, num_prefix_tokens=target.position_prefix())
         resampled = (source_grid, grid)
     replace = not parsed.has_head or target.num_classes != parsed.config.num_classes
     if replace:

@@ -1,0 +1,52 @@
+"""The ViT checkpoints people fine-tune, by timm's names: DeiT, DeiT III, DINOv2 (with registers), CLIP, SigLIP.
+
+Each name is timm's architecture with the preprocessing of its default pretrained weights (timm's pretrained_cfg),
+so `create_model(name)` and weights imported for it agree on how images become inputs. Sizes and options from the
+papers, as timm sets them:
+    DeiT (Touvron et al. 2021): the ViT sizes trained on ImageNet-1k alone; the distilled variant adds a
+        distillation token and head (its logits are the mean of both heads).
+    DeiT III (Touvron et al. 2022): layer scale 1e-6, position embedding for the patches only.
+    DINOv2 (Oquab et al. 2023): patch 14 at 518 px, layer scale 1e-5; "reg4" adds four register tokens
+        (Darcet et al. 2024) with no position embedding of their own. Published as backbones (no head).
+    CLIP (Radford et al. 2021): a LayerNorm before the encoder, no patch-projection bias, LayerNorm eps 1e-5,
+        CLS-token pooling.
+    SigLIP (Zhai et al. 2023): no CLS token, attention pooling (MAP) over every token.
+"""
+
+from __future__ import annotations
+
+from flaxvision.models.registry import register_model
+from flaxvision.models.vit import ViTConfig  # (importing vit registers the family)
+from flaxvision.preprocessing import HALF, IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Preprocessing
+
+
+def _timm(img_size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct: float = 0.9) -> Preprocessing:
+    return Preprocessing(img_size, mean, std, crop_pct=crop_pct, resize_mode="shortest", interpolation="bicubic")
+
+
+_SIZES = {"tiny": ViTConfig.tiny, "small": ViTConfig.small, "base": ViTConfig.base, "large": ViTConfig.large}
+
+for _size in ("tiny", "small", "base"):
+    register_model(f"deit_{_size}_patch16_224", _SIZES[_size](patch=16), f"DeiT-{_size[0].upper()}/16, 224 px (ImageNet-1k)",
+                   preprocessing=_timm())  # fmt: skip
+register_model("deit_base_distilled_patch16_224", ViTConfig.base(patch=16, distilled=True),
+               "DeiT-B/16 distilled: CLS and distillation heads averaged, 224 px", preprocessing=_timm())  # fmt: skip
+for _size in ("small", "base"):
+    register_model(f"deit3_{_size}_patch16_224", _SIZES[_size](patch=16, no_embed_class=True, init_values=1e-6),
+                   f"DeiT III-{_size[0].upper()}/16: layer scale, 224 px", preprocessing=_timm())  # fmt: skip
+
+_DINO = _timm(518, crop_pct=1.0)
+for _size in ("small", "base", "large"):
+    register_model(f"vit_{_size}_patch14_dinov2", _SIZES[_size](patch=14, img_size=518, init_values=1e-5),
+                   f"DINOv2 ViT-{_size[0].upper()}/14 backbone, 518 px", preprocessing=_DINO)  # fmt: skip
+for _size in ("small", "base"):
+    register_model(f"vit_{_size}_patch14_reg4_dinov2",
+                   _SIZES[_size](patch=14, img_size=518, init_values=1e-5, reg_tokens=4, no_embed_class=True),
+                   f"DINOv2 ViT-{_size[0].upper()}/14 with 4 registers, 518 px", preprocessing=_DINO)  # fmt: skip
+
+register_model("vit_base_patch16_clip_224", ViTConfig.base(patch=16, pre_norm=True, patch_bias=False, layer_norm_eps=1e-5),
+               "CLIP ViT-B/16 image tower: pre-norm, CLS pooling, 224 px",
+               preprocessing=_timm(mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, crop_pct=1.0))  # fmt: skip
+register_model("vit_base_patch16_siglip_224", ViTConfig.base(patch=16, class_token=False, global_pool="map"),
+               "SigLIP ViT-B/16 image tower: no CLS token, attention pooling, 224 px",
+               preprocessing=_timm(mean=HALF, std=HALF))  # fmt: skip
