@@ -136,8 +136,75 @@ def check_layout(
         )
 
 
+def check_names(
+    rules: list[Rule],
+    tensors: Mapping[str, np.ndarray],
+    config: Any,
+    *,
+    what: str,
+    ignored: Iterable[str] = (),
+) -> None:
+    """Before any model is built: the config's layers and size against the file's tensors, then the names the
+    rules read against those the file has (check_layout's error, without shapes).
+
+    Building even a shape-only model of a config.json that says 300 layers over 12 of tensors, or of a huge
+    width, takes minutes; these checks need the rules and the tensor names only, so they fail at once.
+    """
+    present = set(tensors) - set(ignored)
+    layers = config.num_layers()
+    if layers > 0:
+        held = set()
+        for rule in rules:
+            index = config.layer_index(rule.flax)
+            if 1 <= index <= layers and any(k in present for k in rule.keys):
+                held.add(index)
+        if len(held) < layers:
+            raise FlaxvisionError(
+                f"{what}: the config says {layers} layers, the tensors hold {len(held)}; nothing was loaded - pass "
+                "the matching weights, or fix their config.json"
+            )
+    expected = config.param_count()
+    held_values = sum(int(tensors[k].size) for k in present)
+    if expected > 2 * held_values + 10**6:  # the config describes a far larger model than the file holds
+        raise FlaxvisionError(
+            f"{what}: the config describes {expected:,} parameters, the tensors hold {held_values:,} values; "
+            "nothing was loaded - pass the matching weights, or fix their config.json"
+        )
+    wanted = {k for rule in rules for k in rule.keys}
+    # Names only: a present tensor is expected at its own shape, so only missing and unexpected names are reported.
+    check_layout(tensors, {k: tuple(tensors[k].shape) if k in tensors else () for k in wanted}, what=what, ignored=ignored)
+
+
+def check_dtypes(rules: Iterable[Rule], tensors: Mapping[str, np.ndarray], *, what: str) -> None:
+    """Refuse integer, bool and complex tensors where a float parameter belongs, naming them: they are not cast."""
+    bad = sorted({f"{k} ({tensors[k].dtype})" for r in rules for k in r.keys if k in tensors and tensors[k].dtype.kind != "f"})
+    if bad:
+        raise FlaxvisionError(
+            f"{what}: {len(bad)} tensor(s) of float parameters hold other types: {_listing(bad)}; flaxvision does not "
+            "cast them - pass float weights (float32, float16 or bfloat16)"
+        )
+
+
+def nonfinite_tensors(tensors: Mapping[str, np.ndarray], names: Iterable[str] | None = None) -> list[str]:
+    """'name (3 NaN, 1 Inf)' for each float tensor (of `names`, default all) holding NaN or Inf values."""
+    found = []
+    for name in sorted(tensors if names is None else set(names) & set(tensors)):
+        value = np.asarray(tensors[name])
+        if value.dtype.kind != "f" or bool(np.isfinite(value).all()):
+            continue
+        nans, infs = int(np.isnan(value).sum()), int(np.isinf(value).sum())
+        found.append(f"{name} ({', '.join(p for p in (f'{nans} NaN' * bool(nans), f'{infs} Inf' * bool(infs)) if p)})")
+    return found
+
+
+def describe_nonfinite(found: list[str]) -> str:
+    return f"{len(found)} tensor(s) hold NaN or Inf values: {_listing(found, 8)}"
+
+
 def import_params(rules: Iterable[Rule], tensors: Mapping[str, np.ndarray]) -> Arrays:
-    """The file's tensor dict (already checked) -> flaxvision flat dict, float32."""
+    """The file's tensor dict (already checked) -> flaxvision flat dict, float32 (from float tensors only)."""
+    rules = list(rules)
+    check_dtypes(rules, tensors, what="weights")
     return {r.flax: np.asarray(r.to_flax(*(tensors[k] for k in r.keys)), dtype=np.float32) for r in rules}
 
 
@@ -212,9 +279,11 @@ def square(value: Any, field: str, what: str) -> int:
 
 def grid_of(pos_embed: np.ndarray, prefix_tokens: int, what: str) -> int:
     """Patches per side from a (1, prefix + g*g, D) position embedding."""
+    if pos_embed.ndim < 2:
+        raise FlaxvisionError(f"{what}: a position embedding of shape {tuple(pos_embed.shape)} is not (1, tokens, width)")
     tokens = pos_embed.shape[-2] - prefix_tokens
-    grid = int(round(tokens**0.5))
-    if grid * grid != tokens:
+    grid = int(round(max(tokens, 0) ** 0.5))
+    if grid * grid != tokens or grid == 0:
         raise FlaxvisionError(f"{what}: position embedding of {pos_embed.shape[-2]} tokens is not a square grid plus a CLS token")
     return grid
 
