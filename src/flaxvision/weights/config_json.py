@@ -31,7 +31,7 @@ CONFIG_KEYS: dict[str, str] = {
     **dict.fromkeys(("qkv_bias", "class_token", "no_embed_class", "do_normalize", "do_resize", "do_center_crop",
                      "do_rescale", "use_swiglu_ffn"), _BOOL),
     **dict.fromkeys(("model_type", "hidden_act", "architecture", "global_pool", "interpolation", "crop_mode",
-                     "config_class", "format"), _STR),
+                     "config_class", "format", "act_layer"), _STR),
     **dict.fromkeys(("id2label", "label2id", "model_args", "pretrained_cfg", "vision_config", "preprocessing"), _DICT),
     **dict.fromkeys(("image_mean", "image_std", "mean", "std"), _NUMBERS),
     **dict.fromkeys(("architectures", "label_names"), _LIST),
@@ -82,7 +82,7 @@ def check_config_json(data: dict[str, Any], path: Path, where: str = "") -> None
         if not _json_type_ok(key, value):
             expected = "an integer or an object of integers" if key in _SIZE_KEYS else CONFIG_KEYS[key]
             raise FlaxvisionError(f"'{path}': {name}={short(value)} should be {expected}; fix the file or re-download it")
-        if key == "id2label":
+        if key == "id2label" and isinstance(value, dict):
             indices = sorted(value, key=lambda k: (len(k), k))
             if indices != [str(i) for i in range(len(value))]:
                 raise FlaxvisionError(
