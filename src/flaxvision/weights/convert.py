@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -26,6 +27,7 @@ from flaxvision.models.registry import abstract_model
 from flaxvision.preprocessing import Preprocessing
 
 Arrays = dict[str, np.ndarray]
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,8 +261,16 @@ HEADS_BY_WIDTH = {192: 3, 384: 6, 512: 8, 768: 12, 1024: 16, 1280: 16, 1408: 16,
 
 
 def default_num_heads(width: int) -> int:
-    """Head count for a width when the weights do not say (bare files): the standard ViT sizes, else 64-d heads."""
-    return HEADS_BY_WIDTH.get(width, max(1, width // 64))
+    """Head count for a width when the weights do not say (bare files): the standard ViT sizes, else 64-d heads
+    (a guess, reported: the tensors' shapes are the same for any head count that divides the width)."""
+    if width in HEADS_BY_WIDTH:
+        return HEADS_BY_WIDTH[width]
+    heads = max(1, width // 64)
+    logger.warning(
+        "the weights do not say how many attention heads they have: assuming %d (64-d heads) for the non-standard "
+        "width %d; pass the config.json that came with them if that is wrong", heads, width,
+    )  # fmt: skip
+    return heads
 
 
 def square(value: Any, field: str, what: str) -> int:
