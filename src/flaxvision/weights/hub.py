@@ -9,7 +9,7 @@ Reading is safe by default: safetensors, and NumPy archives with allow_pickle=Fa
 (.bin/.pth/.pt) can run arbitrary code when loaded; they are refused unless the caller passes allow_pickle=True.
 Malformed files are one FlaxvisionError each: a corrupt header or archive, a member claiming more bytes than it
 holds, a shard outside its directory, a config.json value of the wrong JSON type (`CONFIG_KEYS`). Float tensors
-are read as float32 (float16, bfloat16 and float8 cast up); integer and bool tensors are kept as they are, so
+are read as float32 (float16 and bfloat16 cast up); integer and bool tensors are kept as they are, so
 that the loader can refuse them by name instead of casting them silently.
 """
 
@@ -150,9 +150,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-# safetensors dtypes NumPy reads itself, and the low-precision floats read through JAX (ml_dtypes) and cast up.
+# safetensors dtypes NumPy reads itself, and bfloat16 read through JAX and cast up (float8 and the rest: refused).
 NUMPY_DTYPES = {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F16", "F32", "F64", "C64"}
-JAX_FLOAT_DTYPES = {"BF16", "F8_E4M3", "F8_E5M2"}
+JAX_FLOAT_DTYPES = {"BF16"}
 
 
 def _as_float32(array: np.ndarray) -> np.ndarray:
@@ -172,7 +172,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
             metadata = dict(f.metadata() or {})
             for key in f.keys():
                 dtype = f.get_slice(key).get_dtype()
-                if dtype in JAX_FLOAT_DTYPES:  # NumPy has no bfloat16 or float8: read through JAX
+                if dtype in JAX_FLOAT_DTYPES:  # NumPy has no bfloat16: read through JAX
                     with safe_open(str(path), framework="flax") as fj:
                         tensors[key] = np.asarray(fj.get_tensor(key).astype("float32"))
                 elif dtype in NUMPY_DTYPES:
