@@ -1,7 +1,8 @@
 """Fuzzing what reads weights: the only outcomes of load_pretrained are a model or exactly one FlaxvisionError.
 
 Starting from valid tiny checkpoints written by the reference libraries (a transformers ViT via save_pretrained,
-1 layer of width 32; a timm ViT via save_for_hf; the .npz flaxvision writes of it), hypothesis mutates the
+1 layer of width 32, and flaxvision's own format of it; a timm ViT via save_for_hf, and the .npz flaxvision writes
+of it), hypothesis mutates the
 config.json values (types, sizes, deletions), the safetensors header (its length, dtypes, shapes, offsets, bytes),
 the tensors (dtype, shape, NaN/Inf, deletions) and the .npz archive. Any other exception fails the test, and so
 does an error of more than one line. Derandomized (the same examples on every run) with no example database;
@@ -49,7 +50,8 @@ def originals(tmp_path_factory) -> None:
     timm_model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, embed_dim=48, img_size=32, num_classes=3)
     save_for_hf(timm_model.eval(), str(root / "timm"), safe_serialization=True)
     flaxvision.save_pretrained(flaxvision.load_pretrained(root / "timm"), root / "npz" / "model.npz", format="npz")
-    for name in ("hf", "timm", "npz"):
+    flaxvision.save_pretrained(flaxvision.load_pretrained(root / "hf"), root / "native")
+    for name in ("hf", "timm", "npz", "native"):
         assert isinstance(flaxvision.load_pretrained(root / name), Classifier)
         ORIGINALS[name] = {p.name: p.read_bytes() for p in (root / name).iterdir()}
 
@@ -87,6 +89,11 @@ CONFIG_KEYS = [
                               "model_args.depth", "model_args.num_heads", "model_args.embed_dim", "model_args.act_layer",
                               "model_args.img_size", "model_args.class_token", "model_args.mlp_ratio", "pretrained_cfg",
                               "pretrained_cfg.mean", "pretrained_cfg.crop_pct", "pretrained_cfg.interpolation")
+] + [
+    ("native", key) for key in ("config_class", "config", "config.width", "config.depth", "config.num_heads",
+                                "config.qkv_bias", "config.global_pool", "config.fc_norm", "config.layer_norm_eps",
+                                "config.remat", "preprocessing", "preprocessing.mean", "preprocessing.img_size",
+                                "label_names")
 ]  # fmt: skip
 
 
@@ -102,7 +109,7 @@ def set_path(config: dict[str, Any], path: str, value: Any) -> None:
         config[key] = value
 
 
-@SETTINGS
+@settings(SETTINGS, max_examples=100)  # three formats' config files
 @given(changes=st.lists(st.tuples(st.sampled_from(CONFIG_KEYS), JSON_VALUES), min_size=1, max_size=3))
 @example(changes=[(("hf", "hidden_act"), ["gelu"])])  # was TypeError: unhashable type: 'list'
 @example(changes=[(("hf", "layer_norm_eps"), "x")])  # was ValueError: could not convert string to float
@@ -113,9 +120,13 @@ def set_path(config: dict[str, Any], path: str, value: Any) -> None:
 @example(changes=[(("hf", "num_hidden_layers"), True)])  # was loaded as depth 1
 @example(changes=[(("hf", "id2label"), "abc")])  # was loaded with 3 classes from the string's length
 @example(changes=[(("timm", "model_args.act_layer"), ["gelu"])])  # was TypeError: unhashable type: 'list'
+@example(changes=[(("native", "config_class"), ["ViTConfig"])])  # was TypeError: unhashable type: 'list'
+@example(changes=[(("native", "config"), ["width"])])  # was AttributeError: 'list' object has no attribute 'items'
+@example(changes=[(("native", "preprocessing"), {"mean": [0.5]})])  # was TypeError: missing img_size
+@example(changes=[(("native", "label_names"), "abc")])  # was loaded with the labels 'a', 'b', 'c'
 def test_config_json_values(changes):
     files = {name: dict(data) for name, data in ORIGINALS.items()}
-    configs = {name: json.loads(files[name]["config.json"]) for name in ("hf", "timm")}
+    configs = {name: json.loads(files[name]["config.json"]) for name in ("hf", "timm", "native")}
     for (target, path), value in changes:
         set_path(configs[target], path, value)
     target = changes[0][0][0]
