@@ -472,3 +472,22 @@ def test_bare_transformers_safetensors_infers_the_architecture(tmp_path):
     with torch.no_grad():
         expected = reference(torch.from_numpy(x).permute(0, 3, 1, 2)).logits.numpy()
     np.testing.assert_allclose(np.asarray(model(x)), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "library, key, config",
+    [("timm", "patch_embed.proj.weight", True), ("timm", "pos_embed", True), ("timm", "head.weight", True),
+     ("transformers", "classifier.weight", False), ("transformers", "vit.embeddings.patch_embeddings.projection.weight", False)],
+)  # fmt: skip
+@pytest.mark.xfail(strict=True, raises=IndexError, reason="timm_format.parse / transformers_format._config_from_shapes "
+                   "read .shape[i] of these tensors unchecked; convert.require(tensors, key, what, ndim) names them")  # fmt: skip
+def test_a_zero_d_tensor_the_architecture_is_read_from_is_named(tmp_path, library, key, config):
+    if library == "timm":
+        save_for_hf(tiny_timm(), str(tmp_path), safe_serialization=True)
+    else:
+        tiny_hf(tmp_path)
+        (tmp_path / "config.json").unlink()  # a bare file: the architecture comes from the shapes
+    state = load_file(tmp_path / "model.safetensors")
+    save_numpy(state | {key: np.asarray(state[key].reshape(-1)[0])}, tmp_path / "model.safetensors")
+    with pytest.raises(FlaxvisionError, match=rf"'{re.escape(key)}' has shape \(\), fewer than the \d axes it needs"):
+        flaxvision.load_pretrained(tmp_path)

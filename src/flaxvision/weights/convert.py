@@ -273,6 +273,19 @@ def default_num_heads(width: int) -> int:
     return heads
 
 
+def require(tensors: Mapping[str, np.ndarray], key: str, what: str, ndim: int = 1, hint: str = "") -> np.ndarray:
+    """The tensor `key` of weights whose architecture is read from shapes, with at least `ndim` axes; one
+    FlaxvisionError naming it otherwise (a 0-d or flattened tensor would be an IndexError in `.shape[i]`)."""
+    if key not in tensors:
+        raise FlaxvisionError(f"{what}: cannot infer the architecture without '{key}'{hint}")
+    value = tensors[key]
+    if value.ndim < ndim:
+        raise FlaxvisionError(
+            f"{what}: '{key}' has shape {tuple(value.shape)}, fewer than the {ndim} axes it needs; pass the matching weights"
+        )
+    return value
+
+
 def square(value: Any, field: str, what: str) -> int:
     """An int from an int or an [h, w] pair that must be square (flaxvision ViTs take square inputs)."""
     if isinstance(value, (list, tuple)):

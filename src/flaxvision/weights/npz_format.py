@@ -23,7 +23,7 @@ import numpy as np
 from flaxvision.errors import FlaxvisionError
 from flaxvision.models.vit import ViTConfig
 from flaxvision.preprocessing import HALF, Preprocessing
-from flaxvision.weights.convert import Parsed, Rule, copy, export, fused, grid_of, import_params
+from flaxvision.weights.convert import Parsed, Rule, copy, export, fused, grid_of, import_params, require
 from flaxvision.weights.hub import WeightFiles
 
 logger = logging.getLogger(__name__)
@@ -183,11 +183,7 @@ def parse(weights: WeightFiles) -> Parsed:
         raise FlaxvisionError(f"{what}: weights without a CLS token ('cls'), e.g. pool_type='gap', are not supported")
 
     def get(key: str, ndim: int = 2) -> np.ndarray:
-        if key not in tensors:
-            raise FlaxvisionError(f"{what}: cannot infer the architecture without '{key}'")
-        if tensors[key].ndim < ndim:
-            raise FlaxvisionError(f"{what}: '{key}' of shape {tensors[key].shape} should have at least {ndim} axes")
-        return tensors[key]
+        return require(tensors, key, what, ndim)
 
     kernel = get("embedding/kernel", 4)  # (p, p, C, D)
     if kernel.ndim != 4 or kernel.shape[0] != kernel.shape[1]:
