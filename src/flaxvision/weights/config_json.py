@@ -36,7 +36,7 @@ CONFIG_KEYS: dict[str, str] = {
     **dict.fromkeys(("image_mean", "image_std", "mean", "std"), _NUMBERS),
     **dict.fromkeys(("architectures", "label_names"), _LIST),
 }  # fmt: skip
-NULLABLE = {"label_names", "act_layer", "crop_size"}  # null is a value these keys have (flaxvision, timm)
+NULLABLE = {"label_names", "act_layer", "crop_size", "architectures"}  # null is a value these keys have (flaxvision, timm, transformers)
 _SIZE_KEYS = {"size", "crop_size"}  # ViTImageProcessor: an integer, or {"height": h, "width": w} / {"shortest_edge": s}
 
 
