@@ -8,10 +8,10 @@ from typing import Any
 from flaxvision.errors import FlaxvisionError
 
 
-def load_model(source: str, weights: str = "raw") -> Any:
+def load_model(source: str, weights: str = "raw", nonfinite: str = "warn") -> Any:
     """A run directory (its model/, or with weights="ema" its model_ema/), a model directory, a weights file, a Hub
     id or a LoRA adapter directory (onto the base it names: the model keeps its adapters, unmerged) -> a model in
-    eval mode."""
+    eval mode. `nonfinite`: NaN/Inf weights are a warning ("warn": predict, evaluate) or an error ("error": export)."""
     from flaxvision.weights import load_adapter, load_pretrained
     from flaxvision.weights.adapter import is_adapter_dir
 
@@ -27,7 +27,7 @@ def load_model(source: str, weights: str = "raw") -> Any:
         path = path / "model"
     elif not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") != 1):
         raise FlaxvisionError(f"{source!r} is not a run directory, a model directory or a Hub id; check the path")
-    model = load_pretrained(str(path) if path.exists() else source)
+    model = load_pretrained(str(path) if path.exists() else source, nonfinite=nonfinite)
     model.eval()
     return model
 

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     out, source = Path(args.out), Path(args.run)
     _check_out(out, source, args.overwrite)
     _check_lora(source, args)
-    model = load_model(args.run, weights=args.weights)
+    model = load_model(args.run, weights=args.weights, nonfinite="error")  # NaN/Inf weights are not written
     model = _merged(model) if args.merge_lora else model
     if args.format == "npz" and out.suffix == ".npz":  # one file, written atomically
         with files.scratch_dir(out.parent) as tmp:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -26,6 +27,7 @@ from flaxvision.models.registry import abstract_model
 from flaxvision.preprocessing import Preprocessing
 
 Arrays = dict[str, np.ndarray]
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,8 +138,72 @@ def check_layout(
         )
 
 
+def check_names(
+    rules: list[Rule],
+    tensors: Mapping[str, np.ndarray],
+    config: Any,
+    *,
+    what: str,
+    ignored: Iterable[str] = (),
+) -> None:
+    """Before any model is built: the config's layers and size against the file's tensors.
+
+    Building even a shape-only model of a config.json that says 300 layers over 12 of tensors takes minutes (and
+    of a huge width, memory); these checks need the rules, the tensor names and sizes only, so they fail at once.
+    A layer counts as held when the file has any tensor of it; check_layout then names every missing tensor.
+    """
+    present = set(tensors) - set(ignored)
+    layers = config.num_layers()
+    if layers > 0:
+        held = set()
+        for rule in rules:
+            index = config.layer_index(rule.flax)
+            if 1 <= index <= layers and any(k in present for k in rule.keys):
+                held.add(index)
+        if len(held) < layers:
+            raise FlaxvisionError(
+                f"{what}: the config says {layers} layers, the tensors hold {len(held)}; nothing was loaded - pass "
+                "the matching weights, or fix their config.json"
+            )
+    expected = config.param_count()
+    held_values = sum(int(tensors[k].size) for k in present)
+    if expected > 2 * held_values + 10**6:  # the config describes a far larger model than the file holds
+        raise FlaxvisionError(
+            f"{what}: the config describes {expected:,} parameters, the tensors hold {held_values:,} values; "
+            "nothing was loaded - pass the matching weights, or fix their config.json"
+        )
+
+
+def check_dtypes(rules: Iterable[Rule], tensors: Mapping[str, np.ndarray], *, what: str) -> None:
+    """Refuse integer, bool and complex tensors where a float parameter belongs, naming them: they are not cast."""
+    bad = sorted({f"{k} ({tensors[k].dtype})" for r in rules for k in r.keys if k in tensors and tensors[k].dtype.kind != "f"})
+    if bad:
+        raise FlaxvisionError(
+            f"{what}: {len(bad)} tensor(s) of float parameters hold other types: {_listing(bad)}; flaxvision does not "
+            "cast them - pass float weights (float32, float16 or bfloat16)"
+        )
+
+
+def nonfinite_tensors(tensors: Mapping[str, np.ndarray], names: Iterable[str] | None = None) -> list[str]:
+    """'name (3 NaN, 1 Inf)' for each float tensor (of `names`, default all) holding NaN or Inf values."""
+    found = []
+    for name in sorted(tensors if names is None else set(names) & set(tensors)):
+        value = np.asarray(tensors[name])
+        if value.dtype.kind != "f" or bool(np.isfinite(value).all()):
+            continue
+        nans, infs = int(np.isnan(value).sum()), int(np.isinf(value).sum())
+        found.append(f"{name} ({', '.join(p for p in (f'{nans} NaN' * bool(nans), f'{infs} Inf' * bool(infs)) if p)})")
+    return found
+
+
+def describe_nonfinite(found: list[str]) -> str:
+    return f"{len(found)} tensor(s) hold NaN or Inf values: {_listing(found, 8)}"
+
+
 def import_params(rules: Iterable[Rule], tensors: Mapping[str, np.ndarray]) -> Arrays:
-    """The file's tensor dict (already checked) -> flaxvision flat dict, float32."""
+    """The file's tensor dict (already checked) -> flaxvision flat dict, float32 (from float tensors only)."""
+    rules = list(rules)
+    check_dtypes(rules, tensors, what="weights")
     return {r.flax: np.asarray(r.to_flax(*(tensors[k] for k in r.keys)), dtype=np.float32) for r in rules}
 
 
@@ -195,8 +261,29 @@ HEADS_BY_WIDTH = {192: 3, 384: 6, 512: 8, 768: 12, 1024: 16, 1280: 16, 1408: 16,
 
 
 def default_num_heads(width: int) -> int:
-    """Head count for a width when the weights do not say (bare files): the standard ViT sizes, else 64-d heads."""
-    return HEADS_BY_WIDTH.get(width, max(1, width // 64))
+    """Head count for a width when the weights do not say (bare files): the standard ViT sizes, else 64-d heads
+    (a guess, reported: the tensors' shapes are the same for any head count that divides the width)."""
+    if width in HEADS_BY_WIDTH:
+        return HEADS_BY_WIDTH[width]
+    heads = max(1, width // 64)
+    logger.warning(
+        "the weights do not say how many attention heads they have: assuming %d (64-d heads) for the non-standard "
+        "width %d; pass the config.json that came with them if that is wrong", heads, width,
+    )  # fmt: skip
+    return heads
+
+
+def require(tensors: Mapping[str, np.ndarray], key: str, what: str, ndim: int = 1, hint: str = "") -> np.ndarray:
+    """The tensor `key` of weights whose architecture is read from shapes, with at least `ndim` axes; one
+    FlaxvisionError naming it otherwise (a 0-d or flattened tensor would be an IndexError in `.shape[i]`)."""
+    if key not in tensors:
+        raise FlaxvisionError(f"{what}: cannot infer the architecture without '{key}'{hint}")
+    value = tensors[key]
+    if value.ndim < ndim:
+        raise FlaxvisionError(
+            f"{what}: '{key}' has shape {tuple(value.shape)}, fewer than the {ndim} axes it needs; pass the matching weights"
+        )
+    return value
 
 
 def square(value: Any, field: str, what: str) -> int:
@@ -212,9 +299,11 @@ def square(value: Any, field: str, what: str) -> int:
 
 def grid_of(pos_embed: np.ndarray, prefix_tokens: int, what: str) -> int:
     """Patches per side from a (1, prefix + g*g, D) position embedding."""
+    if pos_embed.ndim < 2:
+        raise FlaxvisionError(f"{what}: a position embedding of shape {tuple(pos_embed.shape)} is not (1, tokens, width)")
     tokens = pos_embed.shape[-2] - prefix_tokens
-    grid = int(round(tokens**0.5))
-    if grid * grid != tokens:
+    grid = int(round(max(tokens, 0) ** 0.5))
+    if grid * grid != tokens or grid == 0:
         raise FlaxvisionError(f"{what}: position embedding of {pos_embed.shape[-2]} tokens is not a square grid plus a CLS token")
     return grid
 

@@ -21,7 +21,7 @@ from flaxvision.files import write_atomic, write_json
 from flaxvision.models.base import Classifier
 from flaxvision.models.lora import lora_spec
 from flaxvision.models.registry import default_preprocessing
-from flaxvision.weights.convert import weight_state
+from flaxvision.weights.convert import describe_nonfinite, nonfinite_tensors, weight_state
 from flaxvision.weights.layouts import FORMATS, writer
 
 
@@ -62,6 +62,9 @@ def save_pretrained(model: Classifier, out: str | Path, *, format: str = "flaxvi
     else:
         files = layout.config_files(config, prep, labels)
     params = {k: np.asarray(v, dtype=np.float32) for k, v in weight_state(model).items()}
+    found = nonfinite_tensors(params)
+    if found:  # a file that loads into a NaN model helps nobody: refuse, before anything is written
+        raise FlaxvisionError(f"the model's {describe_nonfinite(found)}; nothing was written - export a model with finite weights")
 
     if format == "npz":
         path = Path(out)

@@ -7,20 +7,27 @@ The Hub is reached only through huggingface_hub, so its cache, revisions, tokens
 
 Reading is safe by default: safetensors, and NumPy archives with allow_pickle=False. Pickled PyTorch files
 (.bin/.pth/.pt) can run arbitrary code when loaded; they are refused unless the caller passes allow_pickle=True.
+Malformed files are one FlaxvisionError each: a corrupt header or archive, a member claiming more bytes than it
+holds, a shard outside its directory, a config.json value of the wrong JSON type (`CONFIG_KEYS`). Float tensors
+are read as float32 (float16 and bfloat16 cast up); integer and bool tensors are kept as they are, so
+that the loader can refuse them by name instead of casting them silently.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from flaxvision.errors import FlaxvisionError
+from flaxvision.weights.config_json import check_config_json, short
 
 SUPPORTED = (
     "a Hugging Face Hub repo id (org/name[@revision]), a directory holding model.safetensors "
@@ -41,12 +48,13 @@ CONVERT_HINT = (
 
 @dataclasses.dataclass
 class WeightFiles:
-    """The raw content of pretrained weights: tensors as float32 NumPy arrays plus whatever config files came with it.
+    """The raw content of pretrained weights: tensors as NumPy arrays plus whatever config files came with it.
 
     Attributes:
       origin: what the user passed (for messages).
       files: the weight files read, in order.
-      tensors: tensor name -> array, in the file's own naming and layout.
+      tensors: tensor name -> array, in the file's own naming and layout; float tensors as float32, others
+        (integer, bool: BatchNorm's num_batches_tracked, or a broken file) in their own dtype.
       config: config.json as a dict (None for bare files).
       preprocessor: preprocessor_config.json (transformers) as a dict, when present.
       metadata: the safetensors header metadata (str -> str), merged over shards.
@@ -135,19 +143,27 @@ def resolve(source: str | Path, **hub_kwargs: Any) -> Path:
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise FlaxvisionError(f"cannot read '{path}': not valid JSON ({err}); re-download or fix the file") from None
     if not isinstance(data, dict):
         raise FlaxvisionError(f"'{path}' should hold a JSON object, found {type(data).__name__}")
     return data
 
 
+# safetensors dtypes NumPy reads itself, and bfloat16 read through JAX and cast up (float8 and the rest: refused).
+NUMPY_DTYPES = {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F16", "F32", "F64", "C64"}
+JAX_FLOAT_DTYPES = {"BF16"}
+
+
 def _as_float32(array: np.ndarray) -> np.ndarray:
-    return array if array.dtype == np.float32 else np.asarray(array, dtype=np.float32)
+    """Float arrays as float32 (float16 and float64 too); others unchanged, for the loader to refuse by name."""
+    if array.dtype.kind != "f" or array.dtype == np.float32:
+        return array
+    return np.asarray(array, dtype=np.float32)
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Tensors (as float32 NumPy) and header metadata of one .safetensors file."""
+    """Tensors (floats as float32 NumPy) and header metadata of one .safetensors file."""
     from safetensors import SafetensorError, safe_open
 
     tensors: dict[str, np.ndarray] = {}
@@ -155,12 +171,20 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
         with safe_open(str(path), framework="np") as f:
             metadata = dict(f.metadata() or {})
             for key in f.keys():
-                if f.get_slice(key).get_dtype() == "BF16":  # NumPy has no bfloat16: read through JAX
+                dtype = f.get_slice(key).get_dtype()
+                if dtype in JAX_FLOAT_DTYPES:  # NumPy has no bfloat16: read through JAX
                     with safe_open(str(path), framework="flax") as fj:
                         tensors[key] = np.asarray(fj.get_tensor(key).astype("float32"))
-                else:
+                elif dtype in NUMPY_DTYPES:
                     tensors[key] = _as_float32(f.get_tensor(key))
-    except (SafetensorError, OSError, ValueError) as err:
+                else:
+                    raise FlaxvisionError(
+                        f"cannot read '{path}': tensor {key} has dtype {dtype}, which flaxvision does not read; "
+                        "save it as float32, float16 or bfloat16"
+                    )
+    except (SafetensorError, OSError, ValueError, OverflowError, MemoryError) as err:
+        if isinstance(err, FlaxvisionError):
+            raise
         raise FlaxvisionError(
             f"cannot read '{path}': not a valid safetensors file, probably truncated or corrupt ({err}); re-download it"
         ) from None
@@ -168,22 +192,46 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
 
 
 def read_npz(path: Path, allow_pickle: bool = False) -> dict[str, np.ndarray]:
-    """Arrays of a NumPy .npz archive (big_vision / vision_transformer weights), read without pickle."""
+    """Arrays of a NumPy .npz archive (big_vision / vision_transformer weights), read without pickle.
+
+    Each member's .npy header is read first: an object array (pickle) is refused unless allowed, and a member
+    whose header claims more bytes than the member holds is refused before anything is allocated.
+    """
+    arrays: dict[str, np.ndarray] = {}
     try:
-        # Our own file handle: np.load leaks the one it opens when the zip is corrupt (a ResourceWarning).
-        with open(path, "rb") as f, np.load(f, allow_pickle=allow_pickle) as archive:
-            return {key: _as_float32(archive[key]) for key in archive.files}
-    except ValueError as err:
-        if "allow_pickle" in str(err):
-            raise FlaxvisionError(
-                f"'{path}' stores pickled Python objects, which can run arbitrary code; pass allow_pickle=True if you trust it"
-            ) from None
+        with open(path, "rb") as f:
+            if f.read(2) != b"PK":
+                raise _corrupt_npz(path, "it is not a zip archive")
+            f.seek(0)
+            with zipfile.ZipFile(f) as archive:
+                for info in archive.infolist():
+                    key = info.filename.removesuffix(".npy")
+                    if key == info.filename or key in arrays:
+                        raise _corrupt_npz(path, f"member {info.filename!r} is not one .npy array")
+                    with archive.open(info) as member:
+                        arrays[key] = _read_member(path, key, member, info.file_size, allow_pickle)
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, OverflowError, MemoryError) as err:
+        if isinstance(err, FlaxvisionError):
+            raise
         raise _corrupt_npz(path, err) from None
-    except (zipfile.BadZipFile, OSError, EOFError) as err:
-        raise _corrupt_npz(path, err) from None
+    return arrays
 
 
-def _corrupt_npz(path: Path, err: Exception) -> FlaxvisionError:
+def _read_member(path: Path, key: str, member: Any, size: int, allow_pickle: bool) -> np.ndarray:
+    version = np.lib.format.read_magic(member)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(member)
+    if dtype.hasobject and not allow_pickle:
+        raise FlaxvisionError(
+            f"'{path}' stores pickled Python objects ({key}), which can run arbitrary code; pass allow_pickle=True if you trust it"
+        )
+    if not dtype.hasobject and math.prod(shape) * dtype.itemsize > size:
+        raise _corrupt_npz(path, f"{key} claims shape {shape} of {dtype}, more than its {size} bytes")
+    member.seek(0)
+    return _as_float32(np.lib.format.read_array(member, allow_pickle=allow_pickle))
+
+
+def _corrupt_npz(path: Path, err: Any) -> FlaxvisionError:
     return FlaxvisionError(f"cannot read '{path}': not a valid .npz archive, probably truncated or corrupt ({err}); re-download it")
 
 
@@ -202,7 +250,12 @@ def read_pickle(path: Path) -> dict[str, np.ndarray]:
             state = state[wrapper]
     if not isinstance(state, dict):
         raise FlaxvisionError(f"'{path}' holds a {type(state).__name__}, not a state dict of tensors")
-    return {k: v.detach().float().cpu().numpy() for k, v in state.items() if hasattr(v, "detach")}
+    # Floats as float32; integer and bool tensors as they are (the loader refuses them where a float belongs).
+    return {
+        k: _as_float32((v.float() if v.is_floating_point() else v).detach().cpu().numpy())
+        for k, v in state.items()
+        if hasattr(v, "detach")
+    }
 
 
 def _refuse_pickle(path: Path) -> FlaxvisionError:
@@ -245,6 +298,9 @@ def _expand_index(path: Path) -> tuple[Path, ...]:
     weight_map = _read_json(path).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise FlaxvisionError(f"'{path}' has no weight_map; it is not the index of sharded weights")
+    strays = [name for name in weight_map.values() if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..")]
+    if strays:
+        raise FlaxvisionError(f"'{path}': weight_map names {short(strays[0])}, not a file next to the index; fix or re-download it")
     shards = tuple(path.parent / name for name in dict.fromkeys(weight_map.values()))
     missing = [p.name for p in shards if not p.is_file()]
     if missing:
@@ -298,8 +354,10 @@ def read_weights(source: str | Path, *, allow_pickle: bool = False, **hub_kwargs
     config = preprocessor = None
     if directory is not None and (directory / "config.json").is_file():
         config = _read_json(directory / "config.json")
+        check_config_json(config, directory / "config.json")
         if (directory / "preprocessor_config.json").is_file():
             preprocessor = _read_json(directory / "preprocessor_config.json")
+            check_config_json(preprocessor, directory / "preprocessor_config.json")
     tensors, metadata = read_tensors(files, allow_pickle)
     if not tensors:
         raise FlaxvisionError(f"'{files[0]}' holds no tensors; it is not a weights file")

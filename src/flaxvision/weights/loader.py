@@ -5,9 +5,12 @@
     >>> model = flaxvision.create_model("vit_base_patch16_224", pretrained="timm/vit_base_patch16_224.augreg2_in21k_ft_in1k", img_size=384)
 
 Steps: read the files (weights.hub) -> detect the format and read the architecture (weights.transformers_format /
-timm_format / npz_format / native_format) -> check every tensor name and shape against that architecture (one
-error naming all problems) -> convert to flaxvision names -> adapt (new head, resampled position embedding) -> set
-the arrays into a shape-only model built with nnx.eval_shape -> merge.
+timm_format / npz_format / native_format; the config's every field is type- and range-checked) -> check the
+config's layers and size and the tensor names against the file, before any model is built (fast, however wrong
+the config) -> check every tensor name and shape against that architecture (one error naming all problems) ->
+check dtypes (no integer or bool tensor is cast to a float parameter) and report NaN/Inf values -> convert to
+flaxvision names -> adapt (new head, resampled position embedding) -> set the arrays into a shape-only model built
+with nnx.eval_shape -> merge.
 """
 
 from __future__ import annotations
@@ -29,9 +32,13 @@ from flaxvision.models.registry import default_preprocessing, dtype_name, list_m
 from flaxvision.weights.convert import (
     Parsed,
     abstract_split,
+    check_dtypes,
     check_layout,
+    check_names,
+    describe_nonfinite,
     expected_layout,
     import_params,
+    nonfinite_tensors,
     param_shapes,
 )
 from flaxvision.weights.hub import read_weights
@@ -44,6 +51,7 @@ logger = logging.getLogger(__name__)
 TUNABLE = ("dropout_rate", "attention_dropout_rate", "drop_path_rate", "bn_momentum", "scan_blocks", "remat")
 # Fields a registry name may differ in from the weights (the weights' values win).
 NOT_ARCHITECTURE = {"num_classes", "img_size", "dtype", "layer_norm_eps", "act", "bn_eps", "fc_norm", *TUNABLE}
+NONFINITE = ("warn", "error")  # what load_pretrained does with NaN/Inf weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +199,7 @@ def load_pretrained(
     label_names: Sequence[str] | None = None,
     name: str | None = None,
     seed: int = 0,
+    nonfinite: str = "warn",
     return_report: Literal[False] = False,
     **overrides: Any,
 ) -> Classifier: ...
@@ -211,6 +220,7 @@ def load_pretrained(
     label_names: Sequence[str] | None = None,
     name: str | None = None,
     seed: int = 0,
+    nonfinite: str = "warn",
     return_report: Literal[True],
     **overrides: Any,
 ) -> tuple[Classifier, LoadReport]: ...
@@ -231,6 +241,7 @@ def load_pretrained(
     label_names: Sequence[str] | None = None,
     name: str | None = None,
     seed: int = 0,
+    nonfinite: str = "warn",
     return_report: bool,
     **overrides: Any,
 ) -> Classifier | tuple[Classifier, LoadReport]: ...
@@ -250,6 +261,7 @@ def load_pretrained(
     label_names: Sequence[str] | None = None,
     name: str | None = None,
     seed: int = 0,
+    nonfinite: str = "warn",
     return_report: bool = False,
     **overrides: Any,
 ) -> Classifier | tuple[Classifier, LoadReport]:
@@ -267,6 +279,8 @@ def load_pretrained(
       label_names: class names of the new head (default: those of the weights when their head is kept).
       name: a registry name the weights must match (e.g. "vit_base_patch16_224"); None accepts any.
       seed: seeds a random head and the dropout streams.
+      nonfinite: NaN or Inf values in the weights: "warn" (a warning naming the tensors and counts; the model is
+        returned) or "error" (a FlaxvisionError naming them; what `flaxvision export` does).
       return_report: return (model, LoadReport) instead of the model.
       **overrides: training-time config fields: dropout_rate, attention_dropout_rate, drop_path_rate, bn_momentum.
 
@@ -274,12 +288,24 @@ def load_pretrained(
     """
     if head_init not in HEAD_INITS:
         raise ConfigError(f"head_init must be one of {', '.join(HEAD_INITS)}, got {head_init!r}")
+    if nonfinite not in NONFINITE:
+        raise ConfigError(f"nonfinite must be one of {', '.join(NONFINITE)}, got {nonfinite!r}")
     weights = read_weights(source, allow_pickle=allow_pickle, revision=revision, token=token, cache_dir=cache_dir)
-    parsed = parse_weights(weights)
+    try:
+        parsed = parse_weights(weights)
+    except ConfigError as err:  # the config the file describes is not a valid model: say which file
+        raise ConfigError(f"weights '{source}' describe an invalid model: {err}; fix their config.json or pass the matching weights") from None
     what = f"{parsed.format} weights '{source}'"
     if name is not None:
         check_architecture(name, parsed.config, str(source))
+    check_names(parsed.rules, parsed.tensors, parsed.config, what=what, ignored=parsed.ignored)
     check_layout(parsed.tensors, expected_layout(parsed.rules, param_shapes(parsed.config)), what=what, ignored=parsed.ignored)
+    check_dtypes(parsed.rules, parsed.tensors, what=what)
+    found = nonfinite_tensors(parsed.tensors, (k for rule in parsed.rules for k in rule.keys))
+    if found and nonfinite == "error":
+        raise FlaxvisionError(f"{what}: {describe_nonfinite(found)}; nothing was loaded - re-download the weights")
+    if found:
+        logger.warning("%s: %s; the model's outputs will be NaN - re-download the weights", what, describe_nonfinite(found))
     params = import_params(parsed.rules, parsed.tensors)
     if not parsed.has_head and num_classes is None:
         raise FlaxvisionError(f"{what} has no classifier head (backbone-only weights); pass num_classes= to add one")

@@ -17,6 +17,7 @@ from typing import Any
 from flaxvision.errors import FlaxvisionError
 from flaxvision.models.registry import config_classes, default_preprocessing
 from flaxvision.preprocessing import Preprocessing
+from flaxvision.weights.config_json import check_config_json
 from flaxvision.weights.convert import Parsed, copy, param_shapes
 from flaxvision.weights.hub import WeightFiles
 
@@ -62,11 +63,13 @@ def config_from_dict(info: dict[str, Any], what: str) -> Any:
     """Rebuild the config dataclass named in a config.json (lists back to tuples)."""
     name = info.get("config_class")
     known = config_classes()
-    if name not in known:
+    if not isinstance(name, str) or name not in known:
         raise FlaxvisionError(f"{what}: config_class {name!r} is unknown; this flaxvision knows {', '.join(known)}")
     cls = known[name]
     fields = {f.name for f in dataclasses.fields(cls)}
     values = info.get("config") or {}
+    if not isinstance(values, dict):
+        raise FlaxvisionError(f"{what}: config should be a JSON object of {name} fields, got {type(values).__name__}; save it again")
     unknown = sorted(set(values) - fields)
     if unknown:
         raise FlaxvisionError(f"{what}: {name} has no field(s) {', '.join(unknown)}; was it saved by a newer flaxvision?")
@@ -82,9 +85,17 @@ def parse(weights: WeightFiles) -> Parsed:
             info = json.loads(weights.metadata[METADATA_KEY])
         except (KeyError, json.JSONDecodeError):
             raise FlaxvisionError(f"{what}: no config.json and no config in the safetensors header; save it with save_pretrained") from None
+        if not isinstance(info, dict):
+            raise FlaxvisionError(f"{what}: the config in the safetensors header is not a JSON object; save it with save_pretrained")
+        check_config_json(info, weights.files[0])
     config = config_from_dict(info, what)
-    prep = Preprocessing.from_dict(info["preprocessing"]) if info.get("preprocessing") else default_preprocessing(config)
+    try:
+        prep = Preprocessing.from_dict(info["preprocessing"]) if info.get("preprocessing") else default_preprocessing(config)
+    except TypeError as err:  # a required field (img_size) missing
+        raise FlaxvisionError(f"{what}: its preprocessing is incomplete ({err}); save it again with save_pretrained") from None
     labels = info.get("label_names")
+    if labels is not None and not all(isinstance(n, str) for n in labels):
+        raise FlaxvisionError(f"{what}: label_names should be strings, got {labels[:4]!r}; save it again with save_pretrained")
     return Parsed(
         format=FORMAT,
         tensors=weights.tensors,

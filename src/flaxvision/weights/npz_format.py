@@ -23,7 +23,7 @@ import numpy as np
 from flaxvision.errors import FlaxvisionError
 from flaxvision.models.vit import ViTConfig
 from flaxvision.preprocessing import HALF, Preprocessing
-from flaxvision.weights.convert import Parsed, Rule, copy, export, fused, grid_of, import_params
+from flaxvision.weights.convert import Parsed, Rule, copy, export, fused, grid_of, import_params, require
 from flaxvision.weights.hub import WeightFiles
 
 logger = logging.getLogger(__name__)
@@ -114,6 +114,8 @@ def normalise(tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], tu
     big_vision = prefix.startswith("params/") or "pos_embedding" in out or f"{STACKED}LayerNorm_0/scale" in out
     stacked = {k: out.pop(k) for k in [k for k in out if k.startswith(STACKED)]}
     for key, value in stacked.items():  # nn.scan stacks blocks along axis 0
+        if value.ndim == 0:
+            raise FlaxvisionError(f"'{key}' is a 0-d array; a stacked (nn.scan) block parameter has the depth as its first axis")
         for i, block in enumerate(value):
             out[BLOCK.format(i) + key[len(STACKED):]] = block
     if big_vision:
@@ -126,7 +128,7 @@ def normalise(tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], tu
         out = renamed
         if "pos_embedding" in out:
             out[POS] = out.pop("pos_embedding")
-    if "cls" in out and POS in out:
+    if "cls" in out and POS in out and out[POS].ndim >= 2:
         tokens = out[POS].shape[-2]
         if round(tokens**0.5) ** 2 == tokens:  # big_vision adds positions before the CLS token: it has none
             pos = out[POS].reshape(1, tokens, -1)
@@ -165,7 +167,13 @@ def from_flaxvision(params: dict[str, np.ndarray], config: ViTConfig) -> dict[st
 def parse(weights: WeightFiles) -> Parsed:
     """Architecture (from shapes: .npz files carry no config), rules and metadata of ViT .npz weights."""
     what = f".npz weights '{weights.origin}'"
-    tensors, outside = normalise(weights.tensors)
+    try:
+        tensors, outside = normalise(weights.tensors)
+    except FlaxvisionError as err:
+        raise FlaxvisionError(f"{what}: {err}") from None
+    scalars = sorted(k for k, v in tensors.items() if v.ndim == 0)
+    if scalars:
+        raise FlaxvisionError(f"{what}: {', '.join(scalars[:4])} is a 0-d array; every ViT parameter has at least one axis")
     for key in tensors:
         if key.startswith("pre_logits/"):
             raise FlaxvisionError(f"{what}: the pre_logits representation layer ('{key}') is not supported by flaxvision's ViT")
@@ -174,20 +182,18 @@ def parse(weights: WeightFiles) -> Parsed:
     if "cls" not in tensors:
         raise FlaxvisionError(f"{what}: weights without a CLS token ('cls'), e.g. pool_type='gap', are not supported")
 
-    def get(key: str) -> np.ndarray:
-        if key not in tensors:
-            raise FlaxvisionError(f"{what}: cannot infer the architecture without '{key}'")
-        return tensors[key]
+    def get(key: str, ndim: int = 2) -> np.ndarray:
+        return require(tensors, key, what, ndim)
 
-    kernel = get("embedding/kernel")  # (p, p, C, D)
+    kernel = get("embedding/kernel", 4)  # (p, p, C, D)
     if kernel.ndim != 4 or kernel.shape[0] != kernel.shape[1]:
         raise FlaxvisionError(f"{what}: embedding/kernel of shape {kernel.shape} is not a square patch convolution")
     patch, in_chans, width = kernel.shape[0], kernel.shape[2], kernel.shape[3]
     depth = 1 + max((int(m.group(1)) for k in tensors if (m := re.match(r"Transformer/encoderblock_(\d+)/", k))), default=-1)
-    query = get(BLOCK.format(0) + "MultiHeadDotProductAttention_1/query/kernel")  # (D, H, d)
+    query = get(BLOCK.format(0) + "MultiHeadDotProductAttention_1/query/kernel", 3)  # (D, H, d)
     has_head = "head/kernel" in tensors
     config = ViTConfig(
-        num_classes=tensors["head/kernel"].shape[-1] if has_head else 1,
+        num_classes=get("head/kernel").shape[-1] if has_head else 1,
         img_size=grid_of(get(POS), 1, what) * patch,
         patch_size=patch,
         in_chans=in_chans,
