@@ -29,7 +29,9 @@ import flaxvision
 from flaxvision import FlaxvisionError
 from flaxvision.models.base import Classifier
 
-SETTINGS = settings(max_examples=50, derandomize=True, database=None, deadline=5000, phases=tuple(Phase)[:-1],
+# No per-example deadline: the suite shares two cores, and a slow example under load is not a bug (how long a bad
+# file takes to refuse is measured by hand and stated in the note, not timed in a test).
+SETTINGS = settings(max_examples=50, derandomize=True, database=None, deadline=None, phases=tuple(Phase)[:-1],
                     suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
 DELETE = "<delete>"
 
