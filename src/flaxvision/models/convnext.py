@@ -174,7 +174,7 @@ class Block(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         y = self.fc2(jax.nn.gelu(self.fc1(self.norm(self.conv_dw(x))), approximate=False))
         if self.gamma is not None:
-            y = y * self.gamma[...].astype(y.dtype)
+            y = y * self.gamma[...].astype(y.dtype).reshape(1, 1, 1, -1)
         return x + self.drop_path(y)
 
 
