@@ -23,7 +23,7 @@ from timm.models._hub import save_for_hf
 
 import flaxvision
 from flaxvision.commands.verify import preprocess, synthetic_images
-from flaxvision.models import ConvNeXtConfig, ResNet, ResNetConfig
+from flaxvision.models import ConvNeXtConfig, ResNetConfig
 from flaxvision.models.convnext import PRETRAINED_PREPROCESSING as CONVNEXT_PREPROCESSING
 from flaxvision.models.resnet import PRETRAINED_PREPROCESSING as RESNET_PREPROCESSING
 from flaxvision.preprocessing import IMAGENET_MEAN, IMAGENET_STD
@@ -181,13 +181,19 @@ def test_fine_tune_convnext_with_layer_decay_and_the_last_block_only(tmp_path):
     assert result.summary["steps"] == 2 and np.isfinite(result.summary["final_val_loss"])
 
 
-def test_resnet50_trains_in_bfloat16_with_jit():
-    """A jitted step in train mode: batch statistics move, the loss is finite, master weights stay float32."""
-    model = cast(ResNet, flaxvision.create_model("resnet50", num_classes=4, img_size=32, dtype="bfloat16", stage_depths=(1, 1), stage_widths=(8, 16)))
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [("resnet50", dict(stage_depths=(1, 1), stage_widths=(8, 16))), ("convnext_tiny", dict(depths=(1, 2), dims=(16, 32), drop_path_rate=0.3))],
+    ids=["resnet50", "convnext-drop-path"],
+)
+def test_trains_in_bfloat16_with_jit(name, overrides):
+    """Jitted steps in train mode: the loss is finite and falls, master weights stay float32; ResNet's batch
+    statistics move, ConvNeXt's drop path draws new masks each call and is off in eval mode."""
+    model = cast(Any, flaxvision.create_model(name, num_classes=4, img_size=32, dtype="bfloat16", **overrides))
     x, y = colour_data(8, 0, size=32)
-    x = jnp.asarray(x, jnp.float32) / 255.0
+    x, y = jnp.asarray(x, jnp.float32) / 255.0, jnp.asarray(y)
     optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
-    mean_before = np.asarray(model.stages[1][0].bn3.mean[...]).copy()
+    before = np.asarray(model.stages[1][0].bn3.mean[...]).copy() if name == "resnet50" else None
 
     @nnx.jit
     def step(model, optimizer, x, y):
@@ -199,6 +205,11 @@ def test_resnet50_trains_in_bfloat16_with_jit():
         return loss
 
     model.train()
-    losses = [float(step(model, optimizer, x, jnp.asarray(y))) for _ in range(2)]
-    assert all(np.isfinite(losses)) and model.head.kernel[...].dtype == jnp.float32
-    assert not np.allclose(np.asarray(model.stages[1][0].bn3.mean[...]), mean_before)
+    losses = [float(step(model, optimizer, x, y)) for _ in range(3)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0] and model.head.kernel[...].dtype == jnp.float32
+    if before is not None:
+        assert not np.allclose(np.asarray(model.stages[1][0].bn3.mean[...]), before)
+    else:
+        assert not np.array_equal(_forward(model, x), _forward(model, x))  # fresh drop-path masks
+        model.eval()
+        np.testing.assert_array_equal(_forward(model, x), _forward(model, x))

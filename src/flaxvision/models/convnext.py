@@ -135,13 +135,16 @@ class ConvNeXtConfig(ConfigBase):
         return self.num_layers() + 1
 
     def train_memory_bytes(self, batch_size: int, *, optimizer_slots: int = 2) -> int:
-        """Device memory of one training step, estimated from what the backward pass keeps per block and pixel:
-        the depthwise output, the LayerNorm output, fc1's and GELU's 4x activations, fc2's and the scaled output
-        (about 14 channels' worth per channel of the stage), plus the stem and the downsampling layers."""
+        """Device memory of one training step, estimated: within ~2x of XLA's.
+
+        Per block and pixel the backward pass keeps the depthwise output, the LayerNorm output and statistics,
+        fc1's and GELU's 4x activations, fc2's and the scaled output: about 21 channels' worth per channel of the
+        stage, as XLA's compiled steps of ConvNeXt-T at 64 and 128 px show (1.5x the 14 the list adds up to).
+        """
         itemsize = jnp.dtype(compute_dtype(self.dtype)).itemsize
         values = self._sides()[0] ** 2 * self.dims[0] * 3
         for side, depth, d in zip(self._sides(), self.depths, self.dims, strict=True):
-            values += side * side * d * (14 * depth + 3)
+            values += side * side * d * (21 * depth + 3)
         inputs = batch_size * self.img_size**2 * self.in_chans * 4
         return train_step_bytes(self.param_count(), optimizer_slots, batch_size * values * itemsize + inputs)
 
