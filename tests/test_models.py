@@ -45,7 +45,7 @@ DOCUMENTED_PARAMS = {
 ALL_MODELS = flaxvision.list_models()
 
 
-def small_variant(name: str, **kw):
+def small_variant(name: str, **kw) -> Any:
     """The registered model at its real width, made cheap for CPU tests: small images, shallow ViTs and CNNs."""
     config = model_config(name, **kw)
     if isinstance(config, ViTConfig):
