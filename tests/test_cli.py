@@ -29,7 +29,7 @@ def test_models_table_and_pattern():
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[0].split()[:2] == ["name", "params"]
-    assert [line.split()[0] for line in lines[2:]] == ["resnet18", "resnet18_cifar"]
+    assert [line.split()[0] for line in lines[2:]] == ["resnet18", "resnet18_cifar", "resnet34", "resnet50"]
     assert "11.69" in lines[2]
 
 

@@ -13,7 +13,15 @@ import pytest
 from flax import nnx
 
 import flaxvision
-from flaxvision.models import ModelConfig, ViTConfig, abstract_model, build_model, model_config
+from flaxvision.models import (
+    ConvNeXtConfig,
+    ModelConfig,
+    ResNetConfig,
+    ViTConfig,
+    abstract_model,
+    build_model,
+    model_config,
+)
 from flaxvision.models.cnn import CNN
 from flaxvision.models.vit import ViT
 from flaxvision.weights.layouts import export_formats, verify_references
@@ -49,11 +57,15 @@ def _architecture_kind(name: str) -> tuple:
 KINDS = list({_architecture_kind(n): n for n in reversed(ALL_MODELS)}.values())
 
 
-def small_variant(name: str, **kw):
-    """The registered model at its real width, made cheap for CPU tests: small images, shallow ViTs."""
+def small_variant(name: str, **kw) -> Any:
+    """The registered model at its real width, made cheap for CPU tests: small images, shallow ViTs and CNNs."""
     config = model_config(name, **kw)
     if isinstance(config, ViTConfig):
         return dataclasses.replace(config, img_size=2 * config.patch_size, depth=2)
+    if isinstance(config, ConvNeXtConfig):  # one block per stage at the real widths
+        return dataclasses.replace(config, img_size=32, depths=(1,) * len(config.depths))
+    if isinstance(config, ResNetConfig):  # at most two blocks per stage (ResNet-18 as it is), 32 px
+        return dataclasses.replace(config, img_size=32, stage_depths=tuple(min(d, 2) for d in config.stage_depths))
     if config.img_size > 64:
         return dataclasses.replace(config, img_size=64)
     return config

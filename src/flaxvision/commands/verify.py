@@ -284,9 +284,9 @@ def run(args: argparse.Namespace) -> int:
         raise FlaxvisionError(f"--reference {args.reference} cannot build a {type(model).__name__}; use {' or '.join(references)}")
     model.eval()
     kind = args.reference or (report.format if report.format in references else references[0])
-    if kind == "timm" and model.config.layer_norm_eps != 1e-6:
-        eps = model.config.layer_norm_eps
-        print(f"note: timm's ViT uses LayerNorm eps 1e-6, these weights {eps:g}: expect small differences", file=sys.stderr)
+    eps = getattr(model.config, "layer_norm_eps", 1e-6)  # families without LayerNorms (ResNet) have none
+    if kind == "timm" and eps != 1e-6:
+        print(f"note: timm uses LayerNorm eps 1e-6 here, these weights {eps:g}: expect small differences", file=sys.stderr)
     reference = reference_model(kind, model, report, allow_pickle=args.allow_pickle)
     images = read_images(args.image) if args.image else synthetic_images()
     sources = args.image or images  # files are decoded from the files themselves, as `evaluate` would

@@ -1,6 +1,10 @@
-"""ResNet with BasicBlocks (He et al. 2015) as a Flax NNX module: ResNet-18 and its CIFAR variant.
+"""ResNet (He et al. 2015) as a Flax NNX module: ResNet-18/34 (basic blocks), ResNet-50 (bottlenecks), CIFAR ResNet-18.
 
-Two stems:
+Blocks:
+    "basic":      3x3 conv (stride), 3x3 conv; a stage's width is its output width (ResNet-18/34);
+    "bottleneck": 1x1 conv, 3x3 conv (stride: torchvision's and timm's "ResNet v1.5"), 1x1 conv to 4x the width;
+                  a stage's width is the bottleneck's, its output 4x that (ResNet-50: 64 -> 256 ... 512 -> 2048).
+A 1x1 conv + BatchNorm shortcut wherever the stride or the width changes. Two stems:
     "imagenet": 7x7 stride-2 conv, BatchNorm, ReLU, 3x3 stride-2 max pool (torchvision/timm resnet18, 224 px);
     "cifar":    3x3 stride-1 conv, BatchNorm, ReLU, 2x2 max pool (the "JAX for PyTorch users" ResNet-18, 32 px).
 Convolutions use PyTorch's symmetric padding (not 'SAME', which pads stride-2 convolutions asymmetrically), so
@@ -19,9 +23,11 @@ from flax import nnx
 from flaxvision.errors import ConfigError
 from flaxvision.models.base import Classifier, ConfigBase, check_common, compute_dtype, train_step_bytes
 from flaxvision.models.registry import register_family, register_model
-from flaxvision.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from flaxvision.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 STEMS = ("imagenet", "cifar")
+BLOCKS = ("basic", "bottleneck")
+EXPANSION = {"basic": 1, "bottleneck": 4}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -35,11 +41,23 @@ class ResNetConfig(ConfigBase):
     bn_momentum: float = 0.9
     bn_eps: float = 1e-5
     dtype: str = "float32"
+    block: str = "basic"
+    stem_width: int | None = None  # channels of the stem convolution; None: stage_widths[0] (timm: always 64)
 
     def __post_init__(self) -> None:
         check_common(self)
         if self.stem not in STEMS:
             raise ConfigError(f"ResNetConfig: stem must be one of {', '.join(STEMS)}, got {self.stem!r}")
+        if self.block not in BLOCKS:
+            raise ConfigError(f"ResNetConfig: block must be one of {', '.join(BLOCKS)}, got {self.block!r}")
+        widths = (*self.stage_widths, *(() if self.stem_width is None else (self.stem_width,)))
+        if not all(isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= 65536 for w in widths):
+            raise ConfigError(
+                f"ResNetConfig: stage_widths {self.stage_widths} and stem_width {self.stem_width!r} must be integers "
+                "from 1 to 65536"
+            )
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d <= 1024 for d in self.stage_depths):
+            raise ConfigError(f"ResNetConfig: stage_depths {self.stage_depths} must be integers from 1 to 1024")
         if len(self.stage_depths) != len(self.stage_widths) or not self.stage_depths or min(self.stage_depths) < 1:
             raise ConfigError(
                 f"ResNetConfig: stage_depths {self.stage_depths} and stage_widths {self.stage_widths} must be "
@@ -58,8 +76,29 @@ class ResNetConfig(ConfigBase):
         return cls(**kw)
 
     @classmethod
+    def resnet34(cls, **kw) -> ResNetConfig:
+        return cls(**{"stage_depths": (3, 4, 6, 3), **kw})
+
+    @classmethod
+    def resnet50(cls, **kw) -> ResNetConfig:
+        return cls(**{"stage_depths": (3, 4, 6, 3), "block": "bottleneck", **kw})
+
+    @classmethod
     def resnet18_cifar(cls, **kw) -> ResNetConfig:
         return cls(**{"num_classes": 10, "img_size": 32, "stem": "cifar", **kw})
+
+    @property
+    def stem_channels(self) -> int:
+        return self.stage_widths[0] if self.stem_width is None else self.stem_width
+
+    @property
+    def expansion(self) -> int:
+        return EXPANSION[self.block]
+
+    @property
+    def num_features(self) -> int:
+        """Channels of the pooled features the head sees (512 for ResNet-18, 2048 for ResNet-50)."""
+        return self.stage_widths[-1] * self.expansion
 
     @property
     def stem_stride(self) -> int:
@@ -71,16 +110,9 @@ class ResNetConfig(ConfigBase):
 
     def param_count(self) -> int:
         """Trainable parameters (BatchNorm running statistics excluded), from the config alone."""
-        k = 7 if self.stem == "imagenet" else 3
-        cin = self.stage_widths[0]
-        count = k * k * self.in_chans * cin + 2 * cin
-        for stage, (depth, width) in enumerate(zip(self.stage_depths, self.stage_widths, strict=True)):
-            for i in range(depth):
-                count += 9 * cin * width + 9 * width * width + 4 * width
-                if (stage > 0 and i == 0) or cin != width:
-                    count += cin * width + 2 * width
-                cin = width
-        return count + cin * self.num_classes + self.num_classes
+        # Every convolution is bias-free and followed by a BatchNorm (a scale and a bias per output channel).
+        convs = sum(taps * cout + 2 * cout for _, taps, cout in self._convs())
+        return convs + self.num_features * self.num_classes + self.num_classes
 
     def _convs(self) -> list[tuple[int, int, int]]:
         """(output side, kernel taps x input channels, output channels) of every convolution, in order."""
@@ -88,28 +120,33 @@ class ResNetConfig(ConfigBase):
         def conv_out(size: int, k: int, s: int, p: int) -> int:
             return (size + 2 * p - k) // s + 1
 
+        stem = self.stem_channels
         if self.stem == "imagenet":
             size = conv_out(self.img_size, 7, 2, 3)
-            convs = [(size, 49 * self.in_chans, self.stage_widths[0])]
+            convs = [(size, 49 * self.in_chans, stem)]
             size = conv_out(size, 3, 2, 1)
         else:
-            convs = [(self.img_size, 9 * self.in_chans, self.stage_widths[0])]
+            convs = [(self.img_size, 9 * self.in_chans, stem)]
             size = self.img_size // 2
-        cin = self.stage_widths[0]
+        cin = stem
         for stage, (depth, width) in enumerate(zip(self.stage_depths, self.stage_widths, strict=True)):
+            cout = width * self.expansion
             for i in range(depth):
                 stride = 2 if (stage > 0 and i == 0) else 1
                 out = conv_out(size, 3, stride, 1)
-                convs += [(out, 9 * cin, width), (out, 9 * width, width)]
-                if stride != 1 or cin != width:
-                    convs.append((out, cin, width))
-                size, cin = out, width
+                if self.block == "basic":
+                    convs += [(out, 9 * cin, width), (out, 9 * width, width)]
+                else:
+                    convs += [(size, cin, width), (out, 9 * width, width), (out, width, cout)]
+                if stride != 1 or cin != cout:
+                    convs.append((out, cin, cout))
+                size, cin = out, cout
         return convs
 
     def forward_flops(self) -> int:
         """2 x multiply-adds of every convolution and the head (BatchNorm, ReLU and pooling not counted)."""
         macs = sum(side * side * taps * cout for side, taps, cout in self._convs())
-        return 2 * (macs + self.stage_widths[-1] * self.num_classes)
+        return 2 * (macs + self.num_features * self.num_classes)
 
     def train_memory_bytes(self, batch_size: int, *, optimizer_slots: int = 2) -> int:
         """Device memory of one training step, estimated: within ~2x of XLA's (tests check it).
@@ -135,12 +172,23 @@ def _bn(cfg: ResNetConfig, features: int, *, dtype, rngs: nnx.Rngs) -> nnx.Batch
     return nnx.BatchNorm(features, momentum=cfg.bn_momentum, epsilon=cfg.bn_eps, dtype=dtype, rngs=rngs)
 
 
-class BasicBlock(nnx.Module):
-    def __init__(self, cfg: ResNetConfig, cin: int, cout: int, stride: int, *, dtype, rngs: nnx.Rngs):
-        self.conv1 = _conv(cin, cout, 3, stride, dtype=dtype, rngs=rngs)
-        self.bn1 = _bn(cfg, cout, dtype=dtype, rngs=rngs)
-        self.conv2 = _conv(cout, cout, 3, 1, dtype=dtype, rngs=rngs)
-        self.bn2 = _bn(cfg, cout, dtype=dtype, rngs=rngs)
+class Block(nnx.Module):
+    """A basic block (conv1, conv2) or a bottleneck (conv1 1x1, conv2 3x3 with the stride, conv3 1x1 to 4x)."""
+
+    def __init__(self, cfg: ResNetConfig, cin: int, width: int, stride: int, *, dtype, rngs: nnx.Rngs):
+        cout = width * cfg.expansion
+        if cfg.block == "basic":
+            self.conv1 = _conv(cin, width, 3, stride, dtype=dtype, rngs=rngs)
+        else:
+            self.conv1 = _conv(cin, width, 1, 1, dtype=dtype, rngs=rngs)
+        self.bn1 = _bn(cfg, width, dtype=dtype, rngs=rngs)
+        self.conv2 = _conv(width, width, 3, 1 if cfg.block == "basic" else stride, dtype=dtype, rngs=rngs)
+        self.bn2 = _bn(cfg, width, dtype=dtype, rngs=rngs)
+        if cfg.block == "bottleneck":
+            self.conv3 = _conv(width, cout, 1, 1, dtype=dtype, rngs=rngs)
+            self.bn3 = _bn(cfg, cout, dtype=dtype, rngs=rngs)
+        else:
+            self.conv3 = self.bn3 = None
         if stride != 1 or cin != cout:
             self.downsample_conv = _conv(cin, cout, 1, stride, dtype=dtype, rngs=rngs)
             self.downsample_bn = _bn(cfg, cout, dtype=dtype, rngs=rngs)
@@ -150,11 +198,20 @@ class BasicBlock(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         shortcut = x if self.downsample_conv is None or self.downsample_bn is None else self.downsample_bn(self.downsample_conv(x))
         y = jax.nn.relu(self.bn1(self.conv1(x)))
-        return jax.nn.relu(self.bn2(self.conv2(y)) + shortcut)
+        y = self.bn2(self.conv2(y))
+        if self.conv3 is not None and self.bn3 is not None:
+            y = self.bn3(self.conv3(jax.nn.relu(y)))
+        return jax.nn.relu(y + shortcut)
+
+
+BasicBlock = Block  # the name of the basic-block-only ResNet of earlier versions
 
 
 class ResNet(Classifier):
-    """ResNet with BasicBlocks. `model.train()` / `model.eval()` switch BatchNorm between batch and running stats."""
+    """ResNet. `model.train()` / `model.eval()` switch BatchNorm between batch and running stats.
+
+    Parameters: conv1, bn1 (stem); stages[s][i].conv1/bn1, conv2/bn2, (conv3/bn3), downsample_conv/downsample_bn; head.
+    """
 
     family: ClassVar[str] = "resnet"
 
@@ -162,21 +219,21 @@ class ResNet(Classifier):
         self.config = config
         dtype = compute_dtype(config.dtype)
         k, stride = (7, 2) if config.stem == "imagenet" else (3, 1)
-        width = config.stage_widths[0]
+        width = config.stem_channels
         self.conv1 = _conv(config.in_chans, width, k, stride, dtype=dtype, rngs=rngs)
         self.bn1 = _bn(config, width, dtype=dtype, rngs=rngs)
         stages, cin = [], width
-        for s, (depth, cout) in enumerate(zip(config.stage_depths, config.stage_widths, strict=True)):
+        for s, (depth, planes) in enumerate(zip(config.stage_depths, config.stage_widths, strict=True)):
             blocks = []
             for i in range(depth):
-                blocks.append(BasicBlock(config, cin, cout, 2 if (s > 0 and i == 0) else 1, dtype=dtype, rngs=rngs))
-                cin = cout
+                blocks.append(Block(config, cin, planes, 2 if (s > 0 and i == 0) else 1, dtype=dtype, rngs=rngs))
+                cin = planes * config.expansion
             stages.append(nnx.List(blocks))
         self.stages = nnx.List(stages)
         self.head = nnx.Linear(cin, config.num_classes, dtype=dtype, rngs=rngs)
 
     def features(self, x: jax.Array) -> jax.Array:
-        """Globally average-pooled final feature map, (B, 512)."""
+        """Globally average-pooled final feature map, (B, num_features): 512 for ResNet-18/34, 2048 for ResNet-50."""
         self.check_input(x)
         x = jax.nn.relu(self.bn1(self.conv1(x)))
         if self.config.stem == "imagenet":
@@ -193,6 +250,14 @@ class ResNet(Classifier):
         return self.head(self.features(x)).astype(jnp.float32)
 
 
+# timm's pretrained_cfg of the default tag of each ImageNet name (resnet{18,34,50}.a1_in1k): what the checkpoints expect.
+PRETRAINED_PREPROCESSING = {
+    name: Preprocessing(img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.95, resize_mode="shortest", interpolation="bicubic")
+    for name in ("resnet18", "resnet34", "resnet50")
+}
+
 register_family(ResNetConfig, ResNet, mean=IMAGENET_MEAN, std=IMAGENET_STD)  # torchvision, the CIFAR-10 tutorial
 register_model("resnet18", ResNetConfig.resnet18(), "ResNet-18, 7x7 stem (ImageNet), 224 px")
+register_model("resnet34", ResNetConfig.resnet34(), "ResNet-34, basic blocks, 224 px")
+register_model("resnet50", ResNetConfig.resnet50(), "ResNet-50, bottleneck blocks (stride on the 3x3), 224 px")
 register_model("resnet18_cifar", ResNetConfig.resnet18_cifar(), "ResNet-18, 3x3 stem (CIFAR), 32 px")

@@ -24,8 +24,12 @@ from typing import Any
 
 import flaxvision.weights.native_format as native_format
 import flaxvision.weights.npz_format as npz_format
+import flaxvision.weights.timm_convnext_format as timm_convnext_format
 import flaxvision.weights.timm_format as timm_format
+import flaxvision.weights.timm_resnet_format as timm_resnet_format
+import flaxvision.weights.transformers_convnext_format as transformers_convnext_format
 import flaxvision.weights.transformers_format as transformers_format
+import flaxvision.weights.transformers_resnet_format as transformers_resnet_format
 from flaxvision.errors import FlaxvisionError
 from flaxvision.models.registry import name_of
 from flaxvision.weights.convert import Parsed
@@ -34,7 +38,16 @@ from flaxvision.weights.hub import WeightFiles
 # Readers in detection order: a file claimed by config.json's model_type / architecture is never re-read by
 # another module from its tensor names. timm_format (VisionTransformer) comes after the other timm layouts: it
 # takes every timm architecture they do not.
-READERS: tuple[ModuleType, ...] = (native_format, transformers_format, timm_format, npz_format)
+READERS: tuple[ModuleType, ...] = (
+    native_format,
+    transformers_format,
+    transformers_resnet_format,
+    transformers_convnext_format,
+    timm_resnet_format,
+    timm_convnext_format,
+    timm_format,
+    npz_format,
+)
 # Formats in order of preference for a model that fits several (transformers' files load the most widely).
 FORMATS = ("transformers", "timm", "npz", "flaxvision")
 REFERENCES = ("timm", "transformers")  # what `flaxvision verify` compares with, preferred first
