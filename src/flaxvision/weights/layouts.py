@@ -24,6 +24,7 @@ from typing import Any
 
 import flaxvision.weights.native_format as native_format
 import flaxvision.weights.npz_format as npz_format
+import flaxvision.weights.timm_eva_format as timm_eva_format
 import flaxvision.weights.timm_format as timm_format
 import flaxvision.weights.transformers_format as transformers_format
 from flaxvision.errors import FlaxvisionError
@@ -34,7 +35,7 @@ from flaxvision.weights.hub import WeightFiles
 # Readers in detection order: a file claimed by config.json's model_type / architecture is never re-read by
 # another module from its tensor names. timm_format (VisionTransformer) comes after the other timm layouts: it
 # takes every timm architecture they do not.
-READERS: tuple[ModuleType, ...] = (native_format, transformers_format, timm_format, npz_format)
+READERS: tuple[ModuleType, ...] = (native_format, transformers_format, timm_eva_format, timm_format, npz_format)
 # Formats in order of preference for a model that fits several (transformers' files load the most widely).
 FORMATS = ("transformers", "timm", "npz", "flaxvision")
 REFERENCES = ("timm", "transformers")  # what `flaxvision verify` compares with, preferred first
