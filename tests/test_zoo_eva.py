@@ -7,6 +7,7 @@ flaxvision); references get random weights from timm, with randomised norms, bia
 
 import json
 import logging
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,8 @@ import torch
 from flax import nnx
 from safetensors.numpy import load_file
 from safetensors.torch import save_file
-from timm.layers import GluMlp, LayerNorm, SwiGLU, SwiGLUPacked
+from timm.layers.mlp import GluMlp, SwiGLU, SwiGLUPacked
+from timm.layers.norm import LayerNorm  # eps 1e-6, as Eva's
 from timm.layers.pos_embed_sincos import RotaryEmbeddingCat
 from timm.models._hub import save_for_hf
 from timm.models.eva import EvaAttention
@@ -27,6 +29,7 @@ import flaxvision
 from flaxvision.commands.verify import preprocess, synthetic_images
 from flaxvision.models import ViTConfig, build_model, model_config
 from flaxvision.models.base import param_path
+from flaxvision.models.vit import ViT
 from flaxvision.models.vit_layers import Attention, rope_tables
 from flaxvision.models.vit_layers import Mlp as FlaxMlp
 
@@ -94,10 +97,12 @@ def test_timm_eva_parity_and_export(tmp_path, name, img_size):
 def test_backbone_gets_a_new_head_and_the_same_features(tmp_path):
     reference = timm_eva(tmp_path, "eva02_base_patch14_224", 28)  # the mim_in22k default: num_classes=0
     assert reference.num_classes == 0
-    model, report = flaxvision.load_pretrained(tmp_path, num_classes=3, return_report=True)
+    loaded, report = flaxvision.load_pretrained(tmp_path, num_classes=3, return_report=True)
+    model = cast(ViT, loaded)
     assert report.head_replaced and report.source_num_classes is None and model.config.num_classes == 3
     x = real_looking(model.preprocessing)
     features = theirs(reference, x)  # timm's pooled, fc-normed features (no head)
+    assert model.head.bias is not None
     head = (features @ np.asarray(model.head.kernel[...]) + np.asarray(model.head.bias[...])).astype(np.float32)
     np.testing.assert_allclose(ours(model, x), head, atol=1e-5, rtol=0)  # the same graph as the parity test's
 
@@ -139,16 +144,12 @@ def _copy_from_torch(module: nnx.Module, reference: torch.nn.Module) -> None:
     assert len(params) == len(nnx.to_flat_state(nnx.state(module, nnx.Param)))
 
 
-def _norm(d, **kw):
-    return LayerNorm(d, eps=1e-6, **kw)
-
-
 @pytest.mark.parametrize(
     "mlp, scale_mlp, make",
     [
         ("swiglu_packed", False, lambda d, m: SwiGLUPacked(d, 2 * m)),  # DINOv2 giant, EVA-02 tiny/small
-        ("swiglu_packed", True, lambda d, m: GluMlp(d, 2 * m, act_layer=torch.nn.SiLU, gate_last=False, norm_layer=_norm)),
-        ("swiglu", True, lambda d, m: SwiGLU(d, m, norm_layer=_norm)),  # EVA-02 base: sub-LN before fc2
+        ("swiglu_packed", True, lambda d, m: GluMlp(d, 2 * m, act_layer=torch.nn.SiLU, gate_last=False, norm_layer=LayerNorm)),
+        ("swiglu", True, lambda d, m: SwiGLU(d, m, norm_layer=LayerNorm)),  # EVA-02 base: sub-LN before fc2
     ],
 )
 def test_mlp_equals_timms(mlp, scale_mlp, make):
@@ -165,7 +166,7 @@ def test_mlp_equals_timms(mlp, scale_mlp, make):
 def test_attention_with_sub_ln_and_rope_equals_timms():
     """EvaAttention: q/v biases only, scale_norm (the LayerNorm between attention and proj), rope on the patches."""
     cfg = ViTConfig(img_size=12, patch_size=4, width=32, num_heads=2, key_bias=False, scale_attn_inner=True, rope=True, rope_ref_grid=16)
-    reference = EvaAttention(32, num_heads=2, qkv_fused=True, norm_layer=_norm, scale_norm=True, num_prefix_tokens=1)
+    reference = EvaAttention(32, num_heads=2, qkv_fused=True, norm_layer=LayerNorm, scale_norm=True, num_prefix_tokens=1)
     randomise(reference)
     ours_attn = Attention(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
     _copy_from_torch(ours_attn, reference)
