@@ -1,7 +1,8 @@
 """Vision Transformer (Dosovitskiy et al. 2020) as a Flax NNX module.
 
 One implementation expresses the ViT families people fine-tune: transformers' `ViTForImageClassification`,
-timm's `VisionTransformer` and the variants its checkpoints use (DeiT, DeiT III, DINOv2, CLIP, SigLIP):
+timm's `VisionTransformer` and `Eva` and the variants their checkpoints use (DeiT, DeiT III, DINOv2, CLIP, SigLIP,
+EVA-02):
 pre-LN blocks, learned position embeddings, exact (erf) GELU, configurable LayerNorm epsilon (transformers uses
 1e-12, timm and big_vision 1e-6), qkv bias on/off, dropout, drop-path, and the options below, each a field of
 `ViTConfig`:
@@ -15,6 +16,16 @@ pre-LN blocks, learned position embeddings, exact (erf) GELU, configurable Layer
     patch_bias         a bias in the patch projection (CLIP has none)
     global_pool        "token" (CLS), "avg" (mean of the patch tokens), "map" (attention pooling, SigLIP),
                        "token_avg" (CLS and patch mean concatenated: transformers' Dinov2ForImageClassification)
+    mlp                "mlp" (fc1, act, fc2), "swiglu" (SiLU(fc1_g x) * fc1_x x, then fc2: timm's SwiGLU, EVA-02 base),
+                       "swiglu_packed" (one fc1 of 2 x mlp_dim, gate half first: timm's SwiGLUPacked / GluMlp,
+                       EVA-02 tiny and small, DINOv2 giant); mlp_dim is the gated width, fc2's input
+    scale_attn_inner   sub-LN: a LayerNorm on the attention output before its projection (timm Eva's attn.norm)
+    scale_mlp          sub-LN: a LayerNorm on the MLP's hidden activations before fc2 (timm's mlp.norm, EVA-02 base)
+    key_bias           False: biases for queries and values only (EVA; q_bias and v_bias instead of qkv.bias)
+    rope               EVA-02's rotary position embedding of q and k (patch tokens only; no parameters), on top of
+                       the learned position embedding
+    rope_ref_grid      the grid the rotary positions are scaled to (timm's ref_feat_shape, EVA-02: 16): at another
+                       image size patch index i becomes i / grid * rope_ref_grid; None: unscaled indices
 
 Layout of the parameters (what the weight converters map to; timm's names wherever timm has the part):
     patch_embed.kernel (p, p, C, D), patch_embed.bias (D,)   -- a stride-p convolution, computed as a matmul
@@ -22,8 +33,10 @@ Layout of the parameters (what the weight converters map to; timm's names wherev
     pos_embed (1, prefix + num_patches, D)  -- prefix = the tokens above, or 0 with no_embed_class
     norm_pre
     blocks[i].norm1, blocks[i].attn.qkv (D, 3D) [q | k | v, heads major], blocks[i].attn.q_norm / k_norm,
+    blocks[i].attn.q_bias / v_bias (D,) (key_bias=False: qkv has no bias then), blocks[i].attn.norm (sub-LN),
     blocks[i].attn.proj (D, D), blocks[i].ls1.gamma (D,), blocks[i].norm2, blocks[i].mlp.fc1 (D, M),
-    blocks[i].mlp.fc2 (M, D), blocks[i].ls2.gamma
+    or blocks[i].mlp.fc1_g / fc1_x (D, M) (swiglu), or blocks[i].mlp.fc1 (D, 2M) [gate | value] (swiglu_packed),
+    blocks[i].mlp.norm (M,) (sub-LN), blocks[i].mlp.fc2 (M, D), blocks[i].ls2.gamma
     norm (before pooling, or after it when fc_norm)
     attn_pool.latent (1, 1, D), attn_pool.q (D, D), attn_pool.kv (D, 2D), attn_pool.proj, attn_pool.norm,
     attn_pool.mlp.fc1 / fc2                                    -- the "map" head (timm's AttentionPoolLatent)

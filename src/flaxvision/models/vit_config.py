@@ -12,6 +12,7 @@ from flaxvision.models.base import ConfigBase, check_common, compute_dtype, trai
 from flaxvision.models.vit_layers import ACTIVATIONS
 
 GLOBAL_POOLS = ("token", "avg", "map", "token_avg")
+MLPS = ("mlp", "swiglu", "swiglu_packed")
 # What the backward pass keeps of each encoder block (jax.checkpoint policies; None: everything).
 REMAT_POLICIES = {
     "none": None,
@@ -48,6 +49,12 @@ class ViTConfig(ConfigBase):
     qk_norm: bool = False
     pre_norm: bool = False
     patch_bias: bool = True
+    mlp: str = "mlp"  # "swiglu" / "swiglu_packed": gated, SiLU; mlp_dim is the gated width (fc2's input)
+    scale_attn_inner: bool = False
+    scale_mlp: bool = False
+    key_bias: bool = True
+    rope: bool = False
+    rope_ref_grid: int | None = None
     dtype: str = "float32"
     # How the encoder trains (not which weights it has). `scan_blocks`: one compiled block scanned over the depth,
     # which compiles in a fraction of the time of the unrolled loop and keeps XLA from fusing the residual
@@ -82,6 +89,20 @@ class ViTConfig(ConfigBase):
         if self.depth < 1 or self.layer_norm_eps <= 0:
             raise ConfigError(f"ViTConfig: depth must be >= 1 and layer_norm_eps > 0, got {self.depth}, {self.layer_norm_eps}")
         self._check_tokens()
+        self._check_eva()
+
+    def _check_eva(self) -> None:
+        """EVA-02's options: the gated MLP, sub-LN, query/value biases only and rotary embeddings."""
+        if self.mlp not in MLPS:
+            raise ConfigError(f"ViTConfig: mlp must be one of {', '.join(MLPS)}, got {self.mlp!r}")
+        if not self.key_bias and not self.qkv_bias:
+            raise ConfigError("ViTConfig: key_bias=False (query and value biases only) needs qkv_bias=True")
+        if self.rope and (self.width // self.num_heads) % 4:
+            raise ConfigError(f"ViTConfig: rope needs a head size divisible by 4, got width {self.width} / "
+                              f"{self.num_heads} heads = {self.width // self.num_heads}")  # fmt: skip
+        ref = self.rope_ref_grid
+        if ref is not None and (not self.rope or not isinstance(ref, int) or isinstance(ref, bool) or not 1 <= ref <= 1024):
+            raise ConfigError(f"ViTConfig: rope_ref_grid must be None or an integer from 1 to 1024 with rope=True, got {ref!r} (rope={self.rope})")
 
     def _check_tokens(self) -> None:
         """The token and pooling options that only make sense together."""
@@ -141,6 +162,11 @@ class ViTConfig(ConfigBase):
         return self.num_prefix_tokens + self.num_patches
 
     @property
+    def mlp_matmuls(self) -> int:
+        """d x mlp_dim matmuls of a block's MLP: fc1 and fc2, or the gated MLP's gate, value and fc2."""
+        return 2 if self.mlp == "mlp" else 3
+
+    @property
     def head_features(self) -> int:
         return 2 * self.width if self.global_pool == "token_avg" else self.width
 
@@ -149,8 +175,10 @@ class ViTConfig(ConfigBase):
         d, m, c = self.width, self.mlp_dim, self.num_classes
         embed = self.patch_size**2 * self.in_chans * d + (d if self.patch_bias else 0)
         embed += self.num_prefix_tokens * d + (self.num_patches + self.pos_prefix_tokens) * d + (2 * d if self.pre_norm else 0)
-        per_block = 4 * d + 3 * d * d + (3 * d if self.qkv_bias else 0) + d * d + d + 2 * d * m + m + d
+        qkv_bias = (3 * d if self.key_bias else 2 * d) if self.qkv_bias else 0
+        per_block = 4 * d + 3 * d * d + qkv_bias + d * d + d + self.mlp_matmuls * d * m + m * (1 if self.mlp == "mlp" else 2) + d
         per_block += (2 * d if self.init_values is not None else 0) + (4 * (d // self.num_heads) if self.qk_norm else 0)
+        per_block += (2 * d if self.scale_attn_inner else 0) + (2 * m if self.scale_mlp else 0)
         head = 2 * d + self.head_features * c + c + (d * c + c if self.distilled else 0)
         if self.global_pool == "map":
             head += d + 4 * d * d + (3 * d if self.qkv_bias else 0) + d + 2 * d + 2 * d * m + m + d
@@ -160,7 +188,7 @@ class ViTConfig(ConfigBase):
         """2 x multiply-adds of the patch projection, all attention and MLP matmuls, and the head."""
         tokens, d, m = self.num_tokens, self.width, self.mlp_dim
         patch = self.num_patches * self.patch_size**2 * self.in_chans * d
-        per_block = tokens * (3 * d * d + d * d + 2 * d * m) + 2 * tokens * tokens * d
+        per_block = tokens * (3 * d * d + d * d + self.mlp_matmuls * d * m) + 2 * tokens * tokens * d
         head = self.head_features * self.num_classes * (2 if self.distilled else 1)
         if self.global_pool == "map":  # keys and values of every token, one query
             head += tokens * 2 * d * d + 2 * tokens * d + 2 * d * d + 2 * d * m
@@ -190,15 +218,18 @@ class ViTConfig(ConfigBase):
         """Device memory of one training step, estimated: within ~2x of XLA's (tests check it).
 
         Activations the backward pass keeps, per token and block: "dots" keeps the matmul outputs (qkv, the
-        attention scores, the attention output, proj, fc1, fc2) and the block input, "none" about twice that
+        attention scores, the attention output, proj, fc1 (gate and value for a gated MLP), fc2), the rotated
+        q and k with rope, the sub-LN outputs and the block input, "none" about twice that
         (layer norms, softmax, GELU), "full" the block input only; plus one block's worth for the backward pass
         itself. XLA's attention materialises the (heads, T, T) scores, which dominate at many tokens (ViT-Ti
         with 3,137 tokens needs tens of GB at batch 32); a fused (flash) kernel needs less than estimated.
         """
         tokens, d, m = self.num_tokens, self.width, self.mlp_dim
         scores = self.num_heads * tokens
-        everything = 11 * d + 3 * m + 3 * scores
-        per_block = {"none": everything, "dots": 7 * d + m + scores, "full": d}[self.remat]
+        gated = self.mlp_matmuls - 2  # the gate's output and the product, kept besides fc1's
+        extra = (2 * d if self.rope else 0) + (d if self.scale_attn_inner else 0) + (m if self.scale_mlp else 0)
+        everything = 11 * d + (3 + 2 * gated) * m + 3 * scores + 2 * extra
+        per_block = {"none": everything, "dots": 7 * d + (1 + gated) * m + scores + extra, "full": d}[self.remat]
         itemsize = jnp.dtype(compute_dtype(self.dtype)).itemsize
         activations = batch_size * tokens * (self.depth * per_block + everything) * itemsize
         inputs = batch_size * self.img_size**2 * self.in_chans * 4

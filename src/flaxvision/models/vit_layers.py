@@ -1,13 +1,16 @@
-"""The layers of flaxvision's Vision Transformer (`flaxvision.models.vit`): patch embedding, attention, MLP, layer
-scale, attention pooling, the encoder block. Parameter names follow timm's wherever timm has the part.
+"""The layers of flaxvision's Vision Transformer (`flaxvision.models.vit`): patch embedding, attention (with
+EVA-02's rotary position embedding), MLP (plain or SwiGLU), layer scale, attention pooling, the encoder block.
+Parameter names follow timm's wherever timm has the part.
 `cfg` is a `flaxvision.models.vit_config.ViTConfig` (typed Any: that module imports ACTIVATIONS from here)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from flaxvision.errors import ConfigError
@@ -48,26 +51,75 @@ class PatchEmbed(nnx.Module):
         return out if self.bias is None else out + self.bias[...].astype(self.dtype)[None, None, :]
 
 
+@functools.lru_cache(maxsize=16)
+def rope_tables(grid: int, ref_grid: int | None, head_dim: int, temperature: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
+    """sin and cos (grid * grid, head_dim) of EVA-02's axial rotary embedding (timm's RotaryEmbeddingCat, in_pixels
+    False): head_dim / 4 frequencies 1 / temperature^(i / (head_dim / 4)) times the row and the column index of
+    each patch (row-major, "ij"), the row's frequencies first, each value twice (interleaved pairs). With
+    `ref_grid` the indices are rescaled to that grid (index / grid * ref_grid), EVA's rule at other image sizes.
+    Constants of the config: computed once in float32 with numpy, no parameters."""
+    bands = head_dim // 4
+    freqs = np.float32(1.0) / np.float32(temperature) ** (np.arange(bands, dtype=np.float32) / np.float32(bands))
+    t = np.arange(grid, dtype=np.float32)
+    if ref_grid is not None:
+        t = t / np.float32(grid) * np.float32(ref_grid)
+    rows, cols = np.meshgrid(t, t, indexing="ij")
+    angles = np.stack([rows, cols], axis=-1)[..., None] * freqs  # (grid, grid, 2, bands)
+    angles = np.repeat(angles.reshape(grid * grid, 2 * bands), 2, axis=-1)
+    return np.sin(angles).astype(np.float32), np.cos(angles).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, sin: np.ndarray, cos: np.ndarray, prefix: int) -> jax.Array:
+    """Rotate the (b, t, heads, head_dim) queries or keys of the patch tokens pairwise (x0, x1) -> (x0 cos - x1 sin,
+    x1 cos + x0 sin); the `prefix` tokens (CLS, registers) keep theirs, as in timm's EvaAttention. In float32,
+    cast back to x's dtype."""
+    body = x[:, prefix:]
+    rotated = jnp.stack([-body[..., 1::2], body[..., ::2]], axis=-1).reshape(body.shape)
+    out = (body * cos[None, :, None, :] + rotated * sin[None, :, None, :]).astype(x.dtype)
+    return jnp.concatenate([x[:, :prefix], out], axis=1)
+
+
 class Attention(nnx.Module):
-    """Multi-head self-attention with a fused qkv projection."""
+    """Multi-head self-attention with a fused qkv projection.
+
+    EVA's options: `key_bias=False` keeps biases for the queries and values only (`q_bias`, `v_bias`, timm's
+    names; the fused qkv then has none). A key bias cannot simply be left at zero in a fused bias and dropped on
+    export: with rotary embeddings it is rotated per position and does change the attention. `rope` rotates q and
+    k of the patch tokens; `scale_attn_inner` adds a LayerNorm (`norm`) on the attention output before `proj`.
+    """
 
     def __init__(self, cfg: Any, *, dtype, rngs: nnx.Rngs):
         d = cfg.width
         self.num_heads = cfg.num_heads
-        self.qkv = nnx.Linear(d, 3 * d, use_bias=cfg.qkv_bias, dtype=dtype, kernel_init=_trunc_normal(), rngs=rngs)
+        self.qkv = nnx.Linear(d, 3 * d, use_bias=cfg.qkv_bias and cfg.key_bias, dtype=dtype, kernel_init=_trunc_normal(), rngs=rngs)
         self.proj = nnx.Linear(d, d, dtype=dtype, kernel_init=_trunc_normal(), rngs=rngs)
         self.attn_drop = nnx.Dropout(cfg.attention_dropout_rate, rngs=rngs)
         self.proj_drop = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
         head_dim = d // cfg.num_heads
         self.q_norm = _layer_norm(cfg, head_dim, dtype=dtype, rngs=rngs) if cfg.qk_norm else None
         self.k_norm = _layer_norm(cfg, head_dim, dtype=dtype, rngs=rngs) if cfg.qk_norm else None
+        separate = cfg.qkv_bias and not cfg.key_bias
+        self.q_bias = nnx.Param(jnp.zeros((d,))) if separate else None
+        self.v_bias = nnx.Param(jnp.zeros((d,))) if separate else None
+        self.norm = _layer_norm(cfg, dtype=dtype, rngs=rngs) if cfg.scale_attn_inner else None
+        # Static (grid, reference grid, prefix tokens): the tables are constants of the traced block.
+        self.rope = (cfg.grid_size, cfg.rope_ref_grid, cfg.num_prefix_tokens) if cfg.rope else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, t, d = x.shape
-        qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)
+        head_dim = d // self.num_heads
+        qkv = self.qkv(x)
+        if self.q_bias is not None and self.v_bias is not None:
+            q_bias = self.q_bias[...]
+            qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), self.v_bias[...]]).astype(qkv.dtype)[None, None, :]
+        qkv = qkv.reshape(b, t, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None:
+            grid, ref_grid, prefix = self.rope
+            sin, cos = rope_tables(grid, ref_grid, head_dim)
+            q, k = apply_rope(q, sin, cos, prefix), apply_rope(k, sin, cos, prefix)
         if self.attn_drop.rate > 0 and not self.attn_drop.deterministic:
             # Dropout on the attention probabilities needs them materialised; the fused kernel has no dropout.
             logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
@@ -76,20 +128,44 @@ class Attention(nnx.Module):
         else:
             # Picks cuDNN flash attention on GPUs, the XLA composition elsewhere.
             out = jax.nn.dot_product_attention(q, k, v)
-        return self.proj_drop(self.proj(out.reshape(b, t, d)))
+        out = out.reshape(b, t, d)
+        if self.norm is not None:
+            out = self.norm(out)
+        return self.proj_drop(self.proj(out))
 
 
 class Mlp(nnx.Module):
-    def __init__(self, cfg: Any, *, dtype, rngs: nnx.Rngs, dropout: bool = True):
-        self.fc1 = nnx.Linear(cfg.width, cfg.mlp_dim, dtype=dtype, kernel_init=_trunc_normal(), rngs=rngs)
-        self.fc2 = nnx.Linear(cfg.mlp_dim, cfg.width, dtype=dtype, kernel_init=_trunc_normal(), rngs=rngs)
+    """The block's MLP, `cfg.mlp`: "mlp" fc1 -> act -> fc2 (timm's Mlp); "swiglu" SiLU(fc1_g x) * fc1_x x -> fc2
+    (timm's SwiGLU); "swiglu_packed" the same with one fc1 of 2 * mlp_dim, gate first (timm's SwiGLUPacked, GluMlp
+    with gate_last=False). `scale_mlp`: a LayerNorm (`norm`) of the hidden activations before fc2 (sub-LN). The
+    attention-pool head's MLP is always the plain one (`plain`)."""
+
+    def __init__(self, cfg: Any, *, dtype, rngs: nnx.Rngs, dropout: bool = True, plain: bool = False):
+        d, m = cfg.width, cfg.mlp_dim
+        self.kind = "mlp" if plain else cfg.mlp
+        linear = functools.partial(nnx.Linear, dtype=dtype, kernel_init=_trunc_normal(), rngs=rngs)
+        self.fc1 = linear(d, 2 * m if self.kind == "swiglu_packed" else m) if self.kind != "swiglu" else None
+        self.fc1_g = linear(d, m) if self.kind == "swiglu" else None
+        self.fc1_x = linear(d, m) if self.kind == "swiglu" else None
+        self.fc2 = linear(m, d)
         rate = cfg.dropout_rate if dropout else 0.0
         self.drop1 = nnx.Dropout(rate, rngs=rngs)
         self.drop2 = nnx.Dropout(rate, rngs=rngs)
+        self.norm = _layer_norm(cfg, m, dtype=dtype, rngs=rngs) if cfg.scale_mlp and not plain else None
         self.act = cfg.act
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.drop2(self.fc2(self.drop1(ACTIVATIONS[self.act](self.fc1(x)))))
+        if self.fc1_g is not None and self.fc1_x is not None:
+            x = jax.nn.silu(self.fc1_g(x)) * self.fc1_x(x)
+        elif self.fc1 is not None and self.kind == "swiglu_packed":
+            gate, value = jnp.split(self.fc1(x), 2, axis=-1)
+            x = jax.nn.silu(gate) * value
+        elif self.fc1 is not None:
+            x = ACTIVATIONS[self.act](self.fc1(x))
+        x = self.drop1(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.drop2(self.fc2(x))
 
 
 def _layer_norm(cfg: Any, features: int | None = None, *, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -120,7 +196,7 @@ class AttentionPool(nnx.Module):
         self.kv = nnx.Linear(d, 2 * d, use_bias=cfg.qkv_bias, dtype=dtype, kernel_init=_trunc_normal(), rngs=rngs)
         self.proj = nnx.Linear(d, d, dtype=dtype, kernel_init=_trunc_normal(), rngs=rngs)
         self.norm = _layer_norm(cfg, dtype=dtype, rngs=rngs)
-        self.mlp = Mlp(cfg, dtype=dtype, rngs=rngs, dropout=False)
+        self.mlp = Mlp(cfg, dtype=dtype, rngs=rngs, dropout=False, plain=True)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, t, d = x.shape

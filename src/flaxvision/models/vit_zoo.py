@@ -1,4 +1,5 @@
-"""The ViT checkpoints people fine-tune, by timm's names: DeiT, DeiT III, DINOv2 (with registers), CLIP, SigLIP.
+"""The ViT checkpoints people fine-tune, by timm's names: DeiT, DeiT III, DINOv2 (with registers), CLIP, SigLIP,
+EVA-02.
 
 Each name is timm's architecture with the preprocessing of its default pretrained weights (timm's pretrained_cfg),
 so `create_model(name)` and weights imported for it agree on how images become inputs. Sizes and options from the
@@ -11,6 +12,9 @@ papers, as timm sets them:
     CLIP (Radford et al. 2021): a LayerNorm before the encoder, no patch-projection bias, LayerNorm eps 1e-5,
         CLS-token pooling.
     SigLIP (Zhai et al. 2023): no CLS token, attention pooling (MAP) over every token.
+    EVA-02 (Fang et al. 2023): patch 14, rotary position embeddings (scaled to the 16 x 16 grid of 224 px) besides
+        the learned ones, SwiGLU MLPs of int(D * 8/3) (base: with a sub-LN before fc2), query and value biases
+        only, mean pooling with fc_norm. The mim_in22k weights are backbones (no head), CLIP's mean and std.
 """
 
 from __future__ import annotations
@@ -50,3 +54,12 @@ register_model("vit_base_patch16_clip_224", ViTConfig.base(patch=16, pre_norm=Tr
 register_model("vit_base_patch16_siglip_224", ViTConfig.base(patch=16, class_token=False, global_pool="map"),
                "SigLIP ViT-B/16 image tower: no CLS token, attention pooling, 224 px",
                preprocessing=_timm(mean=HALF, std=HALF))  # fmt: skip
+
+# EVA-02 (timm's eva02_*_patch14_224; Eva's defaults: global_pool "avg" with fc_norm, LayerNorm eps 1e-6).
+for _size, (_width, _heads, _mlp) in {"tiny": (192, 3, "swiglu_packed"), "small": (384, 6, "swiglu_packed"),
+                                      "base": (768, 12, "swiglu")}.items():  # fmt: skip
+    register_model(f"eva02_{_size}_patch14_224",
+                   ViTConfig(patch_size=14, width=_width, depth=12, num_heads=_heads, mlp_dim=int(_width * 4 * 2 / 3), mlp=_mlp,
+                             scale_mlp=_size == "base", key_bias=False, rope=True, rope_ref_grid=16, global_pool="avg"),
+                   f"EVA-02-{_size[0].upper()}/14 backbone (MIM on ImageNet-22k): rotary embeddings, SwiGLU, 224 px",
+                   preprocessing=_timm(mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD))  # fmt: skip

@@ -25,6 +25,7 @@ from typing import Any
 import flaxvision.weights.native_format as native_format
 import flaxvision.weights.npz_format as npz_format
 import flaxvision.weights.timm_convnext_format as timm_convnext_format
+import flaxvision.weights.timm_eva_format as timm_eva_format
 import flaxvision.weights.timm_format as timm_format
 import flaxvision.weights.timm_resnet_format as timm_resnet_format
 import flaxvision.weights.transformers_convnext_format as transformers_convnext_format
@@ -45,6 +46,7 @@ READERS: tuple[ModuleType, ...] = (
     transformers_convnext_format,
     timm_resnet_format,
     timm_convnext_format,
+    timm_eva_format,
     timm_format,
     npz_format,
 )
