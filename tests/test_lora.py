@@ -351,3 +351,11 @@ def test_bad_lora_options_are_one_line_with_exit_code_2(extra, message, tmp_path
     code, _, err = run_cli(["train", *TINY_CLI, *extra, "--run-dir", tmp_path / "r"], capsys)
     assert code == 2 and len(error_lines(err)) == 1 and message in err, err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_target_the_model_lacks_is_one_error():
+    """EVA-02 base's SwiGLU MLP has fc1_g / fc1_x, not fc1: asking for fc1 names it instead of crashing."""
+    model = flaxvision.create_model("eva02_base_patch14_224", depth=1, width=64, num_heads=2, mlp_dim=96, img_size=28, num_classes=3)
+    with pytest.raises(flaxvision.FlaxvisionError, match=r"LoRA target\(s\) fc1: this model has no such layer \(mlp='swiglu'\)"):
+        apply_lora(model, rank=2, targets="qkv,fc1")
+    assert lora_spec(model) is None  # refused before any layer was adapted

@@ -227,6 +227,10 @@ def apply_lora(model: Any, *, rank: int, alpha: float | None = None, targets: st
     rngs = nnx.Rngs(params=seed, dropout=seed + 1)
     deterministic = bool(model.blocks[0].drop_path1.deterministic)  # new dropout layers follow the model's mode
     parts = tuple(p for p in QKV_PARTS if p in spec.targets) or None
+    absent = sorted({layer for parent, attr, layer in _slots(model) if layer in spec.targets and getattr(parent, attr) is None})
+    if absent:  # e.g. a SwiGLU MLP (EVA-02) has fc1_g / fc1_x, not fc1
+        raise FlaxvisionError(f"LoRA target(s) {', '.join(absent)}: this model has no such layer (mlp={model.config.mlp!r}); "
+                              "choose among qkv, q, k, v, proj" + ("" if "fc2" in absent else ", fc2"))  # fmt: skip
     for parent, attr, layer in _slots(model):
         if layer in spec.targets or (layer == "qkv" and parts):
             adapted = LoRALinear(getattr(parent, attr), spec=spec, parts=parts if layer == "qkv" else None,
