@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from flaxvision.errors import ConfigError
 from flaxvision.models.base import ConfigBase, check_common, compute_dtype, train_step_bytes
+from flaxvision.models.registry import RUN_FIELDS
 from flaxvision.models.vit_layers import ACTIVATIONS
 
 GLOBAL_POOLS = ("token", "avg", "map", "token_avg")
@@ -169,6 +170,15 @@ class ViTConfig(ConfigBase):
     @property
     def head_features(self) -> int:
         return 2 * self.width if self.global_pool == "token_avg" else self.width
+
+    def options(self) -> dict[str, object]:
+        """The architecture options (not the sizes or training settings) that differ from a plain ViT's: what a
+        weights layout must be able to hold, e.g. {"distilled": True, "init_values": 1e-6}. A layout refuses every
+        option it does not know, so a new field is never dropped silently by an older layout."""
+        plain = ViTConfig()
+        sizes = {"patch_size", "width", "depth", "num_heads", "mlp_dim"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in RUN_FIELDS | sizes and getattr(self, f.name) != getattr(plain, f.name)}  # fmt: skip
 
     def param_count(self) -> int:
         """Trainable parameters, from the config alone (tests check it against the built model)."""

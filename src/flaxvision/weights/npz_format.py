@@ -52,9 +52,17 @@ def exports(config: Any) -> bool:
     return isinstance(config, ViTConfig) and refusal(config) is None
 
 
+HOLDS = {"qkv_bias", "layer_norm_eps", "act", "fc_norm"}  # the ViTConfig options this layout can carry
+
+
 def refusal(config: Any) -> str | None:
-    if isinstance(config, ViTConfig) and (config.global_pool != "token" or config.use_fc_norm):
+    if not isinstance(config, ViTConfig):
+        return None
+    if config.global_pool != "token" or config.use_fc_norm:
         return f"the .npz layout has a CLS-token head with encoder_norm before it, this model has global_pool={config.global_pool!r}"
+    extra = {k: v for k, v in config.options().items() if k not in HOLDS}
+    if extra:
+        return f"the .npz layout holds a plain ViT, this model has {', '.join(f'{k}={v!r}' for k, v in extra.items())}"
     return None
 
 
