@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 import transformers as T
-from flax import nnx
 
 import flaxvision
 from flaxvision import cli
@@ -111,23 +110,18 @@ def test_loads_with_the_reference_outputs_and_exports_back(name, saved, tmp_path
         inputs = _inputs(model)
         result = verify.compare(model, _reference(directory, backbone), inputs, features=backbone)
         assert result["max_abs_diff"] <= 1e-5, (name, size, result)
-        if target.startswith(("transformers", "transformers'")):
+        if size != SIZES[0]:
+            continue  # the export does not depend on the image size: once
+        if target.startswith("transformers"):
             with pytest.raises(FlaxvisionError, match=target.replace("(", r"\(")):
-                flaxvision.save_pretrained(model, tmp_path / f"out{size}", format="transformers")
+                flaxvision.save_pretrained(model, tmp_path / "out", format="transformers")
             continue
-        out = flaxvision.save_pretrained(model, tmp_path / f"out{size}", format="transformers")
-        exported = json.loads((out / "config.json").read_text())
-        assert exported["architectures"] == [target]
-        reloaded = getattr(T, target).from_pretrained(out).eval()
-        with torch.no_grad():
-            theirs = reloaded(pixel_values=torch.from_numpy(inputs.transpose(0, 3, 1, 2).copy())).logits.numpy()
-        assert np.abs(np.asarray(nnx.jit(lambda m, x: m(x))(model, inputs)) - theirs).max() <= 1e-5
+        out = flaxvision.save_pretrained(model, tmp_path / "out", format="transformers")
+        assert json.loads((out / "config.json").read_text())["architectures"] == [target]
+        reloaded = getattr(T, target).from_pretrained(out).eval()  # the class config.json names, as verify builds it
+        assert verify.compare(model, verify.Reference(lambda x, m=reloaded: (m(pixel_values=x).logits, "logits")), inputs)["max_abs_diff"] <= 1e-5
         again = flaxvision.load_pretrained(out)  # and flaxvision reads its own export: same config, labels, prep
-        assert (
-            again.config == model.config
-            and again.label_names == model.label_names
-            and again.preprocessing == model.preprocessing
-        )
+        assert again.config == model.config and again.label_names == model.label_names and again.preprocessing == model.preprocessing
 
 
 def test_what_is_not_loaded_is_listed(saved):

@@ -17,6 +17,7 @@ the weights' layout names in its `reference_features`), with no figure. torch, t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -236,11 +237,8 @@ def compare(model: Any, reference: Any, inputs: np.ndarray, *, features: bool = 
     `--json`; top-1/top-5 agreement and the probabilities for logits only)."""
     import jax.numpy as jnp
     import torch
-    from flax import nnx
 
-    # One compiled forward pass (eagerly, every operation would be compiled on its own: seconds for a small ViT).
-    forward = nnx.jit(lambda m, x: m.features(x) if features else m(x))
-    ours = np.asarray(forward(model, jnp.asarray(inputs)), dtype=np.float64)
+    ours = np.asarray(_forward(features)(model, jnp.asarray(inputs)), dtype=np.float64)
     with torch.no_grad():
         theirs = reference(torch.from_numpy(np.ascontiguousarray(inputs.transpose(0, 3, 1, 2)))).double().numpy()
     if ours.shape != theirs.shape:
@@ -258,6 +256,15 @@ def compare(model: Any, reference: Any, inputs: np.ndarray, *, features: bool = 
         "flaxvision_probs": _softmax(ours),
         "reference_probs": _softmax(theirs),
     }
+
+
+@functools.cache
+def _forward(features: bool) -> Any:
+    """The model's logits (or features) as one compiled function, cached per model graph and input shape (run
+    eagerly, every operation would be compiled on its own: seconds for a small ViT)."""
+    from flax import nnx
+
+    return nnx.jit(lambda model, x: model.features(x) if features else model(x))
 
 
 def _label(names: tuple[str, ...] | None, index: int) -> str:
