@@ -37,10 +37,8 @@ from flaxvision.weights.hub import WeightFiles
 # Readers in detection order: a file claimed by config.json's model_type / architecture is never re-read by
 # another module from its tensor names. timm_format (VisionTransformer) comes after the other timm layouts: it
 # takes every timm architecture they do not.
-# The transformers DeiT and DINOv2 layouts come before the ViT one: without a config.json their files also have
-# the ViT's tensor names (plus a distillation token / layer scale), which is what tells them apart.
-READERS: tuple[ModuleType, ...] = (native_format, transformers_deit_format, transformers_dinov2_format, transformers_clip_format,
-                                   transformers_format, timm_format, npz_format)  # fmt: skip
+READERS: tuple[ModuleType, ...] = (native_format, transformers_format, transformers_deit_format, transformers_dinov2_format,
+                                   transformers_clip_format, timm_format, npz_format)  # fmt: skip
 # Formats in order of preference for a model that fits several (transformers' files load the most widely).
 FORMATS = ("transformers", "timm", "npz", "flaxvision")
 REFERENCES = ("timm", "transformers")  # what `flaxvision verify` compares with, preferred first

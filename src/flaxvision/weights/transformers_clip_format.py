@@ -53,7 +53,7 @@ from flaxvision.weights.convert import (
 from flaxvision.weights.hub import WeightFiles
 
 FORMAT = "transformers"
-FAMILY = "CLIP / SigLIP image towers (model_type 'clip_vision_model', 'clip', 'siglip_vision_model', 'siglip')"
+FAMILY = "CLIP / SigLIP image towers (model_type 'clip', 'siglip' and their *_vision_model)"
 MODEL_TYPES = ("clip_vision_model", "clip", "siglip_vision_model", "siglip")
 PREPROCESSING = {
     "clip": Preprocessing(

@@ -58,7 +58,10 @@ _DEFAULT_LABEL = re.compile(r"LABEL_\d+")
 
 
 def is_layout(keys: Any) -> bool:
-    return any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in keys)
+    # DeiT's distillation token and DINOv2's layer scale mark their files (their modules read them).
+    keys = tuple(keys)
+    other = any(k.endswith(("embeddings.distillation_token", "layer_scale1.lambda1")) for k in keys)
+    return not other and any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in keys)
 
 
 def detect(weights: WeightFiles) -> bool:
@@ -73,7 +76,7 @@ def exports(config: Any) -> bool:
 
 def refusal(config: Any) -> str | None:
     if isinstance(config, ViTConfig) and family_of(config) == "vit" and extra_options(config):
-        return f"transformers' ViTForImageClassification has no place for {', '.join(extra_options(config))}"
+        return f"transformers' ViTForImageClassification has a CLS-token head only (a plain ViT), this model has {', '.join(extra_options(config))}"
     return None
 
 
@@ -304,8 +307,8 @@ def parse(weights: WeightFiles) -> Parsed:
 def config_files(config: ViTConfig, prep: Preprocessing, label_names: tuple[str, ...] | None) -> dict[str, dict[str, Any]]:
     """config.json and preprocessor_config.json for a ViTForImageClassification with these weights."""
     if not exports(config):
-        raise FlaxvisionError(f"transformers' ViTForImageClassification has no place for {', '.join(extra_options(config))}; "
-                              "export it with format='timm' or 'flaxvision'")  # fmt: skip
+        raise FlaxvisionError(f"transformers' ViTForImageClassification holds a plain ViT, this model has "
+                              f"{', '.join(extra_options(config))}; export it with format='timm' or 'flaxvision'")  # fmt: skip
     if prep.crop_pct != 1.0 or prep.resize_mode != "squash":
         logger.warning(
             "ViTImageProcessor resizes straight to %d px; this model's crop_pct=%g / resize_mode=%r are not stored "
