@@ -185,3 +185,18 @@ def test_verify_cli(name, saved, capsys):
     backbone = name == "SiglipVisionModel"
     assert summary["compared"] == ("features" if backbone else "logits")
     assert ("pooler_output" in summary["reference_output"]) == backbone and (summary["predictions"] == []) == backbone
+
+
+def test_preprocessing_comes_from_the_image_processor(saved, tmp_path):
+    """CLIPImageProcessor (shortest edge + centre crop) and SiglipImageProcessor (a squash) as their files say."""
+    for name, processor, expected in (
+        ("CLIPVisionModel", T.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=28), dict(resize_mode="shortest", crop_pct=28 / 32)),
+        ("SiglipVisionModel", T.SiglipImageProcessor(size={"height": 28, "width": 28}), dict(resize_mode="squash", crop_pct=1.0)),
+    ):  # fmt: skip
+        directory = tmp_path / name
+        shutil.copytree(saved(name, 28), directory)
+        processor.save_pretrained(directory)
+        prep = parse_weights(read_weights(directory)).preprocessing
+        assert prep is not None and prep.img_size == 28 and prep.interpolation == "bicubic"
+        assert (prep.resize_mode, prep.crop_pct) == (expected["resize_mode"], pytest.approx(expected["crop_pct"]))
+        assert prep.mean == tuple(processor.image_mean) and prep.std == tuple(processor.image_std)
