@@ -8,15 +8,17 @@ both top-1 predictions, saves a side-by-side figure, and exits with 1 when the l
 The reference is built by the reference library from the weight files wherever it can read them itself
 (transformers' from_pretrained on a transformers directory, timm's state dict or .npz loader); otherwise from
 flaxvision's export of the weights (e.g. timm weights checked against transformers are exported to transformers'
-files, which transformers then reads). torch, transformers and timm (the optional `verify` extra) are imported here
-only.
+files, which transformers then reads). Backbone-only weights (no classifier in the file, e.g. DINOv2, CLIP or SigLIP
+towers) are compared on `model.features(x)` against what it equals in the reference (pooler_output, or the output
+the weights' layout names in its `reference_features`), with no figure. torch, transformers and timm (the optional
+`verify` extra) are imported here only.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -130,8 +132,8 @@ def preprocess(image: str | bytes | np.ndarray, prep: Preprocessing) -> np.ndarr
 # ---- the reference -------------------------------------------------------------------------------------------------
 
 
-def reference_model(kind: str, model: Any, report: Any, *, allow_pickle: bool = False) -> Any:
-    """The PyTorch reference for loaded pretrained weights, in eval mode, float32.
+def reference_model(kind: str, model: Any, report: Any, *, allow_pickle: bool = False, features: bool = False) -> Any:
+    """The PyTorch reference for loaded pretrained weights, in eval mode, float32: a callable on NCHW tensors.
 
     Built from the library's own files: the source files when they are in that library's format, else
     flaxvision's export of the weights (`flaxvision.weights.layouts` writes them), so that the reference library
@@ -141,6 +143,9 @@ def reference_model(kind: str, model: Any, report: Any, *, allow_pickle: bool = 
     Args:
       kind: "transformers" or "timm".
       model, report: what `load_pretrained(..., return_report=True)` returned.
+      features: return what flaxvision's `model.features` equals (backbone weights, no classifier) instead of the
+        logits: the transformers layout's `reference_features` (else pooler_output), timm's pre-logits; the
+        callable's `output` names it.
     """
     import torch
 
@@ -150,7 +155,6 @@ def reference_model(kind: str, model: Any, report: Any, *, allow_pickle: bool = 
 
     config = model.config
     files = tuple(Path(f) for f in report.files)
-    layout = writer(kind, config)
 
     def flax_params() -> dict[str, np.ndarray]:
         return {k: np.asarray(v, np.float32) for k, v in weight_state(model).items()}
@@ -160,15 +164,16 @@ def reference_model(kind: str, model: Any, report: Any, *, allow_pickle: bool = 
 
         directory = files[0].parent
         if report.format == "transformers" and (directory / "config.json").is_file():
-            return _transformers_reference(transformers, directory)
+            return _transformers_reference(transformers, directory, features)
         from flaxvision.weights.export import save_pretrained
 
         with tempfile.TemporaryDirectory(prefix="flaxvision-verify-") as exported:
             save_pretrained(model, exported, format="transformers")  # transformers then reads the files itself
-            return _transformers_reference(transformers, Path(exported))
+            return _transformers_reference(transformers, Path(exported), features)
 
     import timm
 
+    layout = writer(kind, config)
     timm_config = layout.config_files(config, model.preprocessing, model.label_names)["config.json"]
     reference = timm.create_model(timm_config["architecture"], pretrained=False, **timm_config["model_args"])
     if report.format == "npz":
@@ -181,25 +186,41 @@ def reference_model(kind: str, model: Any, report: Any, *, allow_pickle: bool = 
     else:
         state = layout.from_flaxvision(flax_params(), config)
         reference.load_state_dict({k: torch.tensor(np.asarray(v)) for k, v in state.items()}, strict=True)
-    return reference.eval()
+    timm_model: Any = reference.eval()
+    if features:
+        return Reference(lambda x: (timm_model.forward_head(timm_model.forward_features(x), pre_logits=True), "pre-logits features"))
+    return timm_model
 
 
-def _transformers_reference(transformers: Any, directory: Path) -> Any:
+class Reference:
+    """A reference model as a callable on NCHW tensors; `output` names what it returns."""
+
+    def __init__(self, forward: Any, output: str = "logits"):
+        self.forward, self.output = forward, output
+
+    def __call__(self, x: Any) -> Any:
+        result, self.output = self.forward(x)
+        return result
+
+
+def _transformers_reference(transformers: Any, directory: Path, features: bool = False) -> Reference:
     import torch
+
+    from flaxvision.weights.layouts import writers
 
     info = json.loads((directory / "config.json").read_text())
     architecture = (info.get("architectures") or ["AutoModelForImageClassification"])[0]
     cls = getattr(transformers, architecture, None)
     if cls is None:
         raise FlaxvisionError(f"this transformers has no {architecture} (named in {directory / 'config.json'}); upgrade transformers")
-    return _unwrap_logits(cls.from_pretrained(directory, dtype=torch.float32).eval())
-
-
-def _unwrap_logits(module: Any) -> Any:
-    def forward(x: Any) -> Any:
-        return module(pixel_values=x).logits
-
-    return forward
+    module = cls.from_pretrained(directory, dtype=torch.float32).eval()
+    if not features:
+        return Reference(lambda x: (module(pixel_values=x).logits, "logits"))
+    # The layout of the file's model_type says which output flaxvision's features equal (default: pooler_output).
+    layout = next((m for m in writers("transformers") if info.get("model_type") in m.MODEL_TYPES), None)
+    if layout is not None and hasattr(layout, "reference_features"):
+        return Reference(lambda x: layout.reference_features(module, x))
+    return Reference(lambda x: (module(pixel_values=x).pooler_output, "pooler_output"))
 
 
 # ---- comparison --------------------------------------------------------------------------------------------------
@@ -210,25 +231,39 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=-1, keepdims=True)
 
 
-def compare(model: Any, reference: Any, inputs: np.ndarray) -> dict[str, Any]:
-    """Logits of both models on NHWC `inputs` and the agreement statistics (keys as `--json`)."""
+def compare(model: Any, reference: Any, inputs: np.ndarray, *, features: bool = False) -> dict[str, Any]:
+    """Logits (`features`: `model.features`) of both models on NHWC `inputs` and the agreement statistics (keys as
+    `--json`; top-1/top-5 agreement and the probabilities for logits only)."""
     import jax.numpy as jnp
     import torch
 
-    ours = np.asarray(model(jnp.asarray(inputs)), dtype=np.float64)
+    ours = np.asarray(_forward(features)(model, jnp.asarray(inputs)), dtype=np.float64)
     with torch.no_grad():
         theirs = reference(torch.from_numpy(np.ascontiguousarray(inputs.transpose(0, 3, 1, 2)))).double().numpy()
+    if ours.shape != theirs.shape:
+        raise FlaxvisionError(f"flaxvision's output {ours.shape} and the reference's {theirs.shape} differ in shape; nothing to compare")
     diff = np.abs(ours - theirs)
+    result = {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean())}
+    if features:
+        return result
     k = min(5, ours.shape[-1])
     top_ours, top_theirs = np.argsort(-ours, axis=-1)[:, :k], np.argsort(-theirs, axis=-1)[:, :k]
     return {
-        "max_abs_diff": float(diff.max()),
-        "mean_abs_diff": float(diff.mean()),
+        **result,
         "top1_agree": float(np.mean(top_ours[:, 0] == top_theirs[:, 0])),
         "top5_agree": float(np.mean([set(a) == set(b) for a, b in zip(top_ours, top_theirs, strict=True)])),
         "flaxvision_probs": _softmax(ours),
         "reference_probs": _softmax(theirs),
     }
+
+
+@functools.cache
+def _forward(features: bool) -> Any:
+    """The model's logits (or features) as one compiled function, cached per model graph and input shape (run
+    eagerly, every operation would be compiled on its own: seconds for a small ViT)."""
+    from flax import nnx
+
+    return nnx.jit(lambda model, x: model.features(x) if features else model(x))
 
 
 def _label(names: tuple[str, ...] | None, index: int) -> str:
@@ -262,6 +297,8 @@ def save_figure(path: Path, images: list[np.ndarray], rows: list[dict[str, Any]]
 
 def run(args: argparse.Namespace) -> int:
     from flaxvision.models.registry import name_of
+    from flaxvision.weights.hub import read_weights
+    from flaxvision.weights.layouts import parse_weights, verify_references
     from flaxvision.weights.loader import load_pretrained
 
     try:
@@ -271,10 +308,15 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise FlaxvisionError(f"verify needs the reference libraries ({err.name} is missing): pip install 'flaxvision[verify]'") from None
 
-    model, report = load_pretrained(args.source, allow_pickle=args.allow_pickle, revision=args.revision, return_report=True)
-    from flaxvision.weights.layouts import verify_references
-
+    # Backbone-only weights (no classifier) are compared on their features: the model gets a 1-class head to load.
+    weights = read_weights(args.source, allow_pickle=args.allow_pickle, revision=args.revision)
+    backbone = not parse_weights(weights).has_head
+    del weights
+    model, report = load_pretrained(args.source, allow_pickle=args.allow_pickle, revision=args.revision,
+                                    num_classes=1 if backbone else None, return_report=True)  # fmt: skip
     references = verify_references(model.config)
+    if report.format == "transformers" and "transformers" not in references and (Path(report.files[0]).parent / "config.json").is_file():
+        references = ("transformers", *references)  # transformers reads its own files, exportable or not
     if not references:
         raise FlaxvisionError(
             f"verify compares a model with its PyTorch reference ({'/'.join(REFERENCES)}); there is none for "
@@ -284,36 +326,41 @@ def run(args: argparse.Namespace) -> int:
         raise FlaxvisionError(f"--reference {args.reference} cannot build a {type(model).__name__}; use {' or '.join(references)}")
     model.eval()
     kind = args.reference or (report.format if report.format in references else references[0])
-    eps = getattr(model.config, "layer_norm_eps", 1e-6)  # families without LayerNorms (ResNet) have none
-    if kind == "timm" and eps != 1e-6:
-        print(f"note: timm uses LayerNorm eps 1e-6 here, these weights {eps:g}: expect small differences", file=sys.stderr)
-    reference = reference_model(kind, model, report, allow_pickle=args.allow_pickle)
+    # (a LayerNorm eps a timm layout cannot hold is that layout's warning, when the reference files are written)
+    reference = reference_model(kind, model, report, allow_pickle=args.allow_pickle, features=backbone)
     images = read_images(args.image) if args.image else synthetic_images()
     sources = args.image or images  # files are decoded from the files themselves, as `evaluate` would
     inputs = np.stack([preprocess(source, model.preprocessing) for source in sources])
-    result = compare(model, reference, inputs)
+    result = compare(model, reference, inputs, features=backbone)
+    compared = f"features(x) vs the reference's {getattr(reference, 'output', 'logits')}" if backbone else "logits"
 
     rows = []
-    for flax_probs, ref_probs in zip(result.pop("flaxvision_probs"), result.pop("reference_probs"), strict=True):
+    for flax_probs, ref_probs in zip(result.pop("flaxvision_probs", ()), result.pop("reference_probs", ()), strict=True):
         a, b = int(flax_probs.argmax()), int(ref_probs.argmax())
         names = model.label_names
         rows.append({"flaxvision": [_label(names, a), float(flax_probs[a])], "reference": [_label(names, b), float(ref_probs[b])]})
     passed = result["max_abs_diff"] <= args.tolerance
-    figure = Path(args.figure) if args.figure else None
+    figure = Path(args.figure) if args.figure and not backbone else None  # a backbone has no predictions to show
     if figure is not None:
         save_figure(figure, images, rows, result, kind)
     summary = {**result, "tolerance": args.tolerance, "passed": passed, "source": str(args.source), "format": report.format,
-               "reference": kind, "num_images": len(images), "figure": str(figure) if figure else None, "predictions": rows}  # fmt: skip
+               "reference": kind, "compared": "features" if backbone else "logits", "reference_output": compared,
+               "num_images": len(images), "figure": str(figure) if figure else None, "predictions": rows}  # fmt: skip
+    what = "|dfeatures|" if backbone else "|dlogits|"
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         print(f"{report.format} weights {args.source} vs {kind}, {len(images)} image(s) at {model.config.img_size} px")
-        print(f"max |dlogits| {result['max_abs_diff']:.3e}   mean |dlogits| {result['mean_abs_diff']:.3e}   "
-              f"top-1 agreement {result['top1_agree']:.0%}   top-5 agreement {result['top5_agree']:.0%}")  # fmt: skip
+        if backbone:
+            print(f"backbone-only weights (no classifier): compared flaxvision's {compared}")
+            print(f"max {what} {result['max_abs_diff']:.3e}   mean {what} {result['mean_abs_diff']:.3e}")
+        else:
+            print(f"max |dlogits| {result['max_abs_diff']:.3e}   mean |dlogits| {result['mean_abs_diff']:.3e}   "
+                  f"top-1 agreement {result['top1_agree']:.0%}   top-5 agreement {result['top5_agree']:.0%}")  # fmt: skip
         for i, row in enumerate(rows):
             print(f"  image {i}: flaxvision {row['flaxvision'][0]} ({row['flaxvision'][1]:.2%})   "
                   f"{kind} {row['reference'][0]} ({row['reference'][1]:.2%})")  # fmt: skip
         if figure:
             print(f"figure: {figure}")
-        print(("PASS" if passed else "FAIL") + f": max |dlogits| {'<=' if passed else '>'} tolerance {args.tolerance:g}")
+        print(("PASS" if passed else "FAIL") + f": max {what} {'<=' if passed else '>'} tolerance {args.tolerance:g}")
     return 0 if passed else 1

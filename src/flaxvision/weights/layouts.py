@@ -28,7 +28,10 @@ import flaxvision.weights.timm_convnext_format as timm_convnext_format
 import flaxvision.weights.timm_eva_format as timm_eva_format
 import flaxvision.weights.timm_format as timm_format
 import flaxvision.weights.timm_resnet_format as timm_resnet_format
+import flaxvision.weights.transformers_clip_format as transformers_clip_format
 import flaxvision.weights.transformers_convnext_format as transformers_convnext_format
+import flaxvision.weights.transformers_deit_format as transformers_deit_format
+import flaxvision.weights.transformers_dinov2_format as transformers_dinov2_format
 import flaxvision.weights.transformers_format as transformers_format
 import flaxvision.weights.transformers_resnet_format as transformers_resnet_format
 from flaxvision.errors import FlaxvisionError
@@ -42,6 +45,9 @@ from flaxvision.weights.hub import WeightFiles
 READERS: tuple[ModuleType, ...] = (
     native_format,
     transformers_format,
+    transformers_deit_format,
+    transformers_dinov2_format,
+    transformers_clip_format,
     transformers_resnet_format,
     transformers_convnext_format,
     timm_resnet_format,

@@ -16,6 +16,7 @@ so fusing is a concatenation.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from typing import Any
@@ -57,7 +58,10 @@ _DEFAULT_LABEL = re.compile(r"LABEL_\d+")
 
 
 def is_layout(keys: Any) -> bool:
-    return any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in keys)
+    # DeiT's distillation token and DINOv2's layer scale mark their files (their modules read them).
+    keys = tuple(keys)
+    other = any(k.endswith(("embeddings.distillation_token", "layer_scale1.lambda1")) for k in keys)
+    return not other and any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in keys)
 
 
 def detect(weights: WeightFiles) -> bool:
@@ -66,14 +70,37 @@ def detect(weights: WeightFiles) -> bool:
 
 
 def exports(config: Any) -> bool:
-    """ViTForImageClassification: a plain ViT with a CLS-token head."""
-    return isinstance(config, ViTConfig) and refusal(config) is None
+    """ViTForImageClassification: a plain ViT with a CLS-token head (the other options belong to other classes)."""
+    return isinstance(config, ViTConfig) and not extra_options(config)
 
 
 def refusal(config: Any) -> str | None:
-    if isinstance(config, ViTConfig) and (config.global_pool != "token" or config.use_fc_norm):
-        return f"transformers' ViTForImageClassification has a CLS-token head only, this model has global_pool={config.global_pool!r}"
+    if isinstance(config, ViTConfig) and family_of(config) == "vit" and extra_options(config):
+        return f"transformers' ViTForImageClassification has a CLS-token head only (a plain ViT), this model has {', '.join(extra_options(config))}"
     return None
+
+
+def extra_options(config: ViTConfig) -> list[str]:
+    """The options of `config` that a plain ViTForImageClassification lacks (its non-default token, pooling, norm
+    and patch options), as `name=value`."""
+    plain = ViTConfig()
+    names = ("class_token", "distilled", "reg_tokens", "no_embed_class", "init_values", "qk_norm", "pre_norm", "patch_bias", "global_pool")
+    out = [f"{n}={getattr(config, n)!r}" for n in names if getattr(config, n) != getattr(plain, n)]
+    return out + (["fc_norm=True"] if config.use_fc_norm else [])
+
+
+def family_of(config: ViTConfig) -> str:
+    """Which transformers layout a ViT config belongs to, by the option that marks it ("vit" when none does): the
+    family whose `refusal` explains what its classes lack when no transformers class can hold the config."""
+    if config.distilled or config.reg_tokens:
+        return "deit"
+    if config.init_values is not None or config.global_pool == "token_avg":
+        return "dinov2"
+    if not config.class_token or config.global_pool == "map":
+        return "siglip"
+    if config.pre_norm or not config.patch_bias:
+        return "clip"
+    return "vit"
 
 
 # Per-layer names: weight files (the Hub, save_pretrained) and transformers v5's module names
@@ -144,26 +171,52 @@ def _config_from_json(cfg: dict[str, Any], what: str) -> dict[str, Any]:
             f"{what}: model_type={model_type!r} is not supported; flaxvision reads transformers ViT weights "
             f"(model_type 'vit'), timm ViTs and big_vision .npz files"
         )
-    act = cfg.get("hidden_act", "gelu")
-    if act not in ACTIVATIONS:
-        raise FlaxvisionError(f"{what}: hidden_act={act!r} is not supported; flaxvision ViTs use {', '.join(ACTIVATIONS)}")
+    return encoder_fields(cfg, what, layer_norm_eps=1e-12)
+
+
+def value(cfg: dict[str, Any], key: str, default: Any, kind: type, what: str) -> Any:
+    """config.json's `key` (else `default`), type-checked: an int (not a bool) >= 1, a float (an int is one), or
+    a bool; anything else is one FlaxvisionError naming the field."""
+    got = cfg.get(key, default)
+    if kind is int:
+        ok = isinstance(got, int) and not isinstance(got, bool) and got >= 1
+    elif kind is float:
+        ok = isinstance(got, (int, float)) and not isinstance(got, bool)
+    else:
+        ok = isinstance(got, kind)
+    if not ok:
+        expected = "positive integer" if kind is int else kind.__name__
+        raise FlaxvisionError(f"{what}: config.json {key}={got!r} is not a {expected}; fix config.json")
+    return float(got) if kind is float else got
+
+
+def encoder_fields(cfg: dict[str, Any], what: str, *, layer_norm_eps: float, act: str = "gelu", mlp_dim: int | None = None) -> dict[str, Any]:
+    """ViTConfig fields from the encoder keys every transformers ViT-like config shares (hidden_size,
+    num_hidden_layers, ...), with the family's defaults for layer_norm_eps, hidden_act and the MLP size."""
+    hidden_act = cfg.get("hidden_act", act)
+    if hidden_act not in ACTIVATIONS:
+        raise FlaxvisionError(f"{what}: hidden_act={hidden_act!r} is not supported; flaxvision ViTs use {', '.join(ACTIVATIONS)}")
+    width = value(cfg, "hidden_size", 768, int, what)
+    attention_dropout = "attention_probs_dropout_prob" if "attention_probs_dropout_prob" in cfg else "attention_dropout"
     return dict(
-        width=cfg.get("hidden_size", 768),
-        depth=cfg.get("num_hidden_layers", 12),
-        num_heads=cfg.get("num_attention_heads", 12),
-        mlp_dim=cfg.get("intermediate_size", 3072),
+        width=width,
+        depth=value(cfg, "num_hidden_layers", 12, int, what),
+        num_heads=value(cfg, "num_attention_heads", 12, int, what),
+        mlp_dim=mlp_dim if mlp_dim is not None else value(cfg, "intermediate_size", 4 * width, int, what),
         patch_size=square(cfg.get("patch_size", 16), "patch_size", what),
         img_size=square(cfg.get("image_size", 224), "image_size", what),
-        in_chans=cfg.get("num_channels", 3),
-        layer_norm_eps=float(cfg.get("layer_norm_eps", 1e-12)),
-        qkv_bias=bool(cfg.get("qkv_bias", True)),
-        act=ACTIVATIONS[act],
-        dropout_rate=float(cfg.get("hidden_dropout_prob", 0.0)),
-        attention_dropout_rate=float(cfg.get("attention_probs_dropout_prob", 0.0)),
+        in_chans=value(cfg, "num_channels", 3, int, what),
+        layer_norm_eps=value(cfg, "layer_norm_eps", layer_norm_eps, float, what),
+        qkv_bias=value(cfg, "qkv_bias", True, bool, what),
+        act=ACTIVATIONS[hidden_act],
+        dropout_rate=value(cfg, "hidden_dropout_prob", 0.0, float, what),
+        attention_dropout_rate=value(cfg, attention_dropout, 0.0, float, what),
     )
 
 
-def _config_from_shapes(tensors: dict[str, np.ndarray], prefix: str, names: dict[str, str], what: str) -> dict[str, Any]:
+def config_from_shapes(tensors: dict[str, np.ndarray], prefix: str, names: dict[str, str], what: str, prefix_tokens: int = 1) -> dict[str, Any]:
+    """ViTConfig fields from the tensor shapes of a ViT-layout file (ViT, DeiT, DINOv2) without config.json."""
+
     def get(key: str) -> np.ndarray:
         if key not in tensors:
             raise FlaxvisionError(f"{what}: cannot infer the architecture without '{key}'; add the config.json that came with the weights")
@@ -171,7 +224,7 @@ def _config_from_shapes(tensors: dict[str, np.ndarray], prefix: str, names: dict
 
     kernel = get(f"{prefix}embeddings.patch_embeddings.projection.weight")  # (D, C, p, p)
     width, in_chans, patch = kernel.shape[0], kernel.shape[1], kernel.shape[2]
-    grid = grid_of(get(f"{prefix}embeddings.position_embeddings"), 1, what)
+    grid = grid_of(get(f"{prefix}embeddings.position_embeddings"), prefix_tokens, what)
     first = prefix + names["layer"].format(0)
     return dict(
         width=width,
@@ -186,7 +239,7 @@ def _config_from_shapes(tensors: dict[str, np.ndarray], prefix: str, names: dict
     )
 
 
-def _label_names(cfg: dict[str, Any] | None) -> tuple[str, ...] | None:
+def id2label_names(cfg: dict[str, Any] | None) -> tuple[str, ...] | None:
     """id2label in label order, or None when absent or only transformers' placeholders (LABEL_0, ...)."""
     id2label = (cfg or {}).get("id2label") or {}
     try:
@@ -196,10 +249,13 @@ def _label_names(cfg: dict[str, Any] | None) -> tuple[str, ...] | None:
     return None if not names or all(_DEFAULT_LABEL.fullmatch(n) for n in names) else names
 
 
-def preprocessing(pre: dict[str, Any] | None, img_size: int) -> Preprocessing:
-    """Preprocessing from preprocessor_config.json (ViTImageProcessor's fields), or its defaults when absent."""
+def preprocessing(pre: dict[str, Any] | None, img_size: int, default: Preprocessing | None = None) -> Preprocessing:
+    """Preprocessing from preprocessor_config.json (the fields ViTImageProcessor, DeiTImageProcessor,
+    BitImageProcessor, CLIPImageProcessor and SiglipImageProcessor share: size as height/width or shortest_edge,
+    crop_size, resample, mean, std), or `default` (ViTImageProcessor's defaults) when absent."""
     if pre is None:
-        return Preprocessing(img_size=img_size, mean=HALF, std=HALF, crop_pct=1.0, resize_mode="squash", interpolation="bilinear")
+        default = default or Preprocessing(img_size=img_size, mean=HALF, std=HALF, crop_pct=1.0, resize_mode="squash", interpolation="bilinear")
+        return dataclasses.replace(default, img_size=img_size)
     normalize = pre.get("do_normalize", True)
     mean = tuple(pre.get("image_mean", HALF)) if normalize else (0.0, 0.0, 0.0)
     std = tuple(pre.get("image_std", HALF)) if normalize else (1.0, 1.0, 1.0)
@@ -228,11 +284,11 @@ def parse(weights: WeightFiles) -> Parsed:
     has_head = "classifier.weight" in weights.tensors
     if weights.config is not None:
         fields = _config_from_json(weights.config, what)
-        label_names = _label_names(weights.config)
+        label_names = id2label_names(weights.config)
         id2label = weights.config.get("id2label") or {}
         num_classes = len(id2label) or int(weights.config.get("num_labels", 2))
     else:
-        fields = _config_from_shapes(weights.tensors, prefix, names, what)
+        fields = config_from_shapes(weights.tensors, prefix, names, what)
         label_names = None
         num_classes = weights.tensors["classifier.weight"].shape[0] if has_head else 1
     config = ViTConfig(num_classes=num_classes if has_head else 1, **fields)
@@ -250,9 +306,9 @@ def parse(weights: WeightFiles) -> Parsed:
 
 def config_files(config: ViTConfig, prep: Preprocessing, label_names: tuple[str, ...] | None) -> dict[str, dict[str, Any]]:
     """config.json and preprocessor_config.json for a ViTForImageClassification with these weights."""
-    reason = refusal(config)
-    if reason:
-        raise FlaxvisionError(f"{reason}; export it with format='timm' or 'flaxvision'")
+    if not exports(config):
+        raise FlaxvisionError(f"transformers' ViTForImageClassification holds a plain ViT, this model has "
+                              f"{', '.join(extra_options(config))}; export it with format='timm' or 'flaxvision'")  # fmt: skip
     if prep.crop_pct != 1.0 or prep.resize_mode != "squash":
         logger.warning(
             "ViTImageProcessor resizes straight to %d px; this model's crop_pct=%g / resize_mode=%r are not stored "
@@ -293,3 +349,43 @@ def config_files(config: ViTConfig, prep: Preprocessing, label_names: tuple[str,
         "image_std": list(prep.std),
     }
     return {"config.json": model, "preprocessor_config.json": processor}
+
+
+def processor_json(processor_type: str, config: ViTConfig, prep: Preprocessing) -> dict[str, Any]:
+    """preprocessor_config.json for `prep` in the fields `preprocessing` reads back: resize (both sides, or the
+    shortest edge) to img_size / crop_pct, then a centre crop of img_size."""
+    resized = round(config.img_size / prep.crop_pct)
+    size = {"shortest_edge": resized} if prep.resize_mode == "shortest" else {"height": resized, "width": resized}
+    pil = {name: code for code, name in PIL_FILTERS.items()}
+    return {
+        "image_processor_type": processor_type,
+        "do_resize": True,
+        "size": size,
+        "resample": pil[prep.interpolation],
+        "do_center_crop": prep.crop_pct < 1.0 or prep.resize_mode == "shortest",
+        "crop_size": {"height": config.img_size, "width": config.img_size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(prep.mean),
+        "image_std": list(prep.std),
+    }
+
+
+def labels_json(config: ViTConfig, label_names: tuple[str, ...] | None) -> dict[str, Any]:
+    """id2label / label2id for config.json (transformers' LABEL_i placeholders when there are no names)."""
+    labels = label_names or tuple(f"LABEL_{i}" for i in range(config.num_classes))
+    return {"id2label": {str(i): name for i, name in enumerate(labels)}, "label2id": {name: i for i, name in enumerate(labels)}}
+
+
+def num_labels(cfg: dict[str, Any]) -> int:
+    """The classifier's size config.json declares: its id2label, else num_labels (transformers' default 2)."""
+    id2label = cfg.get("id2label") or {}
+    return len(id2label) if isinstance(id2label, dict) and id2label else int(cfg.get("num_labels", 2))
+
+
+def reference_features(module: Any, pixel_values: Any) -> tuple[Any, str]:
+    """What flaxvision's `features` equals in a transformers ViT: the final-normed CLS token (ViTModel's tanh
+    pooler is not part of flaxvision's ViT)."""
+    hidden = getattr(module, "vit", module)(pixel_values=pixel_values).last_hidden_state
+    return hidden[:, 0], "last_hidden_state[:, 0] (the CLS token; ViTModel's tanh pooler is not compared)"
