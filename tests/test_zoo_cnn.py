@@ -25,6 +25,7 @@ import flaxvision
 from flaxvision.commands.verify import preprocess, synthetic_images
 from flaxvision.models import ConvNeXtConfig, ResNetConfig
 from flaxvision.models.convnext import PRETRAINED_PREPROCESSING as CONVNEXT_PREPROCESSING
+from flaxvision.models.registry import named_preprocessing
 from flaxvision.models.resnet import PRETRAINED_PREPROCESSING as RESNET_PREPROCESSING
 from flaxvision.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from flaxvision.train import TrainConfig, fit
@@ -157,11 +158,14 @@ def test_backbone_only_checkpoints_get_a_new_head(tmp_path):
         np.testing.assert_allclose(np.asarray(features), pooled, atol=TOLERANCE)
 
 
-def test_registered_sizes_have_timm_parameter_counts():
+def test_registered_names_have_timm_parameter_counts_and_preprocessing():
     for name in NAMES:
         with torch.device("meta"):  # shapes only: timm's full-size models without allocating or initialising them
             reference = timm.create_model(name, pretrained=False)
         assert flaxvision.model_info(name)["params"] == sum(p.numel() for p in reference.parameters()), name
+        prep, timm_cfg = named_preprocessing(name, flaxvision.model_config(name)), cast(dict[str, Any], reference.pretrained_cfg)
+        assert (prep.img_size, prep.crop_pct, prep.interpolation) == (timm_cfg["input_size"][-1], timm_cfg["crop_pct"], timm_cfg["interpolation"])
+        assert (prep.mean, prep.std) == (tuple(timm_cfg["mean"]), tuple(timm_cfg["std"])), name
 
 
 def test_fine_tune_convnext_with_layer_decay_and_the_last_block_only(tmp_path):

@@ -233,13 +233,13 @@ class ConvNeXt(Classifier):
 
 
 # timm's pretrained_cfg of the default tag of each name (convnext_{tiny,small}.in12k_ft_in1k,
-# convnext_base.fb_in22k_ft_in1k): what their checkpoints expect. The registry's family default is ImageNet's.
+# convnext_base.fb_in22k_ft_in1k): what their checkpoints expect, and what a model built from the name uses.
 PRETRAINED_PREPROCESSING = {
     name: Preprocessing(img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=crop, resize_mode="shortest", interpolation="bicubic")
     for name, crop in (("convnext_tiny", 0.95), ("convnext_small", 0.95), ("convnext_base", 0.875))
 }
 
 register_family(ConvNeXtConfig, ConvNeXt, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-register_model("convnext_tiny", ConvNeXtConfig.tiny(), "ConvNeXt-T, 224 px (timm convnext_tiny)")
-register_model("convnext_small", ConvNeXtConfig.small(), "ConvNeXt-S, 224 px (timm convnext_small)")
-register_model("convnext_base", ConvNeXtConfig.base(), "ConvNeXt-B, 224 px (timm convnext_base)")
+for _name, _make, _label in (("convnext_tiny", ConvNeXtConfig.tiny, "T"), ("convnext_small", ConvNeXtConfig.small, "S"),
+                             ("convnext_base", ConvNeXtConfig.base, "B")):  # fmt: skip
+    register_model(_name, _make(), f"ConvNeXt-{_label}, 224 px", preprocessing=PRETRAINED_PREPROCESSING[_name])

@@ -250,14 +250,16 @@ class ResNet(Classifier):
         return self.head(self.features(x)).astype(jnp.float32)
 
 
-# timm's pretrained_cfg of the default tag of each ImageNet name (resnet{18,34,50}.a1_in1k): what the checkpoints expect.
+# timm's pretrained_cfg of the default tag of each ImageNet name (resnet{18,34,50}.a1_in1k): what their checkpoints
+# expect, and what a model built from the name uses (the registry's ModelSpec.preprocessing).
 PRETRAINED_PREPROCESSING = {
     name: Preprocessing(img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.95, resize_mode="shortest", interpolation="bicubic")
     for name in ("resnet18", "resnet34", "resnet50")
 }
 
 register_family(ResNetConfig, ResNet, mean=IMAGENET_MEAN, std=IMAGENET_STD)  # torchvision, the CIFAR-10 tutorial
-register_model("resnet18", ResNetConfig.resnet18(), "ResNet-18, 7x7 stem (ImageNet), 224 px")
-register_model("resnet34", ResNetConfig.resnet34(), "ResNet-34, basic blocks, 224 px")
-register_model("resnet50", ResNetConfig.resnet50(), "ResNet-50, bottleneck blocks (stride on the 3x3), 224 px")
+_PREP = PRETRAINED_PREPROCESSING
+register_model("resnet18", ResNetConfig.resnet18(), "ResNet-18, 7x7 stem (ImageNet), 224 px", preprocessing=_PREP["resnet18"])
+register_model("resnet34", ResNetConfig.resnet34(), "ResNet-34, basic blocks, 224 px", preprocessing=_PREP["resnet34"])
+register_model("resnet50", ResNetConfig.resnet50(), "ResNet-50, bottleneck blocks, 224 px", preprocessing=_PREP["resnet50"])
 register_model("resnet18_cifar", ResNetConfig.resnet18_cifar(), "ResNet-18, 3x3 stem (CIFAR), 32 px")

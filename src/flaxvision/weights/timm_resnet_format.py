@@ -33,8 +33,8 @@ _ARCH = re.compile(r"^resnet\d+[a-z]?$")
 STEM_WIDTH = 64  # timm's plain 7x7 stem always has 64 channels
 # model_args flaxvision reads, those that do not change the weights, and the one value it supports of the rest.
 ARGS_READ = {"layers", "channels", "num_classes", "in_chans", "block"}
-ARGS_IGNORED = {"drop_rate", "zero_init_last", "block_args"}
-ARGS_FIXED = {"output_stride": 32, "global_pool": "avg", "cardinality": 1, "base_width": 64, "stem_width": 64, "stem_type": "",
+ARGS_IGNORED = {"drop_rate", "zero_init_last", "block_args", "stem_width"}  # stem_width: deep stems only
+ARGS_FIXED = {"output_stride": 32, "global_pool": "avg", "cardinality": 1, "base_width": 64, "stem_type": "",
               "replace_stem_pool": False, "block_reduce_first": 1, "down_kernel_size": 1, "avg_down": False,
               "aa_layer": None, "drop_path_rate": 0.0, "drop_block_rate": 0.0, "act_layer": "relu", "norm_layer": "batchnorm"}  # fmt: skip
 UNSUPPORTED_KEYS = (("conv1.0.", "stem_type='deep' (resnet*c/d/e/s)"), (".se.", "squeeze-excitation (seresnet)"),
