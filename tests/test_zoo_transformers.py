@@ -8,6 +8,7 @@ import json
 import shutil
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -200,3 +201,14 @@ def test_preprocessing_comes_from_the_image_processor(saved, tmp_path):
         assert prep is not None and prep.img_size == 28 and prep.interpolation == "bicubic"
         assert (prep.resize_mode, prep.crop_pct) == (expected["resize_mode"], pytest.approx(expected["crop_pct"]))
         assert prep.mean == tuple(processor.image_mean) and prep.std == tuple(processor.image_std)
+
+
+def test_a_distilled_model_gets_both_heads_replaced(tmp_path):
+    """DeiT's distillation head is a head too: a new num_classes replaces both (zero-initialised), not only `head`."""
+    model = flaxvision.create_model("deit_base_distilled_patch16_224", depth=1, width=32, num_heads=2, mlp_dim=64,
+                                    img_size=32, num_classes=3)  # fmt: skip
+    flaxvision.save_pretrained(model, tmp_path)
+    tuned, report = flaxvision.load_pretrained(tmp_path, num_classes=5, return_report=True)
+    assert report.head_replaced and tuned.head.kernel.shape == tuned.head_dist.kernel.shape == (32, 5)  # type: ignore[union-attr]
+    assert not np.any(np.asarray(tuned.head_dist.kernel[...]))  # type: ignore[union-attr]
+    assert tuned.config.distilled and tuned(jnp.zeros((1, 32, 32, 3))).shape == (1, 5)

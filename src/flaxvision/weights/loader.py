@@ -100,15 +100,21 @@ def check_architecture(name: str, config: Any, origin: str) -> None:
             f"use create_model(None, pretrained=...) to build what the weights hold"
         )
     fields = [f.name for f in dataclasses.fields(config) if f.name not in NOT_ARCHITECTURE]
-    diffs = [f"{f} {getattr(config, f)!r} (weights) vs {getattr(named, f)!r}" for f in fields if getattr(config, f) != getattr(named, f)]
+    diffs = [f"{f} {getattr(config, f)!r} (weights) vs {getattr(named, f)!r}" for f in fields if _field(config, f) != _field(named, f)]
     if diffs:
         same = [n for n in list_models() if _same_architecture(model_config(n), config, fields)]
         hint = f"use {', '.join(map(repr, same[:3]))} or None" if same else "use name=None"
         raise FlaxvisionError(f"'{origin}' is not a {name}: {'; '.join(diffs)}; {hint} to build what the weights hold")
 
 
+def _field(config: Any, name: str) -> Any:
+    # Layer scale's init value only initialises the gains the weights hold: whether there is layer scale matters.
+    value = getattr(config, name)
+    return value is not None if name == "init_values" else value
+
+
 def _same_architecture(a: Any, b: Any, fields: list[str]) -> bool:
-    return type(a) is type(b) and all(getattr(a, f) == getattr(b, f) for f in fields)
+    return type(a) is type(b) and all(_field(a, f) == _field(b, f) for f in fields)
 
 
 def _target_config(parsed: Parsed, num_classes: int | None, img_size: int | None, dtype: Any, overrides: dict[str, Any]) -> Any:
@@ -141,13 +147,14 @@ def _adapt(params: dict[str, np.ndarray], parsed: Parsed, target: Any, head_init
     replace = not parsed.has_head or target.num_classes != parsed.config.num_classes
     if replace:
         shapes = param_shapes(target)
-        kernel_shape = shapes["head.kernel"]
-        if head_init == "zeros":  # the ViT transfer recipe: start from a zero head, predictions start uniform
-            params["head.kernel"] = np.zeros(kernel_shape, np.float32)
-        else:
-            draw = nnx.initializers.truncated_normal(stddev=0.02)
-            params["head.kernel"] = np.asarray(draw(jax.random.key(seed), kernel_shape, jnp.float32))
-        params["head.bias"] = np.zeros(shapes["head.bias"], np.float32)
+        for index, head in enumerate(h for h in ("head", "head_dist") if f"{h}.kernel" in shapes):  # DeiT: two heads
+            kernel_shape = shapes[f"{head}.kernel"]
+            if head_init == "zeros":  # the ViT transfer recipe: start from a zero head, predictions start uniform
+                params[f"{head}.kernel"] = np.zeros(kernel_shape, np.float32)
+            else:
+                draw = nnx.initializers.truncated_normal(stddev=0.02)
+                params[f"{head}.kernel"] = np.asarray(draw(jax.random.fold_in(jax.random.key(seed), index), kernel_shape, jnp.float32))
+            params[f"{head}.bias"] = np.zeros(shapes[f"{head}.bias"], np.float32)
     return replace, resampled
 
 

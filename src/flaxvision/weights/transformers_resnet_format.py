@@ -29,7 +29,7 @@ from flaxvision.weights.cnn_layouts import (
 )
 from flaxvision.weights.convert import Parsed, Rule, block_count, conv, copy, detect_transformers, export, linear
 from flaxvision.weights.hub import WeightFiles
-from flaxvision.weights.transformers_format import _label_names
+from flaxvision.weights.transformers_format import id2label_names
 
 FORMAT = "transformers"
 FAMILY = "ResNet (model_type 'resnet')"
@@ -114,7 +114,7 @@ def parse(weights: WeightFiles) -> Parsed:
     if weights.config is not None:
         fields = _fields_from_json(weights.config, what)
         num_classes = len(weights.config.get("id2label") or {}) or int(weights.config.get("num_labels", 2))
-        label_names = _label_names(weights.config)
+        label_names = id2label_names(weights.config)
     else:
         fields = _fields_from_shapes(tensors, prefix, what)
         num_classes, label_names = (int(tensors["classifier.1.weight"].shape[0]) if has_head else 1), None
