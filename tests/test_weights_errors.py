@@ -460,8 +460,6 @@ def test_bare_transformers_safetensors_needs_the_tensors_it_infers_from(tmp_path
         flaxvision.load_pretrained(tmp_path / "bare.safetensors")
 
 
-@pytest.mark.xfail(strict=True, reason="transformers_format._config_from_shapes counts blocks under 'vit.encoder.layer..' "
-                   "(names['layer'].format('') keeps the dot): depth 0")  # fmt: skip
 def test_bare_transformers_safetensors_infers_the_architecture(tmp_path):
     reference = tiny_hf(tmp_path / "hf", hidden_size=64, num_attention_heads=1)  # width 64: one 64-d head, the default
     save_numpy(load_file(tmp_path / "hf" / "model.safetensors"), tmp_path / "bare.safetensors")
@@ -479,8 +477,6 @@ def test_bare_transformers_safetensors_infers_the_architecture(tmp_path):
     [("timm", "patch_embed.proj.weight", True), ("timm", "pos_embed", True), ("timm", "head.weight", True),
      ("transformers", "classifier.weight", False), ("transformers", "vit.embeddings.patch_embeddings.projection.weight", False)],
 )  # fmt: skip
-@pytest.mark.xfail(strict=True, raises=IndexError, reason="timm_format.parse / transformers_format._config_from_shapes "
-                   "read .shape[i] of these tensors unchecked; convert.require(tensors, key, what, ndim) names them")  # fmt: skip
 def test_a_zero_d_tensor_the_architecture_is_read_from_is_named(tmp_path, library, key, config):
     if library == "timm":
         save_for_hf(tiny_timm(), str(tmp_path), safe_serialization=True)

@@ -39,6 +39,7 @@ from flaxvision.weights.convert import (
     grid_of,
     import_params,
     linear,
+    require,
     square,
 )
 from flaxvision.weights.hub import WeightFiles
@@ -217,18 +218,16 @@ def encoder_fields(cfg: dict[str, Any], what: str, *, layer_norm_eps: float, act
 def config_from_shapes(tensors: dict[str, np.ndarray], prefix: str, names: dict[str, str], what: str, prefix_tokens: int = 1) -> dict[str, Any]:
     """ViTConfig fields from the tensor shapes of a ViT-layout file (ViT, DeiT, DINOv2) without config.json."""
 
-    def get(key: str) -> np.ndarray:
-        if key not in tensors:
-            raise FlaxvisionError(f"{what}: cannot infer the architecture without '{key}'; add the config.json that came with the weights")
-        return tensors[key]
+    def get(key: str, ndim: int = 2) -> np.ndarray:
+        return require(tensors, key, what, ndim, "; add the config.json that came with the weights")
 
-    kernel = get(f"{prefix}embeddings.patch_embeddings.projection.weight")  # (D, C, p, p)
+    kernel = get(f"{prefix}embeddings.patch_embeddings.projection.weight", 4)  # (D, C, p, p)
     width, in_chans, patch = kernel.shape[0], kernel.shape[1], kernel.shape[2]
     grid = grid_of(get(f"{prefix}embeddings.position_embeddings"), prefix_tokens, what)
     first = prefix + names["layer"].format(0)
     return dict(
         width=width,
-        depth=block_count(tensors, prefix + names["layer"].format("")),
+        depth=block_count(tensors, prefix + names["layer"].removesuffix("{}.")),
         num_heads=default_num_heads(width),
         mlp_dim=get(f"{first}{names['fc1']}.weight").shape[0],
         patch_size=patch,
@@ -290,7 +289,7 @@ def parse(weights: WeightFiles) -> Parsed:
     else:
         fields = config_from_shapes(weights.tensors, prefix, names, what)
         label_names = None
-        num_classes = weights.tensors["classifier.weight"].shape[0] if has_head else 1
+        num_classes = require(weights.tensors, "classifier.weight", what, 2).shape[0] if has_head else 1
     config = ViTConfig(num_classes=num_classes if has_head else 1, **fields)
     return Parsed(
         format="transformers",
