@@ -217,3 +217,27 @@ def test_trains_in_bfloat16_with_jit(name, overrides):
         assert not np.array_equal(_forward(model, x), _forward(model, x))  # fresh drop-path masks
         model.eval()
         np.testing.assert_array_equal(_forward(model, x), _forward(model, x))
+
+
+def test_a_convnext_run_resumed_mid_epoch_ends_equal_to_an_uninterrupted_one(tmp_path):
+    """Exact resume for a new family: ConvNeXt with drop path (its RNG streams), layer scale and layer decay,
+    interrupted mid-epoch and resumed, ends bit-identical to a run that never stopped."""
+    from flaxvision.train.recipe import make_loaders
+    from tests.helpers import straight_and_interrupted
+
+    config = TrainConfig(model="convnext_tiny", epochs=2, batch_size=8, eval_batch_size=8, log_every=2, seed=5,
+                         optimizer="adamw", lr=3e-3, layer_decay=0.8, progress=False, report=False, checkpoint_every=2,
+                         keep_checkpoints=3)  # fmt: skip
+
+    def make_model():
+        return flaxvision.create_model("convnext_tiny", depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), img_size=32,
+                                       num_classes=4, drop_path_rate=0.2)  # fmt: skip
+
+    straight, resumed = straight_and_interrupted(
+        tmp_path, config, make_model, lambda model, splits: make_loaders(config, model, splits.train, splits.val)
+    )
+    a, b = flat_params(straight.model), flat_params(resumed.model)
+    assert a.keys() == b.keys() and any("gamma" in k for k in a)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert resumed.summary["final_val_accuracy"] == straight.summary["final_val_accuracy"]
