@@ -15,15 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import timm
-from flax import nnx
 import torch
+from flax import nnx
 from safetensors.numpy import load_file
 from safetensors.torch import save_file
 from timm.models._hub import save_for_hf
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 import flaxvision
-from flaxvision import cli
 from flaxvision.commands.verify import preprocess, synthetic_images
 from flaxvision.models.registry import get_model_spec, list_models, model_config, named_preprocessing
 from flaxvision.models.vit import ViTConfig
@@ -151,7 +150,7 @@ def random_vit(name: str, seed: int = 0, **overrides):
     return materialise(config, values)
 
 
-@pytest.mark.parametrize("name", ["deit_base_distilled_patch16_224", "vit_small_patch14_reg4_dinov2", "vit_base_patch16_clip_224"])
+@pytest.mark.parametrize("name", ["deit_base_distilled_patch16_224", "vit_small_patch14_reg4_dinov2"])
 def test_verify_a_saved_timm_model(tmp_path, name, capsys):
     patch = model_config(name).patch_size
     model = random_vit(name, **FV_SMALL, img_size=2 * patch, num_classes=4)
@@ -212,3 +211,39 @@ def test_fine_tune_every_option(kind):
         "attn_pool.latent", "attn_pool.kv.kernel", "blocks.1.ls2.gamma"}  # fmt: skip
     assert new_parts <= changed and len(changed) > 0.8 * (len(before) - len(frozen))
     assert jax.tree.leaves(trainer.state.params)[0].dtype == jnp.float32  # float32 master weights under bf16
+
+
+def test_timm_variants_still_refused(tmp_path):
+    """Gated MLPs (SwiGLU, DINOv2-giant's packed SwiGLU) and dynamic_img_pad: one line naming the option."""
+    from timm.layers import SwiGLU, SwiGLUPacked
+
+    for mlp, option in ((SwiGLUPacked, r"gated \(GLU, packed SwiGLU\) MLP"), (SwiGLU, r"gated \(SwiGLU\) MLP")):
+        bare = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, mlp_layer=mlp,
+                                 act_layer=torch.nn.SiLU)  # fmt: skip
+        save_file(bare.state_dict(), tmp_path / "gated.safetensors")
+        with pytest.raises(flaxvision.FlaxvisionError, match=f"{option} is not supported by flaxvision's ViT"):
+            flaxvision.load_pretrained(tmp_path / "gated.safetensors")
+    padded = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, dynamic_img_pad=True)
+    save_for_hf(padded, str(tmp_path / "padded"), safe_serialization=True)
+    with pytest.raises(flaxvision.FlaxvisionError, match="dynamic_img_pad=True is not supported by flaxvision's ViT"):
+        flaxvision.load_pretrained(tmp_path / "padded")
+
+
+@pytest.mark.parametrize(
+    "options, reason",
+    [
+        (dict(global_pool="token_avg"), r"has no global_pool='token_avg' \(CLS token and patch mean concatenated\)"),
+        (dict(pre_norm=True), "patch-projection bias exactly when pre_norm is off; .* pre_norm=True, patch_bias=True"),
+        (dict(distilled=True, reg_tokens=4), r"VisionTransformerDistilled \(DeiT distilled\) has no register tokens and no fc_norm"),
+        (dict(class_token=False, global_pool="map", qkv_bias=False), "always has q/kv biases; this model has qkv_bias=False"),
+    ],
+)
+def test_export_refuses_what_timm_cannot_build(tmp_path, options, reason):
+    from flaxvision.models import abstract_model
+    from flaxvision.weights.layouts import export_formats
+
+    config = model_config("vit_tiny_patch16_224", depth=1, img_size=32, **options)
+    assert "timm" not in export_formats(config)
+    with pytest.raises(flaxvision.FlaxvisionError, match=f"{reason}; save it with format="):
+        flaxvision.save_pretrained(abstract_model(config), tmp_path, format="timm")
+    assert not list(tmp_path.iterdir())
