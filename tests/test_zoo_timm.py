@@ -9,6 +9,7 @@ timm from the config.json alone. A fine-tuning test trains every option through 
 
 import dataclasses
 import json
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -97,16 +98,16 @@ def max_diff(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.mark.parametrize("name", NAMES)
 def test_timm_checkpoint_in_and_out(tmp_path, name):
     reference = randomised(timm_model(name, 2))
-    backbone = reference.num_classes == 0  # DINOv2 and SigLIP are published without a head
+    backbone = bool(reference.num_classes == 0)  # DINOv2 and SigLIP are published without a head
     if not backbone:
         reference = randomised(timm_model(name, 2, num_classes=5))
     save_for_hf(reference, str(tmp_path / "timm"), safe_serialization=True)
-    head = dict(num_classes=5, head_init="random") if backbone else {}
+    head: dict[str, Any] = dict(num_classes=5, head_init="random") if backbone else {}
     model, report = flaxvision.load_pretrained(tmp_path / "timm", return_report=True, **head)
     patch = model_config(name).patch_size
     assert model.config == model_config(name, **FV_SMALL, img_size=2 * patch, num_classes=5)  # every option read
     if get_model_spec(name).preprocessing is not None:  # timm's pretrained_cfg = the registry's (crop_pct aside)
-        crop_pct = timm.models.get_pretrained_cfg(name).crop_pct
+        crop_pct = cast(Any, timm.models.get_pretrained_cfg(name)).crop_pct
         assert model.preprocessing == dataclasses.replace(named_preprocessing(name, model.config), crop_pct=crop_pct)
     assert report.head_replaced == backbone and report.source_num_classes == (None if backbone else 5)
     x = inputs(model.preprocessing)
@@ -116,7 +117,7 @@ def test_timm_checkpoint_in_and_out(tmp_path, name):
     # A second size: the loader's resampling against timm's checkpoint_filter_fn for a model of that size.
     bigger, _ = flaxvision.load_pretrained(tmp_path / "timm", img_size=3 * patch, return_report=True, **head)
     resized = timm_model(name, 3, num_classes=reference.num_classes)
-    resized.load_state_dict(checkpoint_filter_fn(reference.state_dict(), resized), strict=True)
+    resized.load_state_dict(checkpoint_filter_fn(reference.state_dict(), cast(Any, resized)), strict=True)
     x3 = inputs(bigger.preprocessing)
     diffs["resampled"] = max_diff(flax_out(bigger, x3, backbone), torch_out(resized, x3))
 
@@ -215,7 +216,7 @@ def test_fine_tune_every_option(kind):
 
 def test_timm_variants_still_refused(tmp_path):
     """Gated MLPs (SwiGLU, DINOv2-giant's packed SwiGLU) and dynamic_img_pad: one line naming the option."""
-    from timm.layers import SwiGLU, SwiGLUPacked
+    from timm.layers.mlp import SwiGLU, SwiGLUPacked
 
     for mlp, option in ((SwiGLUPacked, r"gated \(GLU, packed SwiGLU\) MLP"), (SwiGLU, r"gated \(SwiGLU\) MLP")):
         bare = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, mlp_layer=mlp,

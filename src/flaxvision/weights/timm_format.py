@@ -1,34 +1,30 @@
 """timm's VisionTransformer weights (ViT, DeiT, DeiT III, DINOv2, CLIP, SigLIP): model.safetensors + config.json.
 
-config.json as timm's save_for_hf writes it: architecture, model_args (only what the creator passed, plus
-img_size, in_chans, num_classes, global_pool), pretrained_cfg. Hub configs often have no model_args at all.
+config.json as timm's save_for_hf writes it: architecture, model_args (what the creator passed, plus img_size,
+in_chans, num_classes, global_pool), pretrained_cfg; Hub configs often have no model_args at all.
 
-Reading takes every option from the tensors where they show: cls_token (class_token), dist_token and head_dist
-(DeiT distilled, timm's VisionTransformerDistilled), reg_token (register tokens), the pos_embed length
-(no_embed_class: positions for the patches only), blocks.i.ls1.gamma (layer scale), attn.q_norm / k_norm,
-norm_pre, patch_embed.proj.bias, attn_pool.* (global_pool "map"), fc_norm; width, depth, MLP size, patch and
-image size from shapes; a checkpoint without head.weight is a backbone (num_classes=0: DINOv2 and SigLIP are
-published so), whose head the loader creates. What shapes cannot say:
+Reading takes every option the tensors show from them: cls_token (class_token), dist_token / head_dist (DeiT
+distilled: timm's VisionTransformerDistilled), reg_token, the pos_embed length (no_embed_class), ls1.gamma (layer
+scale), attn.q_norm / k_norm, norm_pre, patch_embed.proj.bias, attn_pool.* (global_pool "map"), fc_norm, and the
+sizes; no head.weight is a backbone (num_classes=0, as DINOv2 and SigLIP are published), given a new head by the
+loader. What the tensors cannot say:
   * heads: model_args.num_heads, else q_norm's size, else the architecture name (vit_base_* -> 12), else the
     standard ViT sizes;
-  * layer-scale init: model_args.init_values, else 1e-6 for deit3_*, else 1e-5 (any value builds the same
-    parameters; it only matters to a re-initialisation);
-  * LayerNorm eps: timm's CLIP entrypoints (*_clip_*) use LayerNorm(eps=1e-5) via a partial that model_args
-    cannot carry, every other ViT timm's LayerNorm (eps 1e-6); a norm_layer string in model_args replaces the
-    entrypoint's, which gives 1e-6;
+  * layer-scale init: model_args.init_values, else 1e-6 for deit3_*, else 1e-5 (every value builds the same
+    parameters);
+  * LayerNorm eps: timm's CLIP entrypoints (*_clip_*) use LayerNorm(eps=1e-5) through a partial that model_args
+    cannot carry, every other ViT eps 1e-6; a norm_layer string in model_args replaces the entrypoint's: 1e-6;
   * activation: model_args.act_layer, else quick_gelu for *_quickgelu*, else exact GELU;
-  * global_pool: model_args, else config.json's, else "map" with attn_pool.*, "avg" with fc_norm or no CLS
-    token, else "token"; timm's "" (no pooling) counts as unset.
-Options flaxvision's ViT cannot express are refused, naming the option (a gated / SwiGLU MLP, scale_attn_norm,
-scale_mlp_norm, dynamic_img_pad, final_norm=False, proj_bias=False, other pool types ...). dynamic_img_size is
-ignored: a flaxvision model takes one input size, and the loader resamples the position embedding for another
-(as timm's checkpoint_filter_fn: bicubic, antialiased, the prefix positions kept).
+  * global_pool: model_args', else config.json's, else "map" with attn_pool.*, "avg" with fc_norm or without a
+    CLS token, else "token" (timm's "", no pooling, counts as unset).
+What flaxvision's ViT cannot express is refused, naming the option (gated / SwiGLU MLPs, scale_attn_norm,
+scale_mlp_norm, dynamic_img_pad, final_norm=False, proj_bias=False, other pools). dynamic_img_size is ignored: a
+flaxvision model has one input size, and the loader resamples the position embedding as timm's
+checkpoint_filter_fn does (bicubic, antialiased, prefix positions kept).
 
-Writing: the same files, with an architecture name of the right class (a *_distilled_* name for DeiT distilled:
-timm's VisionTransformerDistilled) and LayerNorm eps (a *_clip_* name for 1e-5) and every option explicit in
-model_args, so that `timm.create_model(config["architecture"], pretrained=False, **config["model_args"])` plus
-`load_state_dict(strict=True)` rebuilds exactly the model; `timm.create_model("local-dir:DIR", pretrained=True)`
-reads the directory itself.
+Writing: the same files; the architecture name gives timm's class (*_distilled_* for DeiT distilled) and LayerNorm
+eps (*_clip_* for 1e-5), model_args every option, so `timm.create_model(config["architecture"], pretrained=False,
+**config["model_args"])` + `load_state_dict(strict=True)` rebuilds exactly the model (and `local-dir:DIR` works).
 
 Layout: timm's fused qkv Linear (3D, D) is [q; k; v], heads major: flaxvision's kernel is its transpose.
 """
@@ -55,7 +51,6 @@ from flaxvision.weights.convert import (
     default_num_heads,
     detect_timm,
     export,
-    import_params,
     linear,
     square,
 )
@@ -169,11 +164,6 @@ def rules(config: ViTConfig, *, head: bool = True) -> list[Rule]:
     if head:
         out += _dense("head", "head") + (_dense("head_dist", "head_dist") if config.distilled else [])
     return out
-
-
-def to_flaxvision(tensors: dict[str, np.ndarray], config: ViTConfig) -> dict[str, np.ndarray]:
-    """Their tensor dict -> flaxvision flat dict."""
-    return import_params(rules(config, head="head.weight" in tensors), tensors)
 
 
 def from_flaxvision(params: dict[str, np.ndarray], config: ViTConfig) -> dict[str, np.ndarray]:
@@ -372,26 +362,12 @@ def model_args(config: ViTConfig) -> dict[str, Any]:
     ratio = config.mlp_dim / config.width
     while int(config.width * ratio) < config.mlp_dim:  # timm computes int(embed_dim * mlp_ratio)
         ratio = float(np.nextafter(ratio, np.inf))
-    return {
-        "img_size": config.img_size,
-        "patch_size": config.patch_size,
-        "in_chans": config.in_chans,
-        "num_classes": config.num_classes,
-        "global_pool": config.global_pool,
-        "embed_dim": config.width,
-        "depth": config.depth,
-        "num_heads": config.num_heads,
-        "mlp_ratio": ratio,
-        "qkv_bias": config.qkv_bias,
-        "class_token": config.class_token,
-        "reg_tokens": config.reg_tokens,
-        "no_embed_class": config.no_embed_class,
-        "init_values": config.init_values,
-        "qk_norm": config.qk_norm,
-        "pre_norm": config.pre_norm,
-        "fc_norm": config.use_fc_norm,
-        "act_layer": config.act,
-    }
+    fields = {"img_size": "img_size", "patch_size": "patch_size", "in_chans": "in_chans", "num_classes": "num_classes",
+              "global_pool": "global_pool", "embed_dim": "width", "depth": "depth", "num_heads": "num_heads",
+              "qkv_bias": "qkv_bias", "class_token": "class_token", "reg_tokens": "reg_tokens",
+              "no_embed_class": "no_embed_class", "init_values": "init_values", "qk_norm": "qk_norm",
+              "pre_norm": "pre_norm", "fc_norm": "use_fc_norm", "act_layer": "act"}  # fmt: skip
+    return {"mlp_ratio": ratio} | {arg: getattr(config, field) for arg, field in fields.items()}
 
 
 def config_files(config: ViTConfig, prep: Preprocessing, label_names: tuple[str, ...] | None) -> dict[str, dict[str, Any]]:
@@ -404,19 +380,12 @@ def config_files(config: ViTConfig, prep: Preprocessing, label_names: tuple[str,
             "(format='flaxvision' keeps the eps)", architecture, eps, config.layer_norm_eps
         )  # fmt: skip
     pretrained_cfg = {
-        "custom_load": False,
-        "input_size": [config.in_chans, config.img_size, config.img_size],
-        "fixed_input_size": True,
-        "interpolation": prep.interpolation,
-        "crop_pct": prep.crop_pct,
-        "crop_mode": "squash" if prep.resize_mode == "squash" else "center",
-        "mean": list(prep.mean),
-        "std": list(prep.std),
-        "num_classes": config.num_classes,
-        "pool_size": None,
-        "first_conv": "patch_embed.proj",
+        "custom_load": False, "input_size": [config.in_chans, config.img_size, config.img_size], "fixed_input_size": True,
+        "interpolation": prep.interpolation, "crop_pct": prep.crop_pct,
+        "crop_mode": "squash" if prep.resize_mode == "squash" else "center", "mean": list(prep.mean),
+        "std": list(prep.std), "num_classes": config.num_classes, "pool_size": None, "first_conv": "patch_embed.proj",
         "classifier": ["head", "head_dist"] if config.distilled else "head",
-    }
+    }  # fmt: skip
     out = {
         "architecture": architecture,
         "num_classes": config.num_classes,
