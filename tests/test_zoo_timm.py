@@ -126,6 +126,7 @@ def test_timm_checkpoint_in_and_out(tmp_path, name):
     info = json.loads((out / "config.json").read_text())
     again = timm.create_model(info["architecture"], pretrained=False, **info["model_args"]).eval()
     assert type(again) is type(reference)
+    assert {m.eps for m in again.modules() if isinstance(m, torch.nn.LayerNorm)} == {model.config.layer_norm_eps}
     again.load_state_dict({k: torch.from_numpy(v) for k, v in load_file(out / "model.safetensors").items()}, strict=True)
     diffs["exported"] = max_diff(flax_out(model, x), torch_out(again, x))
     assert flaxvision.load_pretrained(out).config == model.config
