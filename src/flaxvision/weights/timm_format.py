@@ -31,7 +31,6 @@ Layout: timm's fused qkv Linear (3D, D) is [q; k; v], heads major: flaxvision's 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import re
@@ -52,6 +51,7 @@ from flaxvision.weights.convert import (
     detect_timm,
     export,
     linear,
+    require,
     square,
 )
 from flaxvision.weights.hub import WeightFiles
@@ -89,11 +89,9 @@ ARGS_FIXED = {"dynamic_img_pad": False, "final_norm": True, "proj_bias": True, "
 ACTIVATIONS = {None: "gelu", "gelu": "gelu", "gelu_tanh": "gelu_tanh", "quick_gelu": "quick_gelu", "relu": "relu"}
 POOLS = ("token", "avg", "map")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
-# ViTConfig fields this layout holds (a field added later is refused on export until it is mapped here).
-HELD_FIELDS = {"num_classes", "img_size", "patch_size", "in_chans", "width", "depth", "num_heads", "mlp_dim", "qkv_bias",
-               "layer_norm_eps", "act", "dropout_rate", "attention_dropout_rate", "drop_path_rate", "global_pool",
-               "fc_norm", "class_token", "distilled", "reg_tokens", "no_embed_class", "init_values", "qk_norm",
-               "pre_norm", "patch_bias", "dtype", "scan_blocks", "remat"}  # fmt: skip
+# ViTConfig.options() this layout holds (an option added later is refused on export until it is mapped here).
+HELD_OPTIONS = {"qkv_bias", "layer_norm_eps", "act", "global_pool", "fc_norm", "class_token", "distilled", "reg_tokens",
+                "no_embed_class", "init_values", "qk_norm", "pre_norm", "patch_bias"}  # fmt: skip
 
 
 def is_layout(keys: Any) -> bool:
@@ -110,9 +108,9 @@ def refusal(config: Any) -> str | None:
     """Why timm's VisionTransformer cannot hold this ViT, or None (also for other families)."""
     if not isinstance(config, ViTConfig):
         return None
-    unheld = [f.name for f in dataclasses.fields(config) if f.name not in HELD_FIELDS and getattr(config, f.name) != f.default]
+    unheld = {k: v for k, v in config.options().items() if k not in HELD_OPTIONS}
     if unheld:
-        return f"timm's VisionTransformer layout has no {unheld[0]}={getattr(config, unheld[0])!r}"
+        return f"timm's VisionTransformer layout has no {', '.join(f'{k}={v!r}' for k, v in unheld.items())}"
     if config.global_pool == "token_avg":
         return "timm's VisionTransformer has no global_pool='token_avg' (CLS token and patch mean concatenated)"
     if config.patch_bias == config.pre_norm:
@@ -238,7 +236,7 @@ def _num_heads(args: dict[str, Any], tensors: dict[str, np.ndarray], architectur
     if args.get("num_heads"):
         return int(args["num_heads"])
     if "blocks.0.attn.q_norm.weight" in tensors:  # q_norm normalises one head
-        return width // tensors["blocks.0.attn.q_norm.weight"].shape[0]
+        return width // max(1, require(tensors, "blocks.0.attn.q_norm.weight", "q_norm").shape[0])
     name = _NAME.match(architecture)
     if name and (name.group(1), width) in HEADS_BY_NAME:
         return HEADS_BY_NAME[(name.group(1), width)]
@@ -272,20 +270,15 @@ def parse(weights: WeightFiles) -> Parsed:
     tensors = weights.tensors
     _check_supported(tensors, args, what)
 
-    def get(key: str) -> np.ndarray:
-        if key not in tensors:
-            raise FlaxvisionError(f"{what}: cannot infer the architecture without '{key}'")
-        return tensors[key]
-
-    kernel = get("patch_embed.proj.weight")  # (D, C, p, p)
-    if kernel.ndim != 4 or kernel.shape[2] != kernel.shape[3]:
+    kernel = require(tensors, "patch_embed.proj.weight", what, 4)  # (D, C, p, p)
+    if kernel.shape[2] != kernel.shape[3]:
         raise FlaxvisionError(f"{what}: patch_embed.proj.weight {tuple(kernel.shape)} is not a square-patch convolution")
     width, in_chans, patch = kernel.shape[0], kernel.shape[1], kernel.shape[2]
     if "norm.weight" not in tensors and "fc_norm.weight" not in tensors:
         raise FlaxvisionError(f"{what}: final_norm=False (no norm.weight or fc_norm.weight) is not supported by flaxvision's ViT")
     class_token, distilled = "cls_token" in tensors, "dist_token" in tensors
-    reg_tokens = int(tensors["reg_token"].shape[1]) if "reg_token" in tensors and tensors["reg_token"].ndim == 3 else 0
-    no_embed_class, grid = _grid(get("pos_embed"), int(class_token) + int(distilled) + reg_tokens, args, patch, what)
+    reg_tokens = int(require(tensors, "reg_token", what, 3).shape[1]) if "reg_token" in tensors else 0
+    no_embed_class, grid = _grid(require(tensors, "pos_embed", what, 3), int(class_token) + int(distilled) + reg_tokens, args, patch, what)
     architecture = str(cfg.get("architecture", ""))
     act_layer = args.get("act_layer", "quick_gelu" if "quickgelu" in architecture else None)
     if act_layer not in ACTIVATIONS:
@@ -293,7 +286,7 @@ def parse(weights: WeightFiles) -> Parsed:
     layer_scale = "blocks.0.ls1.gamma" in tensors
     global_pool = _global_pool(cfg, args, tensors, what)
     has_head, has_fc_norm = "head.weight" in tensors, "fc_norm.weight" in tensors
-    num_classes = tensors["head.weight"].shape[0] if has_head else 1
+    num_classes = require(tensors, "head.weight", what, 2).shape[0] if has_head else 1
     try:
         config = ViTConfig(
             num_classes=num_classes,
@@ -303,7 +296,7 @@ def parse(weights: WeightFiles) -> Parsed:
             width=width,
             depth=block_count(tensors, "blocks."),
             num_heads=_num_heads(args, tensors, architecture, width),
-            mlp_dim=get("blocks.0.mlp.fc1.weight").shape[0],
+            mlp_dim=require(tensors, "blocks.0.mlp.fc1.weight", what, 2).shape[0],
             qkv_bias="blocks.0.attn.qkv.bias" in tensors,
             layer_norm_eps=_layer_norm_eps(args, architecture, what),
             act=ACTIVATIONS[act_layer],
