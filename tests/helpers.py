@@ -206,6 +206,22 @@ def short_failure(what: str):
         pytest.fail(f"{what}: {type(err).__name__}: {str(err)[:1500]}", pytrace=False)
 
 
+# ---- the Hugging Face Hub cache -------------------------------------------------------------------------------
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hub_snapshot(cache, repo_id: str, checkpoint_dir) -> Path:
+    """Put a checkpoint directory into huggingface_hub's cache layout (models--org--name/{refs/main,
+    snapshots/<commit>/}), as a download would leave it; returns the snapshot directory."""
+    repo = Path(cache) / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(HUB_COMMIT)
+    snapshot = repo / "snapshots" / HUB_COMMIT
+    shutil.copytree(checkpoint_dir, snapshot)
+    return snapshot
+
+
 # ---- directories ---------------------------------------------------------------------------------------------
 
 
