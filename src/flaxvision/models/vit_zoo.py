@@ -50,7 +50,7 @@ for _size in ("small", "base"):
 
 register_model("vit_base_patch16_clip_224", ViTConfig.base(patch=16, pre_norm=True, patch_bias=False, layer_norm_eps=1e-5),
                "CLIP ViT-B/16 image tower: pre-norm, CLS pooling, 224 px",
-               preprocessing=_timm(mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, crop_pct=1.0))  # fmt: skip
+               preprocessing=_timm(mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, crop_pct=0.95))  # fmt: skip  (timm: laion2b_ft_in12k_in1k)
 register_model("vit_base_patch16_siglip_224", ViTConfig.base(patch=16, class_token=False, global_pool="map"),
                "SigLIP ViT-B/16 image tower: no CLS token, attention pooling, 224 px",
                preprocessing=_timm(mean=HALF, std=HALF))  # fmt: skip

@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
+import flaxvision.weights.timm_format as timm_format
 from flaxvision.errors import FlaxvisionError
 from flaxvision.models.resnet import ResNetConfig
 from flaxvision.preprocessing import Preprocessing
-from flaxvision.weights import timm_format
 from flaxvision.weights.cnn_layouts import TIMM_CNN_DEFAULTS, batchnorm, counters, require, stage_count, with_counters
 from flaxvision.weights.convert import Parsed, Rule, block_count, conv, copy, detect_timm, export, linear
 from flaxvision.weights.hub import WeightFiles
