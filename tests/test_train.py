@@ -2,7 +2,6 @@
 
 import json
 import shutil
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +23,6 @@ from tests.helpers import (
     kill_once_checkpointed,
     metrics_records,
     resume_fit_process,
-    straight_and_interrupted,
     trainer_vit,
 )
 
@@ -277,23 +275,6 @@ def test_device_out_of_memory_becomes_a_batch_size_suggestion():
     assert isinstance(err, flaxvision.FlaxvisionError)
     assert str(err).startswith("the device ran out of memory at batch size 64; try --batch-size 32")
     assert out_of_memory_error(RuntimeError("INVALID_ARGUMENT: shapes"), config) is None
-
-
-def test_resume_mid_epoch_with_the_grain_loader_is_exact(tmp_path):
-    """A run interrupted mid-epoch resumes from its checkpoint with the data iterator's state: same end result."""
-    from flaxvision import data
-
-    def loaders(model, splits):
-        common: dict[str, Any] = dict(preprocessing=model.preprocessing, seed=5)
-        return (data.make_loader(splits.train, batch_size=8, train=True, **common),
-                data.make_loader(splits.val, batch_size=8, train=False, **common))  # fmt: skip
-
-    config = small_config(epochs=2, batch_size=8, eval_batch_size=8, log_every=2, seed=5, report=False)
-    straight, resumed = straight_and_interrupted(tmp_path, config, trainer_vit, loaders)
-    a, b = flat_params(straight.model), flat_params(resumed.model)
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-    assert resumed.summary["final_val_accuracy"] == straight.summary["final_val_accuracy"]
 
 
 def test_fine_tune_a_transformers_checkpoint_and_ship_it_back(tmp_path):
