@@ -249,3 +249,17 @@ def test_export_refuses_what_timm_cannot_build(tmp_path, options, reason):
     with pytest.raises(flaxvision.FlaxvisionError, match=f"{reason}; save it with format="):
         flaxvision.save_pretrained(abstract_model(config), tmp_path, format="timm")
     assert not list(tmp_path.iterdir())
+
+
+TIMM_NAMED = [n for n in list_models() if get_model_spec(n).preprocessing is not None]
+
+
+@pytest.mark.parametrize("name", TIMM_NAMED)
+def test_every_named_preprocessing_is_timms_default_pretrained_cfg(name):
+    """The preprocessing a registry name carries is that of timm's default weights for the name (its first tag)."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    assert cfg is not None, f"timm has no pretrained config for {name}"
+    prep = get_model_spec(name).preprocessing
+    assert prep is not None
+    assert (prep.img_size, prep.interpolation) == (cfg.input_size[1], cfg.interpolation)
+    np.testing.assert_allclose([prep.crop_pct, *prep.mean, *prep.std], [cfg.crop_pct, *cfg.mean, *cfg.std], rtol=1e-6)
