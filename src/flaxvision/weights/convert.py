@@ -254,6 +254,38 @@ def detect_timm(weights: Any, architecture: Callable[[str], bool], keys_match: C
     return "model_type" not in config and keys_match(weights.tensors.keys())
 
 
+# ---- what a layout supports -------------------------------------------------------------------------------------
+
+
+def check_supported(
+    tensors: Mapping[str, Any],
+    args: Mapping[str, Any],
+    what: str,
+    family: str,
+    *,
+    unsupported_keys: Iterable[tuple[str, str]],
+    read: Iterable[str],
+    ignored: Iterable[str],
+    fixed: Mapping[str, Any],
+    same: Callable[[Any, Any], bool] = lambda value, only: value == only,
+) -> None:
+    """One error for the first variant a timm-style layout cannot express: a tensor that only exists in it (by name
+    fragment), a model argument it does not know, or a known one (`fixed`) with a value other than the one
+    supported (`same(value, only)` decides; arguments in `read` or `ignored` pass)."""
+    for fragment, option in unsupported_keys:
+        key = next((k for k in tensors if k.startswith(fragment) or fragment in k), None)
+        if key is not None:
+            raise FlaxvisionError(f"{what}: {option} is not supported by flaxvision's {family} (found tensor '{key}')")
+    passing = set(read) | set(ignored)
+    for name, value in args.items():
+        if name in passing:
+            continue
+        if name not in fixed:
+            raise FlaxvisionError(f"{what}: timm model argument {name}={value!r} is not supported by flaxvision's {family}")
+        if not same(value, fixed[name]):
+            raise FlaxvisionError(f"{what}: {name}={value!r} is not supported by flaxvision's {family} (only {fixed[name]!r})")
+
+
 # ---- architecture inference ------------------------------------------------------------------------------------
 
 # Standard ViT widths and their head counts (DeiT/ViT papers; huge and giant use 16 heads of 80/88).

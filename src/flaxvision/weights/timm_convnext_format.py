@@ -20,7 +20,17 @@ from flaxvision.errors import FlaxvisionError
 from flaxvision.models.convnext import KERNEL, NORM_EPS, ConvNeXtConfig
 from flaxvision.preprocessing import Preprocessing
 from flaxvision.weights.cnn_layouts import TIMM_CNN_DEFAULTS, layer_norm, require, stage_count
-from flaxvision.weights.convert import Parsed, Rule, block_count, conv, copy, detect_timm, export, linear
+from flaxvision.weights.convert import (
+    Parsed,
+    Rule,
+    block_count,
+    check_supported,
+    conv,
+    copy,
+    detect_timm,
+    export,
+    linear,
+)
 from flaxvision.weights.hub import WeightFiles
 
 logger = logging.getLogger(__name__)
@@ -76,17 +86,8 @@ def from_flaxvision(params: dict[str, np.ndarray], config: ConvNeXtConfig) -> di
 
 
 def _check_supported(tensors: dict[str, np.ndarray], args: dict[str, Any], what: str) -> None:
-    for fragment, option in UNSUPPORTED_KEYS:
-        key = next((k for k in tensors if k.startswith(fragment) or fragment in k), None)
-        if key is not None:
-            raise FlaxvisionError(f"{what}: {option} is not supported by flaxvision's ConvNeXt (found tensor '{key}')")
-    for name, value in args.items():
-        if name in ARGS_READ or name in ARGS_IGNORED:
-            continue
-        if name not in ARGS_FIXED:
-            raise FlaxvisionError(f"{what}: timm model argument {name}={value!r} is not supported by flaxvision's ConvNeXt")
-        if value != ARGS_FIXED[name] and not (isinstance(value, list) and set(value) == {ARGS_FIXED[name]}):
-            raise FlaxvisionError(f"{what}: {name}={value!r} is not supported by flaxvision's ConvNeXt (only {ARGS_FIXED[name]!r})")
+    check_supported(tensors, args, what, "ConvNeXt", unsupported_keys=UNSUPPORTED_KEYS, read=ARGS_READ, ignored=ARGS_IGNORED,
+                    fixed=ARGS_FIXED, same=lambda value, only: value == only or (isinstance(value, list) and set(value) == {only}))
     if args.get("norm_eps") not in (None, NORM_EPS):
         raise FlaxvisionError(f"{what}: norm_eps={args['norm_eps']!r} is not supported by flaxvision's ConvNeXt (only {NORM_EPS})")
 

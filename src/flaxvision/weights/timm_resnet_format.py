@@ -22,7 +22,17 @@ from flaxvision.errors import FlaxvisionError
 from flaxvision.models.resnet import ResNetConfig
 from flaxvision.preprocessing import Preprocessing
 from flaxvision.weights.cnn_layouts import TIMM_CNN_DEFAULTS, batchnorm, counters, require, stage_count, with_counters
-from flaxvision.weights.convert import Parsed, Rule, block_count, conv, copy, detect_timm, export, linear
+from flaxvision.weights.convert import (
+    Parsed,
+    Rule,
+    block_count,
+    check_supported,
+    conv,
+    copy,
+    detect_timm,
+    export,
+    linear,
+)
 from flaxvision.weights.hub import WeightFiles
 
 logger = logging.getLogger(__name__)
@@ -86,17 +96,8 @@ def from_flaxvision(params: dict[str, np.ndarray], config: ResNetConfig) -> dict
 
 
 def _check_supported(tensors: dict[str, np.ndarray], args: dict[str, Any], what: str) -> None:
-    for fragment, option in UNSUPPORTED_KEYS:
-        key = next((k for k in tensors if k.startswith(fragment) or fragment in k), None)
-        if key is not None:
-            raise FlaxvisionError(f"{what}: {option} is not supported by flaxvision's ResNet (found tensor '{key}')")
-    for name, value in args.items():
-        if name in ARGS_READ or name in ARGS_IGNORED:
-            continue
-        if name not in ARGS_FIXED:
-            raise FlaxvisionError(f"{what}: timm model argument {name}={value!r} is not supported by flaxvision's ResNet")
-        if value != ARGS_FIXED[name] and str(value).lower() != str(ARGS_FIXED[name]):
-            raise FlaxvisionError(f"{what}: {name}={value!r} is not supported by flaxvision's ResNet (only {ARGS_FIXED[name]!r})")
+    check_supported(tensors, args, what, "ResNet", unsupported_keys=UNSUPPORTED_KEYS, read=ARGS_READ, ignored=ARGS_IGNORED,
+                    fixed=ARGS_FIXED, same=lambda value, only: value == only or str(value).lower() == str(only))
 
 
 def parse(weights: WeightFiles) -> Parsed:
