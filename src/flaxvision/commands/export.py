@@ -116,7 +116,7 @@ def _write_program(model, out_dir: Path, args: argparse.Namespace, options: dict
     if args.format == "onnx":
         from flaxvision.ship.onnx_export import to_onnx_dir
 
-        to_onnx_dir(model, out_dir, source=args.run, debug=args.debug, **options)
+        to_onnx_dir(model, out_dir, source=args.run, debug=getattr(args, "debug", False), **options)
     else:
         from flaxvision.ship.stablehlo import to_stablehlo
 
