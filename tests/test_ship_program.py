@@ -194,7 +194,11 @@ def model_dir(models, tmp_path_factory):
 
 
 def test_stablehlo_runs_in_a_process_without_flaxvision(models, model_dir, tmp_path, capsys):
-    out = tmp_path / "hlo"
+    """`export --format stablehlo`, then one fresh process where `import flaxvision` fails: the program at two
+    batch sizes, and the ten-line loader of stablehlo's docstring, as written, on a PNG (predict's label)."""
+    from flaxvision.data.transforms import decode_eval
+
+    out = tmp_path / "out"
     code, stdout, err = run_cli(["export", model_dir, "--format", "stablehlo", "--out", out], capsys)
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["metadata.json", "model.jax_export"]
@@ -204,36 +208,23 @@ def test_stablehlo_runs_in_a_process_without_flaxvision(models, model_dir, tmp_p
     model = models["vit"]
     inputs = {"b1": pixels(model, 1, seed=7), "b3": pixels(model, 3, seed=8)}
     np.savez(str(tmp_path / "inputs.npz"), b1=inputs["b1"], b3=inputs["b3"])
-    script = tmp_path / "load.py"
-    script.write_text(LOADER_CHECK)
-    env = {k: v for k, v in cli_env().items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, str(script), str(out / "model.jax_export"), str(tmp_path / "inputs.npz")],
-                          capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    got = json.loads(done.stdout.strip().splitlines()[-1])
-    for key, x in inputs.items():
-        assert np.abs(np.asarray(got[key], np.float32) - reference_logits(model, x)).max() <= TOL
-
-
-def test_the_documented_loader_runs_with_jax_numpy_and_pil(models, tmp_path):
-    """The ten lines in stablehlo's docstring, as written, on a PNG: the label predict gives."""
-    from flaxvision.data.transforms import decode_eval
-
-    model = models["vit"]
-    stablehlo.to_stablehlo(model, tmp_path / "out", platforms=("cpu",))
     image = np.random.default_rng(1).integers(0, 256, (40, 52, 3), dtype=np.uint8)
     Image.fromarray(image).save(tmp_path / "cat.jpg", "PNG")  # PIL opens by content, not by extension
     doc = (stablehlo.__doc__ or "").splitlines()
     start = doc.index("    import json, numpy as np, jax")
     loader = textwrap.dedent("\n".join(doc[start : start + 10]))
     assert len(loader.splitlines()) == 10 and "flaxvision" not in loader
-    (tmp_path / "loader.py").write_text("import sys\nsys.modules['flaxvision'] = None\n" + loader + "\n")
+    (tmp_path / "load.py").write_text(LOADER_CHECK + loader + "\n")
     env = {k: v for k, v in cli_env().items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, "loader.py"], capture_output=True, text=True, env=env, timeout=120,
-                          cwd=tmp_path)  # fmt: skip
+    done = subprocess.run([sys.executable, "load.py", "out/model.jax_export", "inputs.npz"], capture_output=True,
+                          text=True, env=env, timeout=120, cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
+    *_, logits_line, label = done.stdout.strip().splitlines()
+    got = json.loads(logits_line)
+    for key, x in inputs.items():
+        assert np.abs(np.asarray(got[key], np.float32) - reference_logits(model, x)).max() <= TOL
     want = reference_logits(model, decode_eval(tmp_path / "cat.jpg", PREP)[None])
-    assert done.stdout.strip() == CLASS_NAMES[int(want[0].argmax())]
+    assert label == CLASS_NAMES[int(want[0].argmax())]
 
 
 def test_cli_writes_an_onnx_model_and_its_metadata(model_dir, models, tmp_path, capsys):

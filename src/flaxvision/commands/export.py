@@ -31,7 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     parser = sub.add_parser(
         "export", help="export a trained model to another format", epilog=EPILOG,
-        description="Export the model of a run (or a model directory) for transformers, timm or big_vision.",
+        description="Export the model of a run (or a model directory) for transformers, timm or big_vision, or as "
+                    "a program that runs without flaxvision: ONNX (onnxruntime) or StableHLO (jax.export).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     parser.add_argument("run", metavar="RUN_DIR", help="a run directory, a model directory or a LoRA adapter directory")
