@@ -116,7 +116,7 @@ def test_card_holds_the_metrics_with_their_split_the_command_data_and_hardware(r
     assert values == {"accuracy": evaluation["val_accuracy"], "top_5_accuracy": evaluation["val_top5_accuracy"],
                       "loss": evaluation["val_loss"]}  # fmt: skip
     assert summary["command"] in body and "flaxvision train --from-config flaxvision_run/config.json" in body
-    row = f"| raw, final (uploaded) | train held-out 0.2 | {evaluation['val_count']} | {evaluation['val_accuracy']:.4f} |"
+    row = f"| raw, final (these weights) | train held-out 0.2 | {evaluation['val_count']} | {evaluation['val_accuracy']:.4f} |"
     assert row in body and f"at step {summary['best_step']}" in body
     assert f"| platform | {summary['hardware']['platform']} |" in body and f"| CPU | {summary['hardware']['cpu']}" in body
     assert "- dataset: `builtin:digits`" in body and "classes (10): `0`, `1`" in body and "trained from scratch" in body
@@ -277,3 +277,25 @@ def test_pipeline_top1_equals_predict_top1(family, tmp_path, capsys):
     assert json.loads((exported / "config.json").read_text())["architectures"] == [architecture]
     images = colour_images(tmp_path, model.config.img_size) + gray_images(tmp_path, model.config.img_size, 2)
     assert_same_predictions(predict_json(native, images, capsys), pipeline_top(exported, images))
+
+
+def test_gray_stem_round_trip_is_bit_exact_and_a_stem_trained_on_colour_since_stays_rgb(tmp_path, caplog):
+    from safetensors.numpy import load_file, save_file
+
+    from flaxvision.weights.gray_stem import LUMA, tile_kernel, untile_kernel
+
+    rng = np.random.default_rng(0)
+    for scale in (1e-3, 1.0, 1e3):
+        kernel = (rng.standard_normal((3, 3, 1, 256)) * scale).astype(np.float32)  # HWIO
+        tiled = tile_kernel(kernel, axis=2)
+        np.testing.assert_allclose(tiled, kernel * np.asarray(LUMA, np.float32).reshape(1, 1, 3, 1), rtol=1e-6)
+        assert np.array_equal(untile_kernel(tiled, axis=2), kernel)
+    model = randomised("vit_tiny_patch16_224", dict(TINY_VIT, in_chans=1), seed=3)
+    out = flaxvision.save_pretrained(model, tmp_path / "hf", format="transformers")
+    assert flaxvision.load_pretrained(out).config.in_chans == 1
+    tensors = load_file(out / "model.safetensors")
+    tensors["vit.embeddings.patch_embeddings.projection.weight"][:, 0] += 0.01  # as fine-tuning on RGB would
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level("WARNING"):
+        back = flaxvision.load_pretrained(out)
+    assert back.config.in_chans == 3 and "no longer luma-tiled; loaded as a 3-channel model" in caplog.text

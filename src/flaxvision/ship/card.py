@@ -166,7 +166,7 @@ def _evaluation(records: dict[str, Any], weights: str) -> list[str]:
     for kind in ("raw", "ema"):
         ev = records["eval_ema" if kind == "ema" else "eval"]
         if ev:
-            mark = " (uploaded)" if kind == weights else ""
+            mark = " (these weights)" if kind == weights else ""
             lines.append(f"| {'EMA' if kind == 'ema' else 'raw'}, final{mark} | {split} | {_num(ev.get('val_count'))} | "
                          f"{_num(ev.get('val_accuracy'))} | {_num(ev.get('val_top5_accuracy'))} | {_num(ev.get('val_loss'))} |")  # fmt: skip
     if len(lines) == 2:
@@ -229,7 +229,7 @@ def model_card(run_dir: str | Path, *, layout: str = "transformers", repo_id: st
     if layout not in LAYOUTS:
         raise FlaxvisionError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     records = read_run(run_dir)
-    config, summary = records["config"], records["summary"]
+    config = records["config"]
     train, model_config = config["train_config"], config.get("model_config", {})
     repo = repo_id or "OWNER/NAME"
     evaluation = records["eval_ema" if weights == "ema" else "eval"] or records["eval"] or {}
@@ -250,7 +250,7 @@ def model_card(run_dir: str | Path, *, layout: str = "transformers", repo_id: st
         f"Weights: the final {'EMA' if weights == 'ema' else 'raw'} weights, in the {layout} layout"
         + (f" ({', '.join(a for a in architecture if a)})." if any(architecture) else "."), "",
         "## How to use", "", _usage(layout, repo, records), "",
-        "With flaxvision (any layout): ", "", "```bash", f"flaxvision predict {repo} image.jpg --top-k 5", "```", "",
+        "With flaxvision (any layout):", "", "```bash", f"flaxvision predict {repo} image.jpg --top-k 5", "```", "",
         "## Training data", "",
         f"- dataset: `{train.get('dataset')}`" + (f" ([Hub](https://huggingface.co/datasets/{_hub_id(train.get('dataset'))}))" if _hub_id(train.get("dataset")) else ""),
         f"- training split: `{train.get('train_split') or NOT_RECORDED}`"
