@@ -108,19 +108,26 @@ def test_card_holds_the_metrics_with_their_split_the_command_data_and_hardware(r
     summary = json.loads((run_dir / "summary.json").read_text())
     meta, body = split_card(model_card(run_dir, layout="transformers", repo_id="me/digits-vit"))
     assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "image-classification"
-    assert "flaxvision" in meta["tags"] and "base_model" not in meta and "datasets" not in meta  # from scratch, builtin data
+    assert (
+        "flaxvision" in meta["tags"] and "base_model" not in meta and "datasets" not in meta
+    )  # from scratch, builtin data
     (result,) = meta["model-index"][0]["results"]
     assert meta["model-index"][0]["name"] == "digits-vit" and result["task"]["type"] == "image-classification"
     assert result["dataset"] == {"name": "builtin:digits", "type": "builtin:digits", "split": "train held-out 0.2"}
     values = {m["type"]: m["value"] for m in result["metrics"]}
-    assert values == {"accuracy": evaluation["val_accuracy"], "top_5_accuracy": evaluation["val_top5_accuracy"],
-                      "loss": evaluation["val_loss"]}  # fmt: skip
+    assert values == {
+        "accuracy": evaluation["val_accuracy"],
+        "top_5_accuracy": evaluation["val_top5_accuracy"],
+        "loss": evaluation["val_loss"],
+    }
     assert summary["command"] in body and "flaxvision train --from-config flaxvision_run/config.json" in body
     row = f"| raw, final (these weights) | train held-out 0.2 | {evaluation['val_count']} | {evaluation['val_accuracy']:.4f} |"
     assert row in body and f"at step {summary['best_step']}" in body
-    assert f"| platform | {summary['hardware']['platform']} |" in body and f"| CPU | {summary['hardware']['cpu']}" in body
+    assert (
+        f"| platform | {summary['hardware']['platform']} |" in body and f"| CPU | {summary['hardware']['cpu']}" in body
+    )
     assert "- dataset: `builtin:digits`" in body and "classes (10): `0`, `1`" in body and "trained from scratch" in body
-    assert "pipeline(\"image-classification\", model=\"me/digits-vit\")" in body and "luma weights" in body
+    assert 'pipeline("image-classification", model="me/digits-vit")' in body and "luma weights" in body
 
 
 def test_card_of_a_hub_fine_tune_names_base_model_and_dataset_and_says_not_recorded(run_dir, tmp_path):
@@ -130,7 +137,9 @@ def test_card_of_a_hub_fine_tune_names_base_model_and_dataset_and_says_not_recor
     other = tmp_path / "run"
     other.mkdir()
     config = json.loads((run_dir / "config.json").read_text())
-    config["train_config"].update(pretrained="google/vit-base-patch16-224@main", dataset="ethz/food101", val_split="validation")
+    config["train_config"].update(
+        pretrained="google/vit-base-patch16-224@main", dataset="ethz/food101", val_split="validation"
+    )
     config["class_names"] = [f"class{i}" for i in range(101)]
     (other / "config.json").write_text(json.dumps(config))
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -140,7 +149,7 @@ def test_card_of_a_hub_fine_tune_names_base_model_and_dataset_and_says_not_recor
     meta, body = split_card(model_card(other, layout="timm"))
     assert meta["base_model"] == "google/vit-base-patch16-224" and meta["datasets"] == ["ethz/food101"]
     assert meta["library_name"] == "timm" and "model-index" not in meta  # no eval.json: no results to claim
-    assert "fine-tuned from [google/vit-base-patch16-224]" in body and "timm.create_model(\"hf-hub:OWNER/NAME\"" in body
+    assert "fine-tuned from [google/vit-base-patch16-224]" in body and 'timm.create_model("hf-hub:OWNER/NAME"' in body
     assert "```bash\nnot recorded\n```" in body and "| platform | not recorded |" in body
     assert "`class19`, ... (81 more)" in body and "validation split: validation" in body
 
@@ -155,8 +164,10 @@ def test_card_command_stdout_and_out(run_dir, tmp_path, capsys):
     code, out, err = run_cli(["card", run_dir, "--out", card, "--format", "flaxvision"], capsys)
     assert code == 0 and out == "" and card.read_text().startswith("---\nlibrary_name: flaxvision\n")
     code, _, err = run_cli(["card", tmp_path], capsys)
-    assert code == 2 and error_lines(err) == [f"flaxvision: error: {tmp_path} is not a flaxvision run directory (no config.json "
-                                              "with a train_config); pass the --run-dir of a `flaxvision train` run"]  # fmt: skip
+    assert code == 2 and error_lines(err) == [
+        f"flaxvision: error: {tmp_path} is not a flaxvision run directory (no config.json "
+        "with a train_config); pass the --run-dir of a `flaxvision train` run"
+    ]
 
 
 # ---- push: everything refused before the network, and --dry-run --------------------------------------------------
@@ -168,8 +179,10 @@ def test_push_offline_is_one_line_and_writes_nothing(run_dir, tmp_path, capsys, 
     before = snapshot(run_dir)
     code, out, err = run_cli(["push", run_dir, "me/digits-vit"], capsys)
     assert code == 2 and out == ""
-    assert error_lines(err) == ["flaxvision: error: HF_HUB_OFFLINE=1 is set and push needs the Hub: unset HF_HUB_OFFLINE, "
-                                "or write the folder that would be uploaded with --dry-run DIR"]  # fmt: skip
+    assert error_lines(err) == [
+        "flaxvision: error: HF_HUB_OFFLINE=1 is set and push needs the Hub: unset HF_HUB_OFFLINE, "
+        "or write the folder that would be uploaded with --dry-run DIR"
+    ]
     assert_unchanged(run_dir, before)
     assert not any(tmp_path.iterdir())
 
@@ -188,12 +201,15 @@ def test_push_without_a_token_and_with_an_unreachable_hub_is_one_line(run_dir, t
     monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
     code, _, err = run_cli(["push", run_dir, "me/digits-vit"], capsys)
     assert code == 2 and error_lines(err) == [
-        "flaxvision: error: no Hugging Face token: log in with `hf auth login`, set HF_TOKEN, or pass --token"]
+        "flaxvision: error: no Hugging Face token: log in with `hf auth login`, set HF_TOKEN, or pass --token"
+    ]
     # A token, and a Hub that does not answer (a closed local port): whoami fails, one line, nothing uploaded.
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     code, _, err = run_cli(["push", run_dir, "me/digits-vit", "--token", "hf_not_a_real_token"], capsys)
     (line,) = error_lines(err)
-    assert code == 2 and line.startswith("flaxvision: error: cannot reach the Hub at http://127.0.0.1:9 while checking the token")
+    assert code == 2 and line.startswith(
+        "flaxvision: error: cannot reach the Hub at http://127.0.0.1:9 while checking the token"
+    )
     assert line.endswith("check the network, or write the folder with --dry-run DIR")
 
 
@@ -211,9 +227,19 @@ def test_push_dry_run_writes_the_folder_that_the_pipeline_loads_with_predicts_to
     code, stdout, err = run_cli(["push", run_dir, "me/digits-vit", "--dry-run", out], capsys)
     assert code == 0, err
     assert stdout.startswith(f"flaxvision: wrote the folder for me/digits-vit (transformers layout) to {out}")
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "flaxvision_run", "model.safetensors",
-                                                     "preprocessor_config.json"]  # fmt: skip
-    assert sorted(p.name for p in (out / "flaxvision_run").iterdir()) == ["config.json", "eval.json", "metrics.jsonl", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "config.json",
+        "flaxvision_run",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ]
+    assert sorted(p.name for p in (out / "flaxvision_run").iterdir()) == [
+        "config.json",
+        "eval.json",
+        "metrics.jsonl",
+        "summary.json",
+    ]
     meta, _ = split_card((out / "README.md").read_text())
     assert meta["model-index"][0]["name"] == "digits-vit"
     config = json.loads((out / "config.json").read_text())
@@ -236,11 +262,27 @@ TINY_VIT: dict[str, Any] = dict(img_size=32, patch_size=8, width=32, depth=1, nu
 FAMILIES: dict[str, tuple[str, dict[str, Any], str]] = {
     "vit": ("vit_tiny_patch16_224", TINY_VIT, "ViTForImageClassification"),
     "deit-distilled": ("deit_base_distilled_patch16_224", TINY_VIT, "DeiTForImageClassificationWithTeacher"),
-    "dinov2": ("vit_tiny_patch16_224", dict(TINY_VIT, init_values=0.5, global_pool="token_avg"), "Dinov2ForImageClassification"),
-    "siglip": ("vit_tiny_patch16_224", dict(TINY_VIT, class_token=False, global_pool="avg", fc_norm=False), "SiglipForImageClassification"),
-    "convnext": ("convnext_tiny", dict(img_size=32, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32)), "ConvNextForImageClassification"),
-    "resnet": ("resnet18", dict(img_size=32, stage_depths=(1, 1, 1, 1), stage_widths=(8, 16, 24, 32)), "ResNetForImageClassification"),
-}  # fmt: skip
+    "dinov2": (
+        "vit_tiny_patch16_224",
+        dict(TINY_VIT, init_values=0.5, global_pool="token_avg"),
+        "Dinov2ForImageClassification",
+    ),
+    "siglip": (
+        "vit_tiny_patch16_224",
+        dict(TINY_VIT, class_token=False, global_pool="avg", fc_norm=False),
+        "SiglipForImageClassification",
+    ),
+    "convnext": (
+        "convnext_tiny",
+        dict(img_size=32, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32)),
+        "ConvNextForImageClassification",
+    ),
+    "resnet": (
+        "resnet18",
+        dict(img_size=32, stage_depths=(1, 1, 1, 1), stage_widths=(8, 16, 24, 32)),
+        "ResNetForImageClassification",
+    ),
+}
 LABELS = ("tabby cat", "red fox", "hen", "daisy")
 
 

@@ -15,16 +15,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from flaxvision.ship.card import LAYOUTS
 
     parser = sub.add_parser(
-        "card", help="write the model card (README.md) of a run", epilog=EPILOG,
+        "card",
+        help="write the model card (README.md) of a run",
+        epilog=EPILOG,
         description="A Hub model card from a run's files: metrics with their split, the command, data, recipe, hardware.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    )
     parser.add_argument("run", metavar="RUN_DIR", help="a finished run directory")
     parser.add_argument("--out", metavar="FILE", help="write the card here (atomically) instead of to stdout")
-    parser.add_argument("--format", choices=list(LAYOUTS),
-                        help="the weights' layout the card describes (default: that of the run's model/)")  # fmt: skip
+    parser.add_argument(
+        "--format",
+        choices=list(LAYOUTS),
+        help="the weights' layout the card describes (default: that of the run's model/)",
+    )
     parser.add_argument("--repo-id", metavar="OWNER/NAME", help="the Hub repo the card is for (its usage snippets)")
-    parser.add_argument("--weights", choices=("raw", "ema"), default="raw", help="which final weights the card describes")
+    parser.add_argument(
+        "--weights", choices=("raw", "ema"), default="raw", help="which final weights the card describes"
+    )
     parser.set_defaults(func=run)
 
 
@@ -36,10 +43,14 @@ def run(args: argparse.Namespace) -> int:
     from flaxvision.ship.card import model_card, model_layout, read_run
 
     if args.out is not None and Path(args.out).is_dir():
-        raise FlaxvisionError(f"--out {args.out} is a directory; pass a file name such as {Path(args.out) / 'README.md'}")
+        raise FlaxvisionError(
+            f"--out {args.out} is a directory; pass a file name such as {Path(args.out) / 'README.md'}"
+        )
     if args.weights == "ema" and not (Path(args.run) / "eval_ema.json").is_file():
-        raise FlaxvisionError(f"{args.run} has no eval_ema.json (EMA weights): --weights ema needs a run trained with "
-                              "--ema-decay; drop --weights ema")  # fmt: skip
+        raise FlaxvisionError(
+            f"{args.run} has no eval_ema.json (EMA weights): --weights ema needs a run trained with "
+            "--ema-decay; drop --weights ema"
+        )
     layout = args.format or model_layout(read_run(args.run)["model"]) or "flaxvision"
     card = model_card(args.run, layout=layout, repo_id=args.repo_id, weights=args.weights)
     if args.out is None:

@@ -37,22 +37,41 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from flaxvision.ship.card import LAYOUTS
 
     parser = sub.add_parser(
-        "push", help="upload a run's model and its model card to the Hugging Face Hub", epilog=EPILOG,
+        "push",
+        help="upload a run's model and its model card to the Hugging Face Hub",
+        epilog=EPILOG,
         description="Upload the model of a finished run (weights, preprocessing, labels, README.md model card) to a Hub repo.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    )
     parser.add_argument("run", metavar="RUN_DIR", help="a finished run directory")
     parser.add_argument("repo_id", metavar="REPO_ID", help="the Hub model repo, OWNER/NAME (created when new)")
-    parser.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its visibility)")
+    parser.add_argument(
+        "--private", action="store_true", help="create the repo private (an existing repo keeps its visibility)"
+    )
     parser.add_argument("--revision", metavar="BRANCH", help="upload to this branch (created from main when new)")
-    parser.add_argument("--format", choices=list(LAYOUTS),
-                        help="the weights' layout (default: the first of transformers, timm, flaxvision that holds the model)")  # fmt: skip
-    parser.add_argument("--weights", choices=("raw", "ema"), default="raw",
-                        help="a run trained with --ema-decay: its raw weights (default) or their EMA")  # fmt: skip
-    parser.add_argument("--token", help="a Hub token with write access (default: the one `hf auth login` saved, or HF_TOKEN)")
-    parser.add_argument("--commit-message", metavar="TEXT", help="the commit message (default: names the run and the layout)")
-    parser.add_argument("--dry-run", metavar="DIR", type=Path,
-                        help="write the folder that would be uploaded to DIR (new or empty) and stop: no network")  # fmt: skip
+    parser.add_argument(
+        "--format",
+        choices=list(LAYOUTS),
+        help="the weights' layout (default: the first of transformers, timm, flaxvision that holds the model)",
+    )
+    parser.add_argument(
+        "--weights",
+        choices=("raw", "ema"),
+        default="raw",
+        help="a run trained with --ema-decay: its raw weights (default) or their EMA",
+    )
+    parser.add_argument(
+        "--token", help="a Hub token with write access (default: the one `hf auth login` saved, or HF_TOKEN)"
+    )
+    parser.add_argument(
+        "--commit-message", metavar="TEXT", help="the commit message (default: names the run and the layout)"
+    )
+    parser.add_argument(
+        "--dry-run",
+        metavar="DIR",
+        type=Path,
+        help="write the folder that would be uploaded to DIR (new or empty) and stop: no network",
+    )
     parser.add_argument("--overwrite", action="store_true", help="with --dry-run: replace what DIR holds")
     parser.set_defaults(func=run)
 
@@ -70,8 +89,10 @@ def check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as err:
-        raise FlaxvisionError(f"REPO_ID {repo_id!r} is not a valid Hub repo id ({str(err).splitlines()[0]}); "
-                              "pass OWNER/NAME, e.g. me/vit-food20") from None  # fmt: skip
+        raise FlaxvisionError(
+            f"REPO_ID {repo_id!r} is not a valid Hub repo id ({str(err).splitlines()[0]}); "
+            "pass OWNER/NAME, e.g. me/vit-food20"
+        ) from None
 
 
 def check_run(run: Path, weights: str) -> None:
@@ -87,11 +108,15 @@ def check_run(run: Path, weights: str) -> None:
 def check_dry_run_dir(out: Path, run: Path, overwrite: bool) -> None:
     target, source = out.resolve(), run.resolve()
     if target == source or source in target.parents or target in source.parents:
-        raise FlaxvisionError(f"--dry-run {out} is the run directory {run} (or inside or above it); choose another directory")
+        raise FlaxvisionError(
+            f"--dry-run {out} is the run directory {run} (or inside or above it); choose another directory"
+        )
     if out.exists() and not out.is_dir():
         raise FlaxvisionError(f"--dry-run {out} is a file; pass a directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FlaxvisionError(f"--dry-run {out} already exists and is not empty; choose a new directory or pass --overwrite")
+        raise FlaxvisionError(
+            f"--dry-run {out} already exists and is not empty; choose a new directory or pass --overwrite"
+        )
 
 
 def hub_token(given: str | None) -> str:
@@ -120,14 +145,20 @@ def hub_failure(err: Exception, doing: str, repo_id: str) -> FlaxvisionError:
     if isinstance(err, HfHubHTTPError) and err.response is not None:
         status = err.response.status_code
         if status == 401:
-            return FlaxvisionError(f"the Hub refused the token while {doing} (401 Unauthorized); log in again with "
-                                   "`hf auth login`, or pass a valid --token")  # fmt: skip
+            return FlaxvisionError(
+                f"the Hub refused the token while {doing} (401 Unauthorized); log in again with "
+                "`hf auth login`, or pass a valid --token"
+            )
         if status == 403:
-            return FlaxvisionError(f"the token may not write to {repo_id} (403 Forbidden) while {doing}; use a token with "
-                                   "write access to that namespace")  # fmt: skip
+            return FlaxvisionError(
+                f"the token may not write to {repo_id} (403 Forbidden) while {doing}; use a token with "
+                "write access to that namespace"
+            )
         return FlaxvisionError(f"the Hub answered {status} while {doing}: {first}")
-    return FlaxvisionError(f"cannot reach the Hub at {constants.ENDPOINT} while {doing} ({type(err).__name__}: {first}); "
-                           "check the network, or write the folder with --dry-run DIR")  # fmt: skip
+    return FlaxvisionError(
+        f"cannot reach the Hub at {constants.ENDPOINT} while {doing} ({type(err).__name__}: {first}); "
+        "check the network, or write the folder with --dry-run DIR"
+    )
 
 
 def write_folder(folder: Path, model: Any, run: Path, *, layout: str, repo_id: str, weights: str) -> None:
@@ -156,10 +187,15 @@ def upload(folder: Path, args: argparse.Namespace, token: str, layout: str) -> s
             step = f"creating branch {args.revision}"
             api.create_branch(args.repo_id, branch=args.revision, exist_ok=True, repo_type="model")
         step = "uploading"
-        message = args.commit_message or f"flaxvision push: {Path(args.run).name} ({layout} layout, {args.weights} weights)"
-        info: Any = api.upload_folder(repo_id=args.repo_id, folder_path=folder, repo_type="model", revision=args.revision,
-                                      commit_message=message)  # fmt: skip
-    except Exception as err:  # any failure of the network step is one line (the folder stays local, nothing half-done here)
+        message = (
+            args.commit_message or f"flaxvision push: {Path(args.run).name} ({layout} layout, {args.weights} weights)"
+        )
+        info: Any = api.upload_folder(
+            repo_id=args.repo_id, folder_path=folder, repo_type="model", revision=args.revision, commit_message=message
+        )
+    except (
+        Exception
+    ) as err:  # any failure of the network step is one line (the folder stays local, nothing half-done here)
         raise hub_failure(err, step, args.repo_id) from None
     return str(getattr(info, "commit_url", None) or info)
 
@@ -177,8 +213,10 @@ def run(args: argparse.Namespace) -> int:
         token = None
     else:
         if offline():
-            raise FlaxvisionError("HF_HUB_OFFLINE=1 is set and push needs the Hub: unset HF_HUB_OFFLINE, or write the folder "
-                                  "that would be uploaded with --dry-run DIR")  # fmt: skip
+            raise FlaxvisionError(
+                "HF_HUB_OFFLINE=1 is set and push needs the Hub: unset HF_HUB_OFFLINE, or write the folder "
+                "that would be uploaded with --dry-run DIR"
+            )
         token = hub_token(args.token)
 
     from flaxvision.commands.common import load_model
@@ -191,7 +229,9 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run is not None:
         with files.atomic_directory(args.dry_run, overwrite=True) as tmp:
             write_folder(tmp, model, run_dir, layout=layout, repo_id=args.repo_id, weights=args.weights)
-        print(f"flaxvision: wrote the folder for {args.repo_id} ({layout} layout) to {args.dry_run}; nothing was uploaded")
+        print(
+            f"flaxvision: wrote the folder for {args.repo_id} ({layout} layout) to {args.dry_run}; nothing was uploaded"
+        )
         return 0
 
     from huggingface_hub import HfApi
@@ -203,7 +243,9 @@ def run(args: argparse.Namespace) -> int:
         raise hub_failure(err, "checking the token (whoami)", args.repo_id) from None
     role = ((who.get("auth") or {}).get("accessToken") or {}).get("role")
     if role == "read":
-        raise FlaxvisionError(f"the token of {who.get('name')} is read-only; create a write token (hf auth login) or pass --token")
+        raise FlaxvisionError(
+            f"the token of {who.get('name')} is read-only; create a write token (hf auth login) or pass --token"
+        )
     with tempfile.TemporaryDirectory(prefix="flaxvision-push-") as tmp:
         write_folder(Path(tmp), model, run_dir, layout=layout, repo_id=args.repo_id, weights=args.weights)
         url = upload(Path(tmp), args, token, layout)

@@ -12,78 +12,45 @@ comes from the run's files; a missing one reads "not recorded", never a guess. R
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 from flaxvision import __version__
 from flaxvision.errors import FlaxvisionError
-from flaxvision.files import read_json, read_lines
+from flaxvision.ship.run_files import (
+    LAYOUTS,
+    NOT_RECORDED,
+    RECORDS,
+    RECORDS_DIR,
+    hub_id,
+    model_layout,
+    read_run,
+    val_split,
+)
 
-LAYOUTS = ("transformers", "timm", "flaxvision")  # the weight layouts a Hub repo can hold (first: preferred)
+__all__ = ["LAYOUTS", "RECORDS", "RECORDS_DIR", "front_matter", "model_card", "model_layout", "read_run"]
+
 LIBRARY = {"transformers": "transformers", "timm": "timm", "flaxvision": "flaxvision"}
-NOT_RECORDED = "not recorded"
-RECORDS_DIR = "flaxvision_run"  # where `flaxvision push` puts the run's own JSON files in the repo
-RECORDS = ("config.json", "summary.json", "eval.json", "eval_ema.json", "metrics.jsonl")
 MAX_LABELS = 20  # labels listed in full up to this many; longer lists are cut
 MAX_EPOCH_ROWS = 12
 # Recipe fields every card shows; other fields appear when they differ from TrainConfig's defaults.
-RECIPE_FIELDS = ("model", "pretrained", "img_size", "model_overrides", "dtype", "epochs", "batch_size", "optimizer", "lr",
-                 "schedule", "warmup_steps", "weight_decay", "label_smoothing", "augment", "seed")  # fmt: skip
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
-
-
-def _hub_id(spec: Any) -> str | None:
-    """`spec` without its @revision when it names a Hub repo (owner/name, not a path that exists here), else None."""
-    if not isinstance(spec, str) or spec.startswith(("builtin:", ".", "/", "~")) or Path(spec).exists():
-        return None
-    return spec.split("@", 1)[0] if _HUB_ID.match(spec) else None
-
-
-def read_run(run_dir: str | Path) -> dict[str, Any]:
-    """The JSON files of a finished run: {"config", "summary", "eval", "eval_ema", "metrics", "val_source", "model"}
-    (None or [] for what is missing). A directory without config.json and summary.json is refused: one line."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise FlaxvisionError(f"{run_dir} is not a directory; pass a run directory (flaxvision train --run-dir)")
-    config, summary = read_json(run / "config.json"), read_json(run / "summary.json")
-    if config is None or "train_config" not in config:
-        raise FlaxvisionError(f"{run_dir} is not a flaxvision run directory (no config.json with a train_config); "
-                              "pass the --run-dir of a `flaxvision train` run")  # fmt: skip
-    if summary is None:
-        raise FlaxvisionError(f"{run_dir} holds no summary.json: the run has not finished; finish it first "
-                              f"(flaxvision train --run-dir {run_dir} --resume)")  # fmt: skip
-    metrics = []
-    if (run / "metrics.jsonl").is_file():
-        for line in read_lines(run / "metrics.jsonl"):
-            try:
-                metrics.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    val_source = (read_json(run / "skipped_images_val.json") or {}).get("dataset")
-    return {"config": config, "summary": summary, "eval": read_json(run / "eval.json"),
-            "eval_ema": read_json(run / "eval_ema.json"), "metrics": metrics, "val_source": val_source,
-            "model": read_json(run / "model" / "config.json")}  # fmt: skip
-
-
-def model_layout(model_json: dict[str, Any] | None) -> str | None:
-    """The layout of a model directory's config.json: flaxvision's own, timm's or transformers'."""
-    if not model_json:
-        return None
-    if model_json.get("format") == "flaxvision":
-        return "flaxvision"
-    if "architecture" in model_json and "model_args" in model_json:
-        return "timm"
-    return "transformers" if "model_type" in model_json else None
-
-
-def val_split(records: dict[str, Any]) -> str:
-    """The evaluation split: the data loader's source name ("spec[validation]", "spec[train held-out 0.2]") when
-    recorded, else the recipe's val_split."""
-    source = records.get("val_source")
-    if isinstance(source, str) and source.endswith("]") and "[" in source:
-        return source[source.rindex("[") + 1 : -1]
-    return records["config"]["train_config"].get("val_split") or NOT_RECORDED
+RECIPE_FIELDS = (
+    "model",
+    "pretrained",
+    "img_size",
+    "model_overrides",
+    "dtype",
+    "epochs",
+    "batch_size",
+    "optimizer",
+    "lr",
+    "schedule",
+    "warmup_steps",
+    "weight_decay",
+    "label_smoothing",
+    "augment",
+    "seed",
+)
 
 
 def _num(value: Any, digits: int = 4) -> str:
@@ -96,9 +63,11 @@ def _metric_rows(evaluation: dict[str, Any] | None) -> list[tuple[str, str, Any]
     """(metric type, name, value) of an eval.json, the values as recorded."""
     if not evaluation:
         return []
-    rows = [("accuracy", "top-1 accuracy", evaluation.get("val_accuracy")),
-            ("top_5_accuracy", "top-5 accuracy", evaluation.get("val_top5_accuracy")),
-            ("loss", "cross-entropy loss", evaluation.get("val_loss"))]  # fmt: skip
+    rows = [
+        ("accuracy", "top-1 accuracy", evaluation.get("val_accuracy")),
+        ("top_5_accuracy", "top-5 accuracy", evaluation.get("val_top5_accuracy")),
+        ("loss", "cross-entropy loss", evaluation.get("val_loss")),
+    ]
     return [r for r in rows if isinstance(r[2], (int, float)) and not isinstance(r[2], bool)]
 
 
@@ -112,29 +81,61 @@ def front_matter(records: dict[str, Any], *, layout: str, repo_id: str | None, w
     dataset = str(train.get("dataset"))
     split = val_split(records)
     evaluation = records["eval_ema" if weights == "ema" else "eval"]
-    results = [EvalResult(task_type="image-classification", task_name="Image Classification", dataset_type=_hub_id(dataset) or dataset,
-                          dataset_name=dataset, dataset_split=split if split != NOT_RECORDED else None,
-                          metric_type=kind, metric_name=label, metric_value=value)
-               for kind, label, value in _metric_rows(evaluation)]  # fmt: skip
-    tags = ["flaxvision", "jax", "flax", "image-classification", *([family] if family else []), *(["timm"] if layout == "timm" else [])]
-    data = ModelCardData(library_name=LIBRARY[layout], pipeline_tag="image-classification", tags=tags,
-                         base_model=_hub_id(train.get("pretrained")), datasets=[d] if (d := _hub_id(dataset)) else None,
-                         model_name=name if results else None, eval_results=results or None)  # fmt: skip
+    results = [
+        EvalResult(
+            task_type="image-classification",
+            task_name="Image Classification",
+            dataset_type=hub_id(dataset) or dataset,
+            dataset_name=dataset,
+            dataset_split=split if split != NOT_RECORDED else None,
+            metric_type=kind,
+            metric_name=label,
+            metric_value=value,
+        )
+        for kind, label, value in _metric_rows(evaluation)
+    ]
+    tags = [
+        "flaxvision",
+        "jax",
+        "flax",
+        "image-classification",
+        *([family] if family else []),
+        *(["timm"] if layout == "timm" else []),
+    ]
+    data = ModelCardData(
+        library_name=LIBRARY[layout],
+        pipeline_tag="image-classification",
+        tags=tags,
+        base_model=hub_id(train.get("pretrained")),
+        datasets=[d] if (d := hub_id(dataset)) else None,
+        model_name=name if results else None,
+        eval_results=results or None,
+    )
     return data.to_yaml()
 
 
 def _usage(layout: str, repo: str, records: dict[str, Any]) -> str:
     one_channel = records["config"].get("model_config", {}).get("in_chans") == 1
     if layout == "transformers":
-        gray = ("\n\nThe model was trained on 1-channel (grayscale) images. This export has a 3-channel input layer: the "
+        gray = (
+            (
+                "\n\nThe model was trained on 1-channel (grayscale) images. This export has a 3-channel input layer: the "
                 "1-channel kernel times the ITU-R 601 luma weights (0.299, 0.587, 0.114), with the mean and std repeated, "
-                "so an RGB image gives what the model computes on its luma (exactly so for gray images).") if one_channel else ""  # fmt: skip
-        return (f'```python\nfrom transformers import pipeline\n\nclassify = pipeline("image-classification", model="{repo}")\n'
-                f'print(classify("image.jpg"))\n```{gray}')  # fmt: skip
+                "so an RGB image gives what the model computes on its luma (exactly so for gray images)."
+            )
+            if one_channel
+            else ""
+        )
+        return (
+            f'```python\nfrom transformers import pipeline\n\nclassify = pipeline("image-classification", model="{repo}")\n'
+            f'print(classify("image.jpg"))\n```{gray}'
+        )
     if layout == "timm":
-        return (f'```python\nimport timm\nfrom PIL import Image\n\nmodel = timm.create_model("hf-hub:{repo}", pretrained=True).eval()\n'
-                "transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))\n"
-                'logits = model(transform(Image.open("image.jpg").convert("RGB")).unsqueeze(0))\n```')  # fmt: skip
+        return (
+            f'```python\nimport timm\nfrom PIL import Image\n\nmodel = timm.create_model("hf-hub:{repo}", pretrained=True).eval()\n'
+            "transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))\n"
+            'logits = model(transform(Image.open("image.jpg").convert("RGB")).unsqueeze(0))\n```'
+        )
     return f'```python\nimport flaxvision\n\nmodel = flaxvision.load_pretrained("{repo}")\n```'
 
 
@@ -156,7 +157,9 @@ def _recipe(train: dict[str, Any]) -> list[str]:
 
     defaults = TrainConfig().to_dict()
     shown = [k for k in RECIPE_FIELDS if k in train]
-    shown += [k for k in train if k not in RECIPE_FIELDS and train[k] != defaults.get(k) and k not in ("progress", "report")]
+    shown += [
+        k for k in train if k not in RECIPE_FIELDS and train[k] != defaults.get(k) and k not in ("progress", "report")
+    ]
     return ["| field | value |", "|---|---|", *(f"| {k} | {_value(train[k])} |" for k in shown)]
 
 
@@ -167,22 +170,32 @@ def _evaluation(records: dict[str, Any], weights: str) -> list[str]:
         ev = records["eval_ema" if kind == "ema" else "eval"]
         if ev:
             mark = " (these weights)" if kind == weights else ""
-            lines.append(f"| {'EMA' if kind == 'ema' else 'raw'}, final{mark} | {split} | {_num(ev.get('val_count'))} | "
-                         f"{_num(ev.get('val_accuracy'))} | {_num(ev.get('val_top5_accuracy'))} | {_num(ev.get('val_loss'))} |")  # fmt: skip
+            lines.append(
+                f"| {'EMA' if kind == 'ema' else 'raw'}, final{mark} | {split} | {_num(ev.get('val_count'))} | "
+                f"{_num(ev.get('val_accuracy'))} | {_num(ev.get('val_top5_accuracy'))} | {_num(ev.get('val_loss'))} |"
+            )
     if len(lines) == 2:
         lines = ["No evaluation was recorded (the run had no validation data)."]
     best, step = summary.get("best_val_accuracy"), summary.get("best_step")
-    lines += ["", f"Best validation top-1 during training: {_num(best)} at step {_num(step)} (chosen by the "
-              f"{summary.get('best_by', NOT_RECORDED)} weights); the uploaded weights are the final ones, of step "
-              f"{_num(summary.get('steps'))}."]  # fmt: skip
+    lines += [
+        "",
+        f"Best validation top-1 during training: {_num(best)} at step {_num(step)} (chosen by the "
+        f"{summary.get('best_by', NOT_RECORDED)} weights); the uploaded weights are the final ones, of step "
+        f"{_num(summary.get('steps'))}.",
+    ]
     epochs = [r for r in records["metrics"] if r.get("type") == "eval"]
     if epochs:
         cut = epochs[-MAX_EPOCH_ROWS:]
         lines += ["", "| epoch | step | top-1 | top-5 | loss |", "|---|---|---|---|---|"]
-        lines += [f"| {_num(r.get('epoch'))} | {_num(r.get('step'))} | {_num(r.get('val_accuracy'))} | "
-                  f"{_num(r.get('val_top5_accuracy'))} | {_num(r.get('val_loss'))} |" for r in cut]  # fmt: skip
+        lines += [
+            f"| {_num(r.get('epoch'))} | {_num(r.get('step'))} | {_num(r.get('val_accuracy'))} | "
+            f"{_num(r.get('val_top5_accuracy'))} | {_num(r.get('val_loss'))} |"
+            for r in cut
+        ]
         if len(cut) < len(epochs):
-            lines.append(f"\n(the last {len(cut)} of {len(epochs)} evaluations; all are in {RECORDS_DIR}/metrics.jsonl)")
+            lines.append(
+                f"\n(the last {len(cut)} of {len(epochs)} evaluations; all are in {RECORDS_DIR}/metrics.jsonl)"
+            )
     return lines
 
 
@@ -194,12 +207,22 @@ def _reproduce(records: dict[str, Any]) -> list[str]:
         lines += ["", "(the command that finished a resumed run; the recipe it continued is in config.json)"]
     if changes:
         steps = ", ".join(str(c.get("step")) for c in changes)
-        lines += ["", f"The recipe was changed when the run was resumed (at step {steps}; see config.json's "
-                  "resume_changes), so no single command reproduces it."]  # fmt: skip
+        lines += [
+            "",
+            f"The recipe was changed when the run was resumed (at step {steps}; see config.json's "
+            "resume_changes), so no single command reproduces it.",
+        ]
     else:
-        lines += ["", f"The same recipe, from the run's config.json (uploaded as {RECORDS_DIR}/config.json by `flaxvision push`):",
-                  "", "```bash", f"flaxvision train --from-config {RECORDS_DIR}/config.json", "```",
-                  "", "The same recipe on other hardware gives close, not bit-identical, results."]  # fmt: skip
+        lines += [
+            "",
+            f"The same recipe, from the run's config.json (uploaded as {RECORDS_DIR}/config.json by `flaxvision push`):",
+            "",
+            "```bash",
+            f"flaxvision train --from-config {RECORDS_DIR}/config.json",
+            "```",
+            "",
+            "The same recipe on other hardware gives close, not bit-identical, results.",
+        ]
     return lines
 
 
@@ -207,16 +230,33 @@ def _hardware(records: dict[str, Any]) -> list[str]:
     summary, config = records["summary"], records["config"]
     hw = summary.get("hardware") or {}
     seconds = summary.get("wall_seconds")
-    rows = [("platform", hw.get("platform")), ("device kind", hw.get("device_kind")), ("devices", hw.get("device_count", summary.get("devices"))),
-            ("processes", hw.get("process_count")), ("CPU", hw.get("cpu")),
-            ("wall time", f"{seconds:.0f} s ({seconds / 3600:.2f} h)" if isinstance(seconds, (int, float)) else None),
-            ("compilation", f"{summary['compile_seconds']:.1f} s" if isinstance(summary.get("compile_seconds"), (int, float)) else None),
-            ("training throughput", f"{summary['train_images_per_second']:.0f} images/s" if isinstance(summary.get("train_images_per_second"), (int, float)) else None),
-            ("steps", summary.get("steps")), ("epochs", summary.get("epochs")), ("JAX", config.get("jax_version"))]  # fmt: skip
+    rows = [
+        ("platform", hw.get("platform")),
+        ("device kind", hw.get("device_kind")),
+        ("devices", hw.get("device_count", summary.get("devices"))),
+        ("processes", hw.get("process_count")),
+        ("CPU", hw.get("cpu")),
+        ("wall time", f"{seconds:.0f} s ({seconds / 3600:.2f} h)" if isinstance(seconds, (int, float)) else None),
+        (
+            "compilation",
+            f"{summary['compile_seconds']:.1f} s" if isinstance(summary.get("compile_seconds"), (int, float)) else None,
+        ),
+        (
+            "training throughput",
+            f"{summary['train_images_per_second']:.0f} images/s"
+            if isinstance(summary.get("train_images_per_second"), (int, float))
+            else None,
+        ),
+        ("steps", summary.get("steps")),
+        ("epochs", summary.get("epochs")),
+        ("JAX", config.get("jax_version")),
+    ]
     return ["| | |", "|---|---|", *(f"| {k} | {NOT_RECORDED if v is None else v} |" for k, v in rows)]
 
 
-def model_card(run_dir: str | Path, *, layout: str = "transformers", repo_id: str | None = None, weights: str = "raw") -> str:
+def model_card(
+    run_dir: str | Path, *, layout: str = "transformers", repo_id: str | None = None, weights: str = "raw"
+) -> str:
     """README.md for the model of a finished run: YAML front matter the Hub reads, then the card's sections.
 
     Args:
@@ -235,35 +275,81 @@ def model_card(run_dir: str | Path, *, layout: str = "transformers", repo_id: st
     evaluation = records["eval_ema" if weights == "ema" else "eval"] or records["eval"] or {}
     names = config.get("class_names") or evaluation.get("class_names")
     base = train.get("pretrained")
-    start = (f"fine-tuned from [{_hub_id(base)}](https://huggingface.co/{_hub_id(base)})" if _hub_id(base)
-             else f"fine-tuned from local weights `{base}`" if base else "trained from scratch")  # fmt: skip
+    start = (
+        f"fine-tuned from [{hub_id(base)}](https://huggingface.co/{hub_id(base)})"
+        if hub_id(base)
+        else f"fine-tuned from local weights `{base}`"
+        if base
+        else "trained from scratch"
+    )
     architecture = (records["model"] or {}).get("architectures") or [(records["model"] or {}).get("architecture")]
     per_epoch = config.get("steps_per_epoch")
-    seen = per_epoch * train["batch_size"] if isinstance(per_epoch, int) and isinstance(train.get("batch_size"), int) else None
+    seen = (
+        per_epoch * train["batch_size"]
+        if isinstance(per_epoch, int) and isinstance(train.get("batch_size"), int)
+        else None
+    )
     top1 = _num(evaluation.get("val_accuracy"))
     sections = [
-        f"# {repo.split('/')[-1] if repo_id else train.get('model') or 'flaxvision model'}", "",
+        f"# {repo.split('/')[-1] if repo_id else train.get('model') or 'flaxvision model'}",
+        "",
         f"An image classifier ({model_config.get('family', NOT_RECORDED)} family, `{train.get('model') or NOT_RECORDED}`, "
         f"{model_config.get('img_size', NOT_RECORDED)} px, {model_config.get('in_chans', NOT_RECORDED)}-channel input, "
         f"{len(names) if names else NOT_RECORDED} classes), {start} on `{train.get('dataset')}` with "
         f"flaxvision (JAX + Flax NNX). Validation top-1: {top1} on the {val_split(records)} split. "
         f"Weights: the final {'EMA' if weights == 'ema' else 'raw'} weights, in the {layout} layout"
-        + (f" ({', '.join(a for a in architecture if a)})." if any(architecture) else "."), "",
-        "## How to use", "", _usage(layout, repo, records), "",
-        "With flaxvision (any layout):", "", "```bash", f"flaxvision predict {repo} image.jpg --top-k 5", "```", "",
-        "## Training data", "",
-        f"- dataset: `{train.get('dataset')}`" + (f" ([Hub](https://huggingface.co/datasets/{_hub_id(train.get('dataset'))}))" if _hub_id(train.get("dataset")) else ""),
+        + (f" ({', '.join(a for a in architecture if a)})." if any(architecture) else "."),
+        "",
+        "## How to use",
+        "",
+        _usage(layout, repo, records),
+        "",
+        "With flaxvision (any layout):",
+        "",
+        "```bash",
+        f"flaxvision predict {repo} image.jpg --top-k 5",
+        "```",
+        "",
+        "## Training data",
+        "",
+        f"- dataset: `{train.get('dataset')}`"
+        + (
+            f" ([Hub](https://huggingface.co/datasets/{hub_id(train.get('dataset'))}))"
+            if hub_id(train.get("dataset"))
+            else ""
+        ),
         f"- training split: `{train.get('train_split') or NOT_RECORDED}`"
         + (f" (capped at {train['max_train_samples']} images)" if train.get("max_train_samples") else "")
-        + (f"; {seen} images per epoch ({per_epoch} steps x batch {train['batch_size']}; a last partial batch is dropped)" if seen else ""),
+        + (
+            f"; {seen} images per epoch ({per_epoch} steps x batch {train['batch_size']}; a last partial batch is dropped)"
+            if seen
+            else ""
+        ),
         f"- validation split: {val_split(records)}, {_num(evaluation.get('val_count'))} images"
         + (f" (capped at {train['max_val_samples']})" if train.get("max_val_samples") else ""),
-        f"- classes ({len(names) if names else NOT_RECORDED}): {_labels(names)}", "",
-        "## Training recipe", "", *_recipe(train), "",
-        "## Reproduce", "", *_reproduce(records), "",
-        "## Evaluation", "", *_evaluation(records, weights), "",
-        "## Hardware and time", "", *_hardware(records), "",
-        "## Framework", "",
-        f"Trained with JAX {config.get('jax_version', NOT_RECORDED)}; card written by flaxvision {__version__}.", "",
-    ]  # fmt: skip
-    return f"---\n{front_matter(records, layout=layout, repo_id=repo_id, weights=weights)}\n---\n\n" + "\n".join(sections)
+        f"- classes ({len(names) if names else NOT_RECORDED}): {_labels(names)}",
+        "",
+        "## Training recipe",
+        "",
+        *_recipe(train),
+        "",
+        "## Reproduce",
+        "",
+        *_reproduce(records),
+        "",
+        "## Evaluation",
+        "",
+        *_evaluation(records, weights),
+        "",
+        "## Hardware and time",
+        "",
+        *_hardware(records),
+        "",
+        "## Framework",
+        "",
+        f"Trained with JAX {config.get('jax_version', NOT_RECORDED)}; card written by flaxvision {__version__}.",
+        "",
+    ]
+    return f"---\n{front_matter(records, layout=layout, repo_id=repo_id, weights=weights)}\n---\n\n" + "\n".join(
+        sections
+    )

@@ -108,9 +108,17 @@ def untile(parsed: Parsed, stem_kernel: str, config_json: dict[str, Any] | None,
     prep = parsed.preprocessing
     same = prep is None or (len(set(prep.mean)) == 1 and len(set(prep.std)) == 1)
     if kernel is None or not same:
-        logger.warning("'%s': config.json says its 3-channel stem was made from a 1-channel model (%s), but the kernel "
-                       "or the normalisation is no longer luma-tiled; loaded as a 3-channel model", origin, MARKER)  # fmt: skip
+        logger.warning(
+            "'%s': config.json says its 3-channel stem was made from a 1-channel model (%s), but the kernel "
+            "or the normalisation is no longer luma-tiled; loaded as a 3-channel model",
+            origin,
+            MARKER,
+        )
         return parsed
     gray = None if prep is None else dataclasses.replace(prep, mean=prep.mean[:1], std=prep.std[:1])
-    return dataclasses.replace(parsed, tensors={**parsed.tensors, key: kernel},
-                               config=dataclasses.replace(parsed.config, in_chans=1), preprocessing=gray)  # fmt: skip
+    return dataclasses.replace(
+        parsed,
+        tensors={**parsed.tensors, key: kernel},
+        config=dataclasses.replace(parsed.config, in_chans=1),
+        preprocessing=gray,
+    )
