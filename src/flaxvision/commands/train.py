@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,31 @@ def resolve_config(args: argparse.Namespace) -> tuple[str, Any]:
     return name, config.replace(**overrides)
 
 
+def command_line(args: argparse.Namespace) -> str:
+    """This `flaxvision train` invocation as one shell line, rebuilt from the parsed options (argparse keeps no
+    argv): the preset or --from-config, --run-dir, the run-mode flags and every recipe field typed on the command
+    line (only typed fields are in `args`), each value written so that it parses back to the same value."""
+    from flaxvision.train.config import field_types
+
+    argv = ["flaxvision", "train"]
+    for flag, value in (("--preset", args.preset), ("--from-config", args.from_config), ("--run-dir", args.run_dir)):
+        if value is not None:
+            argv += [flag, str(value)]
+    argv += [flag for flag, on in (("--resume", args.resume), ("--allow-changes", args.allow_changes),
+                                   ("--overwrite", args.overwrite)) if on]  # fmt: skip
+    for name, kind in field_types().items():
+        if not hasattr(args, name):
+            continue
+        value, flag = getattr(args, name), "--" + name.replace("_", "-")
+        if kind is bool:
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif value is None:
+            argv += [flag, "none"]
+        else:
+            argv += [flag, json.dumps(value) if isinstance(value, dict) else repr(value) if isinstance(value, float) else str(value)]
+    return shlex.join(argv)
+
+
 def run(args: argparse.Namespace) -> int:
     from flaxvision import distributed
 
@@ -149,13 +175,18 @@ def _train(args: argparse.Namespace, name: str, config: Any, launch: Any) -> int
     import jax
 
     from flaxvision.train import fit
+    from flaxvision.train.session import COMMAND
 
     run_dir = args.run_dir or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     is_main = jax.process_index() == 0
     if is_main:
         where = f" on {jax.process_count()} processes, {jax.device_count()} devices" if launch is not None else ""
         print(f"flaxvision: training {config.model or config.pretrained} -> {run_dir}{where}")
-    result = fit(config, run_dir=run_dir, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes)
+    token = COMMAND.set(command_line(args))  # recorded in summary.json
+    try:
+        result = fit(config, run_dir=run_dir, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes)
+    finally:
+        COMMAND.reset(token)
     if not is_main or result.already_finished:
         return 0
     s = result.summary

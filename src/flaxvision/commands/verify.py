@@ -206,6 +206,7 @@ class Reference:
 def _transformers_reference(transformers: Any, directory: Path, features: bool = False) -> Reference:
     import torch
 
+    from flaxvision.weights.gray_stem import MARKER
     from flaxvision.weights.layouts import writers
 
     info = json.loads((directory / "config.json").read_text())
@@ -214,13 +215,19 @@ def _transformers_reference(transformers: Any, directory: Path, features: bool =
     if cls is None:
         raise FlaxvisionError(f"this transformers has no {architecture} (named in {directory / 'config.json'}); upgrade transformers")
     module = cls.from_pretrained(directory, dtype=torch.float32).eval()
+    # A 1-channel model's export has a luma-tiled 3-channel stem (weights.gray_stem): gray pixels, repeated.
+    gray = isinstance(info.get(MARKER), dict)
+
+    def rgb(x: Any) -> Any:
+        return x.expand(-1, 3, -1, -1) if gray and x.shape[1] == 1 else x
+
     if not features:
-        return Reference(lambda x: (module(pixel_values=x).logits, "logits"))
+        return Reference(lambda x: (module(pixel_values=rgb(x)).logits, "logits"))
     # The layout of the file's model_type says which output flaxvision's features equal (default: pooler_output).
     layout = next((m for m in writers("transformers") if info.get("model_type") in m.MODEL_TYPES), None)
     if layout is not None and hasattr(layout, "reference_features"):
-        return Reference(lambda x: layout.reference_features(module, x))
-    return Reference(lambda x: (module(pixel_values=x).pooler_output, "pooler_output"))
+        return Reference(lambda x: layout.reference_features(module, rgb(x)))
+    return Reference(lambda x: (module(pixel_values=rgb(x)).pooler_output, "pooler_output"))
 
 
 # ---- comparison --------------------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ the step counter, the `Progress` that checkpoints carry, the clocks, the last ev
 
 from __future__ import annotations
 
+import contextvars
 import os
+import platform
 import signal
 import threading
 import time
@@ -23,6 +25,10 @@ from flaxvision.errors import FlaxvisionError, TrainingDiverged, TrainingInterru
 from flaxvision.train.checkpoint import Checkpointer, Progress
 from flaxvision.train.rundir import MetricsLog, RunDirectory
 from flaxvision.train.trainer import Trainer, out_of_memory_error
+
+# The `flaxvision train ...` command line of this run (shlex-joined), set by commands/train.py around `fit` and
+# recorded in summary.json; None when training was started from Python.
+COMMAND: contextvars.ContextVar[str | None] = contextvars.ContextVar("flaxvision_train_command", default=None)
 
 
 class Session:
@@ -178,6 +184,8 @@ class Session:
             "train_images_per_second": p.train_images / max(p.train_seconds, 1e-9),
             "compile_seconds": self.compile_seconds,
             "devices": len(self.trainer.mesh.devices.flat),
+            "command": COMMAND.get(),
+            "hardware": hardware(),
         }
 
     def _report_skipped(self, epoch: int) -> None:
@@ -209,6 +217,31 @@ class Session:
                 return distributed.PeerProcessLost(f"{message} ({str(err).splitlines()[0]})")
             return oom or err
         return err
+
+def hardware() -> dict[str, Any]:
+    """What the run ran on: JAX's platform and device kind, device and process counts, the host's CPU model."""
+    devices = jax.devices()
+    return {
+        "platform": devices[0].platform,
+        "device_kind": devices[0].device_kind,
+        "device_count": jax.device_count(),
+        "process_count": jax.process_count(),
+        "cpu": cpu_model(),
+    }
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (Linux), else platform.processor(), else None."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "cpu model") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
 
 # ---- the pieces ----------------------------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+import flaxvision.weights.gray_stem as gray_stem
 import flaxvision.weights.native_format as native_format
 import flaxvision.weights.npz_format as npz_format
 from flaxvision.errors import FlaxvisionError
@@ -38,7 +39,10 @@ def save_pretrained(model: Classifier, out: str | Path, *, format: str = "flaxvi
       out: output directory (created), or for format="npz" a file path ending in .npz (else DIR/model.npz).
       format: "flaxvision" (config.json + model.safetensors, every model), "transformers" (config.json,
         preprocessor_config.json, model.safetensors for the family's transformers class), "timm" (config.json +
-        model.safetensors for timm) or "npz" (vision_transformer / big_vision layout).
+        model.safetensors for timm) or "npz" (vision_transformer / big_vision layout). A 1-channel model's
+        transformers export has a 3-channel stem (the kernel times the luma weights, mean/std replicated, config.json
+        num_channels 3): transformers' pipeline feeds RGB, and RGB in gives what the model computes on the image's
+        luma (`flaxvision.weights.gray_stem`); load_pretrained reads it back as the 1-channel model, bit for bit.
 
     Returns:
       The directory written, or the .npz file.
@@ -59,12 +63,17 @@ def save_pretrained(model: Classifier, out: str | Path, *, format: str = "flaxvi
     elif format == "flaxvision":
         info = native_format.describe(config, prep, labels)
         files = {"config.json": info}
+    elif format == "transformers" and config.in_chans == 1:  # transformers feeds RGB: a luma-tiled stem (gray_stem)
+        files = layout.config_files(gray_stem.rgb_config(config), prep.for_channels(3), labels)
+        files["config.json"][gray_stem.MARKER] = gray_stem.marker()
     else:
         files = layout.config_files(config, prep, labels)
     params = {k: np.asarray(v, dtype=np.float32) for k, v in weight_state(model).items()}
     found = nonfinite_tensors(params)
     if found:  # a file that loads into a NaN model helps nobody: refuse, before anything is written
         raise FlaxvisionError(f"the model's {describe_nonfinite(found)}; nothing was written - export a model with finite weights")
+    if format == "transformers" and config.in_chans == 1:
+        params, config = gray_stem.tile(params, layout.STEM_KERNEL), gray_stem.rgb_config(config)
 
     if format == "npz":
         path = Path(out)

@@ -22,6 +22,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
+import flaxvision.weights.gray_stem as gray_stem
 import flaxvision.weights.native_format as native_format
 import flaxvision.weights.npz_format as npz_format
 import flaxvision.weights.timm_convnext_format as timm_convnext_format
@@ -65,7 +66,10 @@ def parse_weights(weights: WeightFiles) -> Parsed:
     """Detect the layout of pretrained weights and read their architecture."""
     for module in READERS:
         if module.detect(weights):
-            return module.parse(weights)
+            parsed = module.parse(weights)
+            if module.FORMAT == "transformers":  # a 1-channel model's export: its gray stem back (gray_stem)
+                parsed = gray_stem.untile(parsed, module.STEM_KERNEL, weights.config, weights.origin)
+            return parsed
     model_type = (weights.config or {}).get("model_type")
     if model_type is not None:
         known = ", ".join(repr(t) for m in writers("transformers") for t in m.MODEL_TYPES)

@@ -54,6 +54,7 @@ from flaxvision.weights.hub import WeightFiles
 
 FORMAT = "transformers"
 FAMILY = "CLIP / SigLIP image towers (model_type 'clip', 'siglip' and their *_vision_model)"
+STEM_KERNEL = "patch_embed.kernel"  # the input conv (1-channel models: tiled to RGB on export, gray_stem)
 MODEL_TYPES = ("clip_vision_model", "clip", "siglip_vision_model", "siglip")
 PREPROCESSING = {
     "clip": Preprocessing(

@@ -25,6 +25,7 @@ from flaxvision.weights.transformers_format import id2label_names
 
 FORMAT = "transformers"
 FAMILY = "ConvNeXt (model_type 'convnext')"
+STEM_KERNEL = "stem_conv.kernel"  # the input conv (1-channel models: tiled to RGB on export, gray_stem)
 MODEL_TYPES = ("convnext",)
 STEM = "embeddings.patch_embeddings.weight"
 

@@ -33,6 +33,7 @@ from flaxvision.weights.hub import WeightFiles
 
 FORMAT = "transformers"
 FAMILY = "DeiT (model_type 'deit')"
+STEM_KERNEL = "patch_embed.kernel"  # the input conv (1-channel models: tiled to RGB on export, gray_stem)
 MODEL_TYPES = ("deit",)
 DEFAULT_PREPROCESSING = Preprocessing(
     224, IMAGENET_MEAN, IMAGENET_STD, crop_pct=224 / 256, resize_mode="squash", interpolation="bicubic"

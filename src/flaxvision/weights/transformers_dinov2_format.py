@@ -32,6 +32,7 @@ from flaxvision.weights.hub import WeightFiles
 
 FORMAT = "transformers"
 FAMILY = "DINOv2 (model_type 'dinov2')"
+STEM_KERNEL = "patch_embed.kernel"  # the input conv (1-channel models: tiled to RGB on export, gray_stem)
 MODEL_TYPES = ("dinov2",)
 DEFAULT_PREPROCESSING = Preprocessing(
     224, IMAGENET_MEAN, IMAGENET_STD, crop_pct=224 / 256, resize_mode="shortest", interpolation="bicubic"

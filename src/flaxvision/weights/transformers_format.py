@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "transformers"
 FAMILY = "ViT (model_type 'vit')"
+STEM_KERNEL = "patch_embed.kernel"  # the input conv (1-channel models: tiled to RGB on export, gray_stem)
 MODEL_TYPES = ("vit",)
 # transformers hidden_act -> flaxvision act. gelu_new / gelu_pytorch_tanh / gelu_fast are all the tanh form.
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",

@@ -33,6 +33,7 @@ from flaxvision.weights.transformers_format import id2label_names
 
 FORMAT = "transformers"
 FAMILY = "ResNet (model_type 'resnet')"
+STEM_KERNEL = "conv1.kernel"  # the input conv (1-channel models: tiled to RGB on export, gray_stem)
 MODEL_TYPES = ("resnet",)
 STEM = "embedder.embedder."
 LAYER_TYPES = {"basic": "basic", "bottleneck": "bottleneck"}
