@@ -3,7 +3,7 @@
 Runners import the heavy parts of the library (jax, datasets, ...) lazily, so `flaxvision --help` stays fast.
 """
 
-from flaxvision.commands import bench, evaluate, export, models, predict, presets, report, train, verify
+from flaxvision.commands import bench, evaluate, export, models, predict, presets, report, serve, train, verify
 
 # Order = order in `flaxvision --help`.
-COMMANDS = [train, evaluate, predict, report, export, verify, presets, models, bench]
+COMMANDS = [train, evaluate, predict, report, export, serve, verify, presets, models, bench]
