@@ -183,6 +183,12 @@ def test_sixteen_concurrent_clients_are_batched_over_the_compiled_buckets(server
     assert after["compiled_shapes"] == len(BUCKETS)
 
 
+def _jpeg() -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(out, format="JPEG")
+    return out.getvalue()
+
+
 def _stream(data: bytes):
     yield data[: len(data) // 2]
     yield data[len(data) // 2 :]
@@ -202,6 +208,7 @@ BAD = [  # (what, request keywords, status, a word of the message)
     ("too many images", dict(files=[("f", (f"{i}.png", _png(np.zeros((8, 8, 3), np.uint8)))) for i in range(9)]), 413, "--max-images"),
     ("wrong content type", dict(content=b"{}", headers={"content-type": "application/json"}), 415, "application/json"),
     ("no content type", dict(content=b"abc"), 415, "(none)"),
+    ("truncated JPEG", dict(content=_jpeg()[: len(_jpeg()) // 2], headers={"content-type": "image/jpeg"}), 422, "truncated"),
     ("malformed multipart", dict(content=b"xx", headers={"content-type": "multipart/form-data"}), 400, "multipart"),
     ("top_k 0", dict(content=b"x", headers={"content-type": "image/png"}, params={"top_k": "0"}), 422, "top_k"),
     ("top_k not a number", dict(content=b"x", headers={"content-type": "image/png"}, params={"top_k": "three"}), 422, "top_k"),
@@ -241,6 +248,34 @@ def test_port_in_use_bad_flags_and_missing_extra_are_one_line_before_loading(ser
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if the [serve] extra were not installed
     code, _, err = run_cli(["serve", str(server.model_dir), "--port", "0"], capsys)
     assert code == 2 and "uvicorn is missing" in err and "pip install 'flaxvision[serve]'" in err
+
+
+def test_a_failing_batch_is_one_500_logged_once_and_the_server_goes_on(caplog, monkeypatch):
+    """Fault injection, in process (starlette's TestClient over the same app): the device program raises once."""
+    from fastapi.testclient import TestClient
+
+    from flaxvision.ship.server import ServeSettings, Service, create_app
+
+    model = tiny_vit()
+    model.label_names = tuple(CLASS_NAMES)
+    service = Service(model, ServeSettings(max_batch=2, max_wait_ms=0), source="tiny")
+    program = service.batcher._program
+
+    def broken(images):
+        raise RuntimeError("device lost")
+
+    image = _png(np.full((20, 20, 3), 200, np.uint8))
+    with TestClient(create_app(service)) as http:
+        monkeypatch.setattr(service.batcher, "_program", broken)
+        r = http.post("/predict", content=image, headers={"content-type": "image/png"})
+        assert r.status_code == 500
+        assert r.json() == {"error": "internal server error (the device batch failed: RuntimeError); see the server's log"}
+        monkeypatch.setattr(service.batcher, "_program", program)
+        ok = http.post("/predict", files=[("f", ("a.png", image)), ("f", ("b.png", image))])
+        assert ok.status_code == 200 and [row["path"] for row in ok.json()] == ["a.png", "b.png"]
+        assert http.get("/health").json()["errors"] == 1
+    logged = [record for record in caplog.records if record.exc_info]
+    assert len(logged) == 1 and "device lost" in str(logged[0].exc_info[1])  # type: ignore[index]
 
 
 def test_sigterm_finishes_requests_in_flight_then_exits_0(server, want):

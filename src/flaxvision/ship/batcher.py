@@ -26,6 +26,10 @@ import numpy as np
 log = logging.getLogger("flaxvision.serve")
 
 
+class BatchFailed(RuntimeError):
+    """The device batch holding an image failed; the batcher has logged why (with the traceback) once."""
+
+
 def buckets_for(max_batch: int) -> tuple[int, ...]:
     """The compiled batch sizes: 1, 2, 4, ... below `max_batch`, and `max_batch` itself."""
     sizes, size = [], 1
@@ -111,9 +115,10 @@ class Batcher:
                 padded[row] = image
             probs = np.asarray(self._program(padded))[:n]
         except Exception as err:  # reported to each waiting request as a 500; the worker keeps serving
-            log.exception("flaxvision serve: the batch of %d image(s) failed", n)
+            log.exception("flaxvision serve: the device batch of %d image(s) failed", n)
+            failed = BatchFailed(f"the device batch failed: {type(err).__name__}")
             for _, future, loop in batch:
-                loop.call_soon_threadsafe(_resolve, future, None, err)
+                loop.call_soon_threadsafe(_resolve, future, None, failed)
             return
         self.batches += 1
         self.images += n

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from flaxvision.ship.batcher import Batcher
+from flaxvision.ship.batcher import Batcher, BatchFailed
 
 log = logging.getLogger("flaxvision.serve")
 ROUTES = "POST /predict, GET /health, GET /metadata"
@@ -228,6 +228,8 @@ def create_app(service: Service) -> Any:
             return JSONResponse(await service.predict(request))
         except BadRequest as err:
             return error(err.status, err.message)
+        except BatchFailed as err:  # logged by the batcher
+            return error(500, f"internal server error ({err}); see the server's log")
         except Exception as err:  # logged once here, answered 500; the server keeps serving
             log.exception("flaxvision serve: POST /predict failed")
             return error(500, f"internal server error ({type(err).__name__}); see the server's log")
