@@ -204,6 +204,7 @@ BAD = [  # (what, request keywords, status, a word of the message)
     ("text field", dict(data={"note": "hello"}, files=[("f", ("a.png", _png(np.zeros((8, 8, 3), np.uint8))))]), 422, "'note' is not a file"),
     ("request too large", dict(content=b"\0" * (1536 * 1024), headers={"content-type": "image/png"}), 413, "--max-request-mb"),
     ("too large, no length", dict(content=_stream(b"\0" * (1536 * 1024)), headers={"content-type": "image/png"}), 413, "--max-request-mb"),
+    ("too large multipart, no length", dict(content=_stream(b'--b\r\nContent-Disposition: form-data; name="f"; filename="big.png"\r\n\r\n' + b"\0" * (1536 * 1024)), headers={"content-type": "multipart/form-data; boundary=b"}), 413, "--max-request-mb"),
     ("too many pixels", dict(content=_png(np.zeros((1000, 1001, 3), np.uint8)), headers={"content-type": "image/png"}), 413, "--max-image-pixels"),
     ("too many images", dict(files=[("f", (f"{i}.png", _png(np.zeros((8, 8, 3), np.uint8)))) for i in range(9)]), 413, "--max-images"),
     ("wrong content type", dict(content=b"{}", headers={"content-type": "application/json"}), 415, "application/json"),
