@@ -76,8 +76,8 @@ class CNN(Classifier):
 
     def features(self, x: jax.Array) -> jax.Array:
         self.check_input(x)
-        x = nnx.avg_pool(jax.nn.relu(self.conv1(x)), (2, 2), strides=(2, 2))
-        x = nnx.avg_pool(jax.nn.relu(self.conv2(x)), (2, 2), strides=(2, 2))
+        x = nnx.avg_pool(jax.nn.relu(self.conv1(x)), window_shape=(2, 2), strides=(2, 2))
+        x = nnx.avg_pool(jax.nn.relu(self.conv2(x)), window_shape=(2, 2), strides=(2, 2))
         return jax.nn.relu(self.fc1(x.reshape(x.shape[0], -1)))
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -237,10 +237,13 @@ class ResNet(Classifier):
         self.check_input(x)
         x = jax.nn.relu(self.bn1(self.conv1(x)))
         if self.config.stem == "imagenet":
-            # flax's max_pool is unannotated: pyright infers `padding: str` from its default; pairs are documented.
-            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pyright: ignore[reportArgumentType]
+            # 3x3/2 max pool with one pixel of padding, written as an explicit -inf pad and a VALID pool (the same
+            # values and gradients as padding=((1, 1), (1, 1))): jax2onnx's nnx.max_pool takes only "SAME"/"VALID"
+            # padding, and SAME pads (0, 1) on even sizes, not (1, 1). Keywords: its max_pool takes no positionals.
+            x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+            x = nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2))
         else:
-            x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+            x = nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2))
         for stage in self.stages:
             for block in stage:
                 x = block(x)
