@@ -10,7 +10,7 @@ client threads share the machine's cores with the server, as a co-located client
 p50/p99 request latency, and from GET /health the mean images per device batch.
 
 Ceiling: the same program (`program.inference_function(model, "uint8")`, normalisation inside) exported to ONNX
-(`flaxvision.ship.onnx_export.to_onnx` when present, else jax2onnx directly) and run by onnxruntime in this process
+(`flaxvision.ship.onnx_export.to_onnx`) and run by onnxruntime in this process
 at batch 1 and 16, "model only" (pre-decoded uint8 arrays) and "decode+model" (decode_eval of the JPEG bytes, one
 thread, then the run). For the analysis: decode_eval alone per image, and the server's own jitted program in this
 process at batch 1 and 16 (model only), all measured after the server has stopped.
@@ -126,23 +126,10 @@ def timed(fn, rounds: int) -> tuple[float, float]:
     return statistics.median(runs), runs[int(0.99 * (len(runs) - 1))]
 
 
-def export_onnx(model: Any, path: Path) -> str:
-    try:
-        from flaxvision.ship.onnx_export import to_onnx  # type: ignore[import-not-found]
+def export_onnx(model: Any, path: Path) -> None:
+    from flaxvision.ship.onnx_export import to_onnx
 
-        to_onnx(model, path, input="uint8")
-        return "flaxvision.ship.onnx_export.to_onnx"
-    except ImportError:
-        import jax
-        from jax2onnx import to_onnx as jax2onnx_to_onnx
-
-        from flaxvision.ship.program import inference_function
-
-        fn, spec = inference_function(model, "uint8")
-        batch = jax.export.symbolic_shape("B")[0]
-        jax2onnx_to_onnx(fn, [jax.ShapeDtypeStruct(spec.shape(batch), np.uint8)], return_mode="file",
-                         output_path=str(path), input_names=[spec.input_name], output_names=["logits"])  # fmt: skip
-        return "jax2onnx.to_onnx (flaxvision.ship.onnx_export not on this branch)"
+    to_onnx(model, path, input="uint8")  # checked against JAX by onnxruntime before it is written
 
 
 def in_process(model: Any, data: bytes, onnx_path: Path, rounds: int) -> dict[str, Any]:
@@ -201,7 +188,7 @@ def main() -> None:
             proc.send_signal(signal.SIGTERM)
             result["server_exit"] = proc.wait(60)
         start = time.perf_counter()
-        result["onnx_export"] = export_onnx(model, Path(tmp) / "model.onnx")
+        export_onnx(model, Path(tmp) / "model.onnx")
         result["onnx_export_s"] = time.perf_counter() - start
         result["in_process"] = in_process(model, data, Path(tmp) / "model.onnx", args.rounds)
     if args.json:
@@ -215,7 +202,7 @@ def main() -> None:
         print(f"{'flaxvision serve, ' + str(row['clients']) + ' client(s)':34s} {row['images_per_s']:9.1f} "
               f"{row['p50_ms']:8.1f} {row['p99_ms']:8.1f}   mean batch {row['mean_batch']:.1f}, "
               f"{row['errors']} errors, {row['compiled_shapes']} compiled shapes")  # fmt: skip
-    print(f"in process (ONNX export: {result['onnx_export']}, {result['onnx_export_s']:.0f} s):")
+    print(f"in process (ONNX export by flaxvision.ship.onnx_export.to_onnx in {result['onnx_export_s']:.0f} s):")
     for key, row in result["in_process"].items():
         if key != "decode_ms":
             print(f"  {key:32s} {row['images_per_s']:9.1f} {row['p50_ms']:8.1f} {row['p99_ms']:8.1f}")
