@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import signal
 import statistics
@@ -108,9 +109,14 @@ def drive(url: str, data: bytes, clients: int, duration: float, warmup: float) -
     batches = after["batches"] - before["batches"]
     latencies.sort()
     return {"clients": clients, "images_per_s": len(latencies) / duration, "requests": len(latencies),
-            "p50_ms": 1e3 * latencies[len(latencies) // 2], "p99_ms": 1e3 * latencies[int(0.99 * (len(latencies) - 1))],
+            "p50_ms": 1e3 * statistics.median(latencies), "p99_ms": 1e3 * percentile(latencies, 99),
             "mean_batch": (after["images"] - before["images"]) / max(batches, 1), "errors": errors[0],
             "compiled_shapes": after["compiled_shapes"]}  # fmt: skip
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """The nearest-rank percentile (q in 0..100) of sorted values."""
+    return sorted_values[max(0, math.ceil(q / 100 * len(sorted_values)) - 1)]
 
 
 def timed(fn, rounds: int) -> tuple[float, float]:
@@ -123,7 +129,7 @@ def timed(fn, rounds: int) -> tuple[float, float]:
         fn()
         runs.append(time.perf_counter() - start)
     runs.sort()
-    return statistics.median(runs), runs[int(0.99 * (len(runs) - 1))]
+    return statistics.median(runs), percentile(runs, 99)
 
 
 def export_onnx(model: Any, path: Path) -> None:
