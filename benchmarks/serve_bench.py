@@ -108,6 +108,8 @@ def drive(url: str, data: bytes, clients: int, duration: float, warmup: float) -
     after = httpx.get(f"{url}/health").json()
     batches = after["batches"] - before["batches"]
     latencies.sort()
+    if not latencies:
+        raise SystemExit(f"no request of {clients} client(s) finished inside the {duration:g} s window; raise --duration")
     return {"clients": clients, "images_per_s": len(latencies) / duration, "requests": len(latencies),
             "p50_ms": 1e3 * statistics.median(latencies), "p99_ms": 1e3 * percentile(latencies, 99),
             "mean_batch": (after["images"] - before["images"]) / max(batches, 1), "errors": errors[0],
