@@ -194,27 +194,37 @@ def _stream(data: bytes):
     yield data[len(data) // 2 :]
 
 
+def _raw(body, content_type: str | None = "image/png", **kw) -> dict:
+    """httpx keywords for a raw body of `content_type` (None: no Content-Type header)."""
+    return dict(content=body, headers={"content-type": content_type} if content_type else {}, **kw)
+
+
+MB_AND_A_HALF = b"\0" * (1536 * 1024)  # over the server's --max-request-mb 1
+PART_HEAD = b'--b\r\nContent-Disposition: form-data; name="f"; filename="big.png"\r\n\r\n'
+MULTIPART_B = "multipart/form-data; boundary=b"
+TINY_PNG = _png(np.zeros((8, 8, 3), np.uint8))
+
 BAD = [  # (what, request keywords, status, a word of the message)
-    ("not an image", dict(content=b"not an image at all", headers={"content-type": "image/png"}), 422, "not a readable image"),
+    ("not an image", _raw(b"not an image at all"), 422, "not a readable image"),
     ("not an image, multipart", dict(files=[("f", ("notes.png", b"\x89PNG broken"))]), 422, "notes.png"),
-    ("empty body", dict(content=b"", headers={"content-type": "image/jpeg"}), 400, "empty"),
+    ("truncated JPEG", _raw(_jpeg()[: len(_jpeg()) // 2], "image/jpeg"), 422, "truncated"),
+    ("empty body", _raw(b"", "image/jpeg"), 400, "empty"),
     ("empty file", dict(files=[("f", ("zero.png", b""))]), 400, "zero.png: empty"),
-    ("no file part", dict(content=b"--b--\r\n", headers={"content-type": "multipart/form-data; boundary=b"}), 400, "without any file"),
+    ("no file part", _raw(b"--b--\r\n", MULTIPART_B), 400, "without any file"),
     ("form, not multipart", dict(data={"note": "hello"}), 415, "application/x-www-form-urlencoded"),
-    ("text field", dict(data={"note": "hello"}, files=[("f", ("a.png", _png(np.zeros((8, 8, 3), np.uint8))))]), 422, "'note' is not a file"),
-    ("request too large", dict(content=b"\0" * (1536 * 1024), headers={"content-type": "image/png"}), 413, "--max-request-mb"),
-    ("too large, no length", dict(content=_stream(b"\0" * (1536 * 1024)), headers={"content-type": "image/png"}), 413, "--max-request-mb"),
-    ("too large multipart, no length", dict(content=_stream(b'--b\r\nContent-Disposition: form-data; name="f"; filename="big.png"\r\n\r\n' + b"\0" * (1536 * 1024)), headers={"content-type": "multipart/form-data; boundary=b"}), 413, "--max-request-mb"),
-    ("too many pixels", dict(content=_png(np.zeros((1000, 1001, 3), np.uint8)), headers={"content-type": "image/png"}), 413, "--max-image-pixels"),
-    ("too many images", dict(files=[("f", (f"{i}.png", _png(np.zeros((8, 8, 3), np.uint8)))) for i in range(9)]), 413, "--max-images"),
-    ("wrong content type", dict(content=b"{}", headers={"content-type": "application/json"}), 415, "application/json"),
-    ("no content type", dict(content=b"abc"), 415, "(none)"),
-    ("truncated JPEG", dict(content=_jpeg()[: len(_jpeg()) // 2], headers={"content-type": "image/jpeg"}), 422, "truncated"),
-    ("malformed multipart", dict(content=b"xx", headers={"content-type": "multipart/form-data"}), 400, "multipart"),
-    ("top_k 0", dict(content=b"x", headers={"content-type": "image/png"}, params={"top_k": "0"}), 422, "top_k"),
-    ("top_k not a number", dict(content=b"x", headers={"content-type": "image/png"}, params={"top_k": "three"}), 422, "top_k"),
-    ("unknown parameter", dict(content=b"x", headers={"content-type": "image/png"}, params={"topk": "3"}), 422, "'topk'"),
-]  # fmt: skip
+    ("text field", dict(data={"note": "hi"}, files=[("f", ("a.png", TINY_PNG))]), 422, "'note' is not a file"),
+    ("request too large", _raw(MB_AND_A_HALF), 413, "--max-request-mb"),
+    ("too large, no length", _raw(_stream(MB_AND_A_HALF)), 413, "--max-request-mb"),
+    ("too large multipart, no length", _raw(_stream(PART_HEAD + MB_AND_A_HALF), MULTIPART_B), 413, "--max-request-mb"),
+    ("too many pixels", _raw(_png(np.zeros((1000, 1001, 3), np.uint8))), 413, "--max-image-pixels"),
+    ("too many images", dict(files=[("f", (f"{i}.png", TINY_PNG)) for i in range(9)]), 413, "--max-images"),
+    ("wrong content type", _raw(b"{}", "application/json"), 415, "application/json"),
+    ("no content type", _raw(b"abc", None), 415, "(none)"),
+    ("malformed multipart", _raw(b"xx", "multipart/form-data"), 400, "multipart"),
+    ("top_k 0", _raw(b"x", params={"top_k": "0"}), 422, "top_k"),
+    ("top_k not a number", _raw(b"x", params={"top_k": "three"}), 422, "top_k"),
+    ("unknown parameter", _raw(b"x", params={"topk": "3"}), 422, "'topk'"),
+]
 
 
 def test_every_bad_input_is_one_json_4xx_and_the_server_stays_healthy(server):
@@ -270,7 +280,8 @@ def test_a_failing_batch_is_one_500_logged_once_and_the_server_goes_on(caplog, m
         monkeypatch.setattr(service.batcher, "_program", broken)
         r = http.post("/predict", content=image, headers={"content-type": "image/png"})
         assert r.status_code == 500
-        assert r.json() == {"error": "internal server error (the device batch failed: RuntimeError); see the server's log"}
+        want = "internal server error (the device batch failed: RuntimeError); see the server's log"
+        assert r.json() == {"error": want}
         monkeypatch.setattr(service.batcher, "_program", program)
         ok = http.post("/predict", files=[("f", ("a.png", image)), ("f", ("b.png", image))])
         assert ok.status_code == 200 and [row["path"] for row in ok.json()] == ["a.png", "b.png"]
@@ -291,7 +302,7 @@ def test_sigterm_finishes_requests_in_flight_then_exits_0(server, want):
         yield data[100:]
 
     def client(i: int) -> None:
-        answers[i] = server.post(content=slow_body(server.images[i].read_bytes()), headers={"content-type": "image/png"})
+        answers[i] = server.post(**_raw(slow_body(server.images[i].read_bytes())))
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
     for t in threads:

@@ -35,14 +35,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-batch", type=int, default=32, help="most images in one device batch (default 32)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0,
                         help="how long a batch waits for more images after its first one (default 5)")  # fmt: skip
-    parser.add_argument("--top-k", type=int, default=5, help="predictions per image unless ?top_k= says otherwise")
+    parser.add_argument("--top-k", type=int, default=5, help="predictions per image (default 5; ?top_k= per request)")
     parser.add_argument("--weights", choices=("raw", "ema"), default="raw",
                         help="a run trained with --ema-decay: its raw weights (default) or their EMA")  # fmt: skip
-    parser.add_argument("--max-request-mb", type=float, default=20.0, help="largest request body (default 20; 413 above)")
+    parser.add_argument("--max-request-mb", type=float, default=20.0,
+                        help="largest request body (default 20; 413 above)")  # fmt: skip
     parser.add_argument("--max-image-pixels", type=int, default=40_000_000,
                         help="largest image, width x height by its header (default 40M; 413 above)")  # fmt: skip
-    parser.add_argument("--max-images", type=int, default=64, help="most images in one request (default 64; 413 above)")
-    parser.add_argument("--decode-threads", type=int, default=4, help="threads decoding and resizing images (default 4)")
+    parser.add_argument("--max-images", type=int, default=64,
+                        help="most images in one request (default 64; 413 above)")  # fmt: skip
+    parser.add_argument("--decode-threads", type=int, default=4,
+                        help="threads decoding and resizing images (default 4)")  # fmt: skip
     parser.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
     parser.set_defaults(func=run)
 
