@@ -34,14 +34,15 @@ class Server:
     def __init__(self, proc: subprocess.Popen, url: str, model_dir: Path, images: list[Path], stderr: Path, want: dict):
         self.proc, self.url, self.model_dir, self.images, self.stderr = proc, url, model_dir, images, stderr
         self.want = want  # predict --json on `images`, by file name
+        self.http = httpx.Client(timeout=60)  # one client (keep-alive) for the main thread's requests
 
     def health(self) -> dict:
-        r = httpx.get(f"{self.url}/health", timeout=10)
+        r = self.http.get(f"{self.url}/health")
         assert r.status_code == 200, r.text
         return r.json()
 
     def post(self, **kw) -> httpx.Response:
-        return httpx.post(f"{self.url}/predict", timeout=60, **kw)
+        return self.http.post(f"{self.url}/predict", **kw)
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -91,7 +92,9 @@ def server(tmp_path_factory):
     assert f"(buckets {','.join(map(str, BUCKETS))}; POST /predict, GET /health, GET /metadata)" in line
     url = line.split(" on ", 1)[1].split(" ", 1)[0]
     assert url.startswith("http://127.0.0.1:") and not url.endswith(":0")
-    yield Server(proc, url, root / "model", images, stderr, want)
+    served = Server(proc, url, root / "model", images, stderr, want)
+    yield served
+    served.http.close()
     if proc.poll() is None:
         proc.terminate()
         proc.wait(60)
@@ -146,7 +149,7 @@ def test_predict_answers_as_predict_json(server, want):
 def test_health_and_metadata(server):
     health = server.health()
     assert health["status"] == "ok" and health["buckets"] == BUCKETS
-    meta = httpx.get(f"{server.url}/metadata", timeout=10).json()
+    meta = server.http.get(f"{server.url}/metadata").json()
     assert meta["labels"] == CLASS_NAMES and meta["input"]["shape"] == [None, 16, 16, 3]
     assert meta["input"]["baked"] == ["normalize"] and meta["preprocessing"]["img_size"] == 16
     assert meta["server"]["buckets"] == BUCKETS and meta["server"]["max_images"] == 8
@@ -240,7 +243,7 @@ def test_every_bad_input_is_one_json_4xx_and_the_server_stays_healthy(server):
     mixed = server.post(files=[("f", ("good.png", good)), ("f", ("bad.png", b"garbage")), ("f", ("ok.png", good))])
     assert mixed.status_code == 422 and mixed.json()["error"].startswith("bad.png: not a readable image")
     for method, path, status in [("GET", "/nope", 404), ("POST", "/health", 405), ("GET", "/predict", 405)]:
-        r = httpx.request(method, f"{server.url}{path}", timeout=10)
+        r = server.http.request(method, f"{server.url}{path}")
         assert r.status_code == status and set(r.json()) == {"error"} and "POST /predict" in r.json()["error"]
     health = server.health()
     assert health["status"] == "ok" and health["images"] == images_before
@@ -302,7 +305,8 @@ def test_sigterm_finishes_requests_in_flight_then_exits_0(server, want):
         yield data[100:]
 
     def client(i: int) -> None:
-        answers[i] = server.post(**_raw(slow_body(server.images[i].read_bytes())))
+        with httpx.Client(timeout=60) as http:
+            answers[i] = http.post(f"{server.url}/predict", **_raw(slow_body(server.images[i].read_bytes())))
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
     for t in threads:
