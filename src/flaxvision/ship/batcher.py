@@ -1,7 +1,8 @@
 """Dynamic batching for `flaxvision serve`: one device worker, a few compiled batch sizes ("buckets").
 
 Requests put their decoded images (uint8 HWC at the model's size) into one queue. ONE worker thread takes the
-first image, then waits at most `max_wait_s` for more, up to `max_batch`; it pads the batch with zeros to the
+first image, then waits at most `max_wait_s` for more, up to `max_batch`, and only while `more_coming()` says that
+some request in flight has not queued its images yet (so a lone request is not delayed); it pads the batch with zeros to the
 smallest bucket that holds it, runs the jitted program (softmax of `program.inference_function(model, "uint8")`:
 normalisation inside, float32) and hands each image's probabilities back to the asyncio future of its request.
 The buckets are the powers of two below `max_batch` and `max_batch` itself, each compiled by `warm_up()`, so no
@@ -19,11 +20,13 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 log = logging.getLogger("flaxvision.serve")
+WAIT_SLICE_S = 0.001
 
 
 class BatchFailed(RuntimeError):
@@ -63,6 +66,9 @@ class Batcher:
         self._program = jax.jit(probabilities)
         self._queue: queue.Queue[tuple[np.ndarray, asyncio.Future, asyncio.AbstractEventLoop] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="flaxvision-device", daemon=True)
+        # Whether more images may come soon (the server: a request in flight has not queued its images yet). A
+        # batch waits for more only while this is true: a lone request does not pay max_wait_s.
+        self.more_coming: Callable[[], bool] = lambda: True
 
     def warm_up(self) -> None:
         """Compile (and run once) every bucket, before the server says it is ready."""
@@ -98,9 +104,15 @@ class Batcher:
             deadline = time.monotonic() + self.max_wait_s
             while len(batch) < self.max_batch:
                 try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    item = self._queue.get_nowait()
                 except queue.Empty:
-                    break
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not self.more_coming():
+                        break
+                    try:  # in slices, to stop waiting as soon as nothing more is coming
+                        item = self._queue.get(timeout=min(left, WAIT_SLICE_S))
+                    except queue.Empty:
+                        continue
                 if item is None:
                     stopping = True
                     break

@@ -71,6 +71,8 @@ class Service:
         self.batcher = Batcher(model, settings.max_batch, settings.max_wait_ms / 1000.0)
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="flaxvision-decode")
         self.requests = self.errors = self.in_flight = 0
+        self.coming = 0  # requests in flight whose images are not queued yet (read by the batcher's worker)
+        self.batcher.more_coming = lambda: self.coming > 0
 
     def health(self) -> dict[str, Any]:
         b = self.batcher
@@ -103,12 +105,17 @@ class Service:
             raise BadRequest(status, f"{name}: {message}{hint}") from None
 
     async def predict(self, request: Any) -> list[dict[str, Any]]:
-        top_k = self._top_k(request.query_params)
-        parts = await self._parts(request)
-        loop = asyncio.get_running_loop()
-        images = await asyncio.gather(*[loop.run_in_executor(self.pool, self.decode, name, data)
-                                        for name, data in parts])  # fmt: skip
-        probs = await asyncio.gather(*[self.batcher.submit(image) for image in images])
+        self.coming += 1
+        try:
+            top_k = self._top_k(request.query_params)
+            parts = await self._parts(request)
+            loop = asyncio.get_running_loop()
+            images = await asyncio.gather(*[loop.run_in_executor(self.pool, self.decode, name, data)
+                                            for name, data in parts])  # fmt: skip
+            futures = [self.batcher.submit(image) for image in images]
+        finally:
+            self.coming -= 1
+        probs = await asyncio.gather(*futures)
         k = min(top_k, len(self.names))
         out = []
         for (name, _), p in zip(parts, probs):
