@@ -4,8 +4,8 @@ Routes:
   POST /predict   one image as the raw body (Content-Type image/* or application/octet-stream), or one or several
                   images as multipart/form-data file parts (any field names); `?top_k=N`. Answers what
                   `flaxvision predict --json` prints: [{"path", "predictions": [{"label", "probability"}]}], in the
-                  order of the parts; "path" is the part's filename ("image-N" for a part without one, N from 1),
-                  "image" for a raw body. All or nothing: when one image of a request cannot be used, the whole
+                  order of the parts; "path" is the part's filename ("image-N" for an empty filename, N its position
+                  from 1), "image" for a raw body; a part without a filename is a form field, refused (422). All or nothing: when one image of a request cannot be used, the whole
                   request is answered with that image's 4xx, and no image of it is predicted.
   GET /health     {"status": "ok", counters}; GET /metadata: program.metadata(...) and the server's settings.
 
