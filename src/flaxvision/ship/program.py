@@ -105,7 +105,7 @@ def inference_function(model: Any, input: str = "uint8", input_size: tuple[int, 
     prep = model.preprocessing
     h, w, c = model.input_shape
     graphdef, state = nnx.split(model)
-    # (1, 1, 1, C): explicit ranks, so the program also traces under jax_numpy_rank_promotion="raise" (the tests').
+    # (1, 1, 1, C): explicit ranks, so the program also traces under jax_numpy_rank_promotion="raise"
     mean = jnp.asarray(prep.mean, jnp.float32).reshape(1, 1, 1, -1)
     inv_std = 1.0 / jnp.asarray(prep.std, jnp.float32).reshape(1, 1, 1, -1)
     if input_size is not None:
