@@ -3,7 +3,20 @@
 Runners import the heavy parts of the library (jax, datasets, ...) lazily, so `flaxvision --help` stays fast.
 """
 
-from flaxvision.commands import bench, card, evaluate, export, models, predict, presets, push, report, train, verify
+from flaxvision.commands import (
+    bench,
+    card,
+    evaluate,
+    export,
+    models,
+    predict,
+    presets,
+    push,
+    report,
+    serve,
+    train,
+    verify,
+)
 
 # Order = order in `flaxvision --help`.
-COMMANDS = [train, evaluate, predict, report, export, verify, presets, models, bench, card, push]
+COMMANDS = [train, evaluate, predict, report, export, serve, push, card, verify, presets, models, bench]

@@ -145,8 +145,6 @@ def resize_crop(x: jax.Array, prep: Any, out: tuple[int, int]) -> jax.Array:
 
 def metadata(model: Any, spec: ProgramSpec, *, format: str, source: str | None = None) -> dict[str, Any]:
     """What travels with an exported program: enough to feed it and to name its outputs without flaxvision."""
-    from flaxvision.commands.common import class_names_of
-
     return {
         "format": format,
         "flaxvision_version": __version__,
@@ -158,6 +156,6 @@ def metadata(model: Any, spec: ProgramSpec, *, format: str, source: str | None =
                   "shape": [None, *spec.shape(None)[1:]], "baked": list(spec.baked)},
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [None, model.config.num_classes],
                    "meaning": "logits; softmax gives the class probabilities"},
-        "labels": class_names_of(model),
+        "labels": list(model.label_names) if model.label_names else [str(i) for i in range(model.config.num_classes)],
         "preprocessing": model.preprocessing.to_dict(),
     }
