@@ -111,7 +111,7 @@ def test_loads_with_the_reference_outputs_and_exports_back(name, saved, tmp_path
         inputs = _inputs(model)
         result = verify.compare(model, _reference(directory, backbone), inputs, features=backbone)
         # SigLIP backbone features (map-pooled, large magnitude) differ by ~2e-5 from transformers 5.24 in float32
-            assert result["max_abs_diff"] <= (3e-5 if backbone else 1e-5), (name, size, result)
+        assert result["max_abs_diff"] <= (3e-5 if backbone else 1e-5), (name, size, result)
         if size != SIZES[0]:
             continue  # the export does not depend on the image size: once
         if target.startswith("transformers"):

@@ -64,10 +64,8 @@ class Service:
     """The model behind the routes: decoding in a thread pool, the batcher, the counters of GET /health."""
 
     def __init__(self, model: Any, settings: ServeSettings, source: str):
-        from flaxvision.commands.common import class_names_of
-
         self.model, self.settings, self.source = model, settings, source
-        self.names = class_names_of(model)
+        self.names = list(model.label_names) if model.label_names else [str(i) for i in range(model.config.num_classes)]
         self.batcher = Batcher(model, settings.max_batch, settings.max_wait_ms / 1000.0)
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="flaxvision-decode")
         self.requests = self.errors = self.in_flight = 0
