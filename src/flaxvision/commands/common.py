@@ -33,4 +33,4 @@ def load_model(source: str, weights: str = "raw", nonfinite: str = "warn") -> An
 
 
 def class_names_of(model: Any) -> list[str]:
-    return list(model.label_names) if model.label_names else [str(i) for i in range(model.config.num_classes)]
+    return model.class_names()

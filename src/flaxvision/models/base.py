@@ -289,6 +289,10 @@ class Classifier(nnx.Module):
     preprocessing: Preprocessing  # how images become inputs; travels with the weights
     label_names: tuple[str, ...] | None = None  # class names in label order, when known
 
+    def class_names(self) -> list[str]:
+        """The label names in class order, or "0", "1", ... when the model has none."""
+        return list(self.label_names) if self.label_names else [str(i) for i in range(self.config.num_classes)]
+
     def num_params(self) -> int:
         """Number of trainable parameters (nnx.Param leaves), e.g. 86,567,656 for ViT-B/16 with 1000 classes."""
         state = nnx.state(self, nnx.Param)

@@ -156,6 +156,6 @@ def metadata(model: Any, spec: ProgramSpec, *, format: str, source: str | None =
                   "shape": [None, *spec.shape(None)[1:]], "baked": list(spec.baked)},
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [None, model.config.num_classes],
                    "meaning": "logits; softmax gives the class probabilities"},
-        "labels": list(model.label_names) if model.label_names else [str(i) for i in range(model.config.num_classes)],
+        "labels": model.class_names(),
         "preprocessing": model.preprocessing.to_dict(),
     }

@@ -65,7 +65,7 @@ class Service:
 
     def __init__(self, model: Any, settings: ServeSettings, source: str):
         self.model, self.settings, self.source = model, settings, source
-        self.names = list(model.label_names) if model.label_names else [str(i) for i in range(model.config.num_classes)]
+        self.names = model.class_names()
         self.batcher = Batcher(model, settings.max_batch, settings.max_wait_ms / 1000.0)
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="flaxvision-decode")
         self.requests = self.errors = self.in_flight = 0
