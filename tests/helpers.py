@@ -126,6 +126,7 @@ class StopAfter:
     def __init__(self, loader, n):
         self.loader, self.n, self.seen = loader, n, 0
         self.augment = loader.augment  # the colour jitter the device stage applies
+        self.device_geometry = getattr(loader, "device_geometry", None)  # crops and flips, for an in-memory loader
 
     def __len__(self):
         return len(self.loader)
@@ -470,9 +471,10 @@ def kill_once_checkpointed(run_dir, steps: int, at_least: int, recipe: dict | No
 
 
 def metrics_records(run_dir) -> list[dict[str, Any]]:
-    """metrics.jsonl without the throughput (which differs between any two runs)."""
+    """metrics.jsonl without the clocks and memory readings (which differ between any two runs)."""
     records = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "images_per_second"} for r in records]
+    timing = ("images_per_second", "train_seconds", "input_wait_share", "peak_memory_bytes")
+    return [{k: v for k, v in r.items() if k not in timing} for r in records]
 
 
 def resume_fit(run_dir: str, steps: int, resume: bool, delay: float, recipe: dict | None = None) -> None:

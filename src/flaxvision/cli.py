@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from flaxvision import __version__, host_memory
+from flaxvision import __version__, compile_cache, host_memory
 from flaxvision.commands import COMMANDS
 from flaxvision.errors import FlaxvisionError, PeerProcessLost, RunStopped, TrainingDiverged, TrainingInterrupted
 
@@ -33,6 +33,8 @@ def exit_code_of(err: BaseException) -> int:
 
 # Commands whose time goes into XLA:CPU steps, which gain from huge pages (flaxvision.host_memory).
 COMPUTE_COMMANDS = ("train", "evaluate", "bench")
+# Commands that use JAX's persistent compilation cache by default (not `bench`: it measures compilation).
+CACHED_COMMANDS = ("train", "evaluate", "predict", "serve", "export", "report")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"flaxvision {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+    parser.add_argument("--no-compile-cache", action="store_true",
+                        help="compile everything afresh (default: JAX's persistent cache in ~/.cache/flaxvision/jax-cache, "
+                             "or $FLAXVISION_COMPILE_CACHE)")  # fmt: skip
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
         command.add_parser(sub)
@@ -60,11 +65,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     as_program = argv is None  # the console script or `python -m flaxvision`, not a call from Python
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere on the line, not only before the subcommand
+    cache = "--no-compile-cache" not in argv  # (likewise)
     parser = build_parser()
-    args = parser.parse_args([a for a in argv if a != "--debug"])
+    args = parser.parse_args([a for a in argv if a not in ("--debug", "--no-compile-cache")])
     args.debug = debug
     if as_program and args.command in COMPUTE_COMMANDS:
         host_memory.restart_with_huge_pages()
+    if args.command in CACHED_COMMANDS:
+        compile_cache.configure(enabled=cache)
     if args.command is None:
         parser.print_help()
         return EXIT_BAD_INPUT

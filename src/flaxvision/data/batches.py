@@ -19,6 +19,19 @@ from flaxvision.preprocessing import Preprocessing
 _REPLACEMENT_TRIES = 8  # a training image that cannot be decoded is replaced by one of up to 8 random others
 
 
+def epoch_order(n: int, epoch: int, *, seed: int, shuffle: bool, global_batch_size: int, batches: int) -> np.ndarray:
+    """Positions of an epoch's examples (a permutation seeded by (seed, epoch) when shuffling), cut to `batches`
+    global batches: the remainder dropped, or padding with -1 up to whole batches. The streaming and the in-memory
+    loaders share it, so both read the same examples in the same order."""
+    positions = np.arange(n, dtype=np.int64)
+    if shuffle:
+        positions = np.random.default_rng([seed, epoch]).permutation(n)
+    padded = np.full(batches * global_batch_size, -1, np.int64)
+    kept = min(len(positions), len(padded))
+    padded[:kept] = positions[:kept]
+    return padded
+
+
 class BatchMaker:
     """Batch number g (of the endless stream) -> {"image", "label", "mask", "id", "skipped"} numpy arrays.
 
@@ -56,13 +69,8 @@ class BatchMaker:
         global batches (eval: in order, every example once; training: a permutation, the remainder dropped)."""
         if self._order is not None and self._order[0] == epoch:
             return self._order[1]
-        n = len(self.source)
-        positions = np.arange(n, dtype=np.int64)
-        if self.shuffle and self.augment is not None:
-            positions = np.random.default_rng([self.seed, epoch]).permutation(n)
-        padded = np.full(self.batches_per_epoch * self.batch_size * self.shard[1], -1, np.int64)
-        kept = min(len(positions), len(padded))
-        padded[:kept] = positions[:kept]
+        padded = epoch_order(len(self.source), epoch, seed=self.seed, shuffle=self.shuffle and self.augment is not None,
+                             global_batch_size=self.batch_size * self.shard[1], batches=self.batches_per_epoch)  # fmt: skip
         self._order = (epoch, padded)
         return padded
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from flaxvision.data.device_geometry import DeviceGeometry
 from flaxvision.errors import FlaxvisionError
 from flaxvision.preprocessing import Preprocessing
 
@@ -62,9 +63,10 @@ def device_preprocess(
     contrast: float = 0.0,
     saturation: float = 0.0,
     hflip: bool = False,
+    geometry: DeviceGeometry | None = None,
     dtype: Any = jnp.float32,
 ) -> jax.Array:
-    """Jitter (optional) and normalise a uint8 NHWC batch: ((x / 255 after jitter) - mean) / std.
+    """Crop, flip and jitter (optional) and normalise a uint8 NHWC batch: ((x / 255 after jitter) - mean) / std.
 
     Colour jitter follows torchvision's ColorJitter semantics, in a fixed order (brightness, contrast,
     saturation): brightness scales pixels, contrast blends with the image's mean gray level, saturation blends
@@ -78,6 +80,8 @@ def device_preprocess(
       rng: a jax PRNG key for the random parts.
       brightness, contrast, saturation: jitter strengths in [0, 1).
       hflip: flip half of the images horizontally (the host pipeline already flips by default).
+      geometry: random crop and flip drawn on the device (images kept in memory at the model's size; see
+        data.device_geometry), before the jitter; needs `rng`.
       dtype: output dtype (e.g. jnp.bfloat16 for a bf16 model).
     """
     if images.ndim != 4 or images.shape[-1] != len(mean) or len(mean) != len(std):
@@ -88,6 +92,8 @@ def device_preprocess(
     x = jnp.asarray(images).astype(jnp.float32) * (1.0 / 255.0)
     batch = x.shape[0]
     if rng is not None:
+        if geometry is not None and not geometry.is_identity:  # (its own stream: the jitter's draws stay as they are)
+            x = geometry(x, jax.random.fold_in(rng, 7))
         k_flip, k_bright, k_contrast, k_sat = jax.random.split(rng, 4)
         if hflip:
             flip = jax.random.bernoulli(k_flip, 0.5, (batch, 1, 1, 1))
@@ -119,11 +125,12 @@ class DevicePreprocess:
     contrast: float = 0.0
     saturation: float = 0.0
     hflip: bool = False
+    geometry: DeviceGeometry | None = None
 
     def __call__(self, images: jax.Array | np.ndarray, rng: jax.Array | None = None, dtype: Any = jnp.float32) -> jax.Array:
         return device_preprocess(
             images, self.mean, self.std, rng=rng, brightness=self.brightness, contrast=self.contrast,
-            saturation=self.saturation, hflip=self.hflip, dtype=dtype,
+            saturation=self.saturation, hflip=self.hflip, geometry=self.geometry, dtype=dtype,
         )
 
 
@@ -158,6 +165,8 @@ class DeviceStage:
       jitter: the on-device colour jitter of training batches (an AugmentConfig's brightness, contrast, saturation;
         None: none). Evaluation never jitters.
       dtype: the model's compute dtype.
+      geometry: the random crop and flip of training batches drawn here rather than on the host (a
+        data.device_geometry.DeviceGeometry, from an in-memory loader's `device_geometry`; None: the host did them).
       preprocess: a custom `(images, key_or_None) -> inputs` that replaces jitter + normalisation.
 
     Inside jit: `stage.train_inputs(images, key)`, `stage.eval_inputs(images)`. On the host: `stage.put(batch)`,
@@ -165,15 +174,18 @@ class DeviceStage:
     """
 
     def __init__(self, preprocessing: Preprocessing, *, devices: Sequence[Any] | None = None, jitter: Any = None,
-                 dtype: Any = "float32", preprocess: Callable[..., jax.Array] | None = None):
+                 dtype: Any = "float32", preprocess: Callable[..., jax.Array] | None = None,
+                 geometry: DeviceGeometry | None = None):
         self.preprocessing = preprocessing
         self.mesh = Mesh(np.asarray(list(devices or jax.devices())), ("data",))
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
+        self.group_sharding = NamedSharding(self.mesh, PartitionSpec(None, "data"))  # (K, B, ...): K steps' batches
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.dtype = jnp.dtype(dtype)
         self.custom = preprocess
         strengths = (getattr(jitter, "brightness", 0.0), getattr(jitter, "contrast", 0.0), getattr(jitter, "saturation", 0.0))
-        self.train_fn = DevicePreprocess(tuple(preprocessing.mean), tuple(preprocessing.std), *strengths)
+        self.geometry = geometry
+        self.train_fn = DevicePreprocess(tuple(preprocessing.mean), tuple(preprocessing.std), *strengths, geometry=geometry)
         self.eval_fn = DevicePreprocess(tuple(preprocessing.mean), tuple(preprocessing.std))
 
     @property
@@ -200,18 +212,24 @@ class DeviceStage:
         """This process's rows of a global batch -> one array per key, sharded over the data axis."""
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v)) for k, v in batch.items()}
 
+    def put_group(self, group: dict[str, np.ndarray]) -> Batch:
+        """K stacked batches (K, local B, ...) -> arrays sharded over the data axis along B, for K steps in one call."""
+        return {k: jax.make_array_from_process_local_data(self.group_sharding, np.asarray(v)) for k, v in group.items()}
+
     def put_replicated(self, tree: Any) -> Any:
         return jax.device_put(tree, self.replicated)
 
-    def prefetch(self, items: Iterable[tuple[dict[str, np.ndarray], Any]], size: int = 2) -> Iterator[tuple[Batch, Any]]:
+    def prefetch(self, items: Iterable[tuple[Any, Any]], size: int = 2,
+                 put: Callable[[Any, Any], Any] | None = None) -> Iterator[tuple[Any, Any]]:  # fmt: skip
         """Keep `size` batches on the devices, the current one and the next, while steps run (device_put is
         asynchronous): the source is read `size - 1` batches ahead of the step.
 
         Items are (batch, tag) pairs; the tag (e.g. the data position after the batch) travels with its batch.
+        `put(batch, tag)` moves one to the devices (default: `self.put(batch)`).
         """
-        queue: collections.deque[tuple[Batch, Any]] = collections.deque()
+        queue: collections.deque[tuple[Any, Any]] = collections.deque()
         for batch, tag in items:
-            queue.append((self.put(batch), tag))
+            queue.append((put(batch, tag) if put is not None else self.put(batch), tag))
             if len(queue) >= size:
                 yield queue.popleft()
         yield from queue

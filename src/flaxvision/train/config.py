@@ -23,6 +23,8 @@ from flaxvision.models.lora import parse_targets as parse_lora_targets
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("linear", "cosine", "constant")
 PARAM_SHARDINGS = ("replicated", "fsdp")
+# Fields added after runs were recorded, with the value a recorded run that lacks them had (not today's default).
+RECORDED_BEFORE = {"in_memory": "off"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +51,8 @@ class TrainConfig:
     hflip: bool = True
     color_jitter: float = 0.2
     workers: int = 0  # grain worker processes (0: decode in the main process)
+    in_memory: str = "auto"  # decode the data once into memory, crop/flip on the device: "auto" (when it fits), "on", "off"
+    in_memory_max_gb: float = 4.0  # the most decoded data (train + val, GB of uint8 pixels) that "auto"/"on" keep
     randaugment: str | None = None  # timm's grammar, e.g. "rand-m9-mstd0.5-inc1" (in the workers, after the crop)
     trivialaugment: bool = False  # TrivialAugment Wide (one op, uniform magnitude; not with randaugment)
     reprob: float = 0.0  # random erasing probability per image (timm's --reprob), in the workers
@@ -76,6 +80,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # AdamW, decoupled; never on biases, norms, position embeddings, CLS token
     clip_grad_norm: float | None = None
     accumulate_steps: int = 1  # split each batch into this many micro-batches (same update, less memory)
+    steps_per_dispatch: int | None = None  # K steps per device call (lax.scan; same results); None: chosen by model size
     label_smoothing: float = 0.0
     layer_decay: float | None = None  # ViT layer-wise learning-rate decay, e.g. 0.75
     ema_decay: float | None = None  # EMA of the weights (timm ModelEmaV3), e.g. 0.9998; evaluated beside the raw
@@ -100,6 +105,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # the last K are kept, plus the best by val top-1
     progress: bool = True  # tqdm bar per epoch
     report: bool = True  # plots + report.html in the run directory at the end
+    profile: str | None = None  # "START:COUNT": a jax.profiler trace of COUNT steps after START steps, in <run>/profile
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> ConfigError:
@@ -137,6 +143,14 @@ class TrainConfig:
             raise bad("train_only", 'use "head" or "last:K" (e.g. last:2)')
         if not 0.1 <= self.rrc_scale_min <= 1.0:
             raise bad("rrc_scale_min", "must be in [0.1, 1]")
+        if self.in_memory not in ("auto", "on", "off"):
+            raise bad("in_memory", "use auto, on or off")
+        if self.in_memory_max_gb <= 0:
+            raise bad("in_memory_max_gb", "must be > 0, e.g. 4")
+        if self.steps_per_dispatch is not None and not 1 <= self.steps_per_dispatch <= 1024:
+            raise bad("steps_per_dispatch", "must be in [1, 1024] (1: one step per call), or None to choose by model size")
+        if self.profile is not None and profile_window(self.profile) is None:
+            raise bad("profile", "use START:COUNT, e.g. 10:5 (trace 5 steps after the first 10)")
         self._check_recipe_options(bad)
 
     def _check_recipe_options(self, bad: Any) -> None:
@@ -219,7 +233,17 @@ class TrainConfig:
         recipe = record.get("train_config", record)
         if not isinstance(recipe, dict):
             raise ConfigError(f"{path}: train_config is not a JSON object; pass a run's config.json")
+        if "train_config" in record:  # a run's record: it ran with what the fields it lacks meant then
+            recipe = {**RECORDED_BEFORE, **recipe}
         return cls.from_dict(recipe)
+
+
+def profile_window(value: str) -> tuple[int, int] | None:
+    """"START:COUNT" -> (START, COUNT) with START >= 0 and COUNT >= 1, else None."""
+    start, sep, count = value.partition(":")
+    if sep and start.isdigit() and count.isdigit() and int(count) >= 1:
+        return int(start), int(count)
+    return None
 
 
 def _last_k(value: str) -> int | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,7 @@ def fit(
       on_epoch_end: called with (trainer, eval result) after each epoch's checkpoint.
     """
     # ---- run directory: checks that write nothing, then the lock ---------------------------------------------
+    fit_started = time.perf_counter()
     is_main = jax.process_index() == 0
     run = RunDirectory(run_dir, is_main=is_main)
     mode = run.check_mode(resume=resume, overwrite=overwrite)
@@ -91,7 +93,7 @@ def fit(
         run.check_mode(resume=resume, overwrite=overwrite)  # again, now that no one else can change it
         return _fit_locked(run, mode, config, changes, model=model, train_data=train_data, val_data=val_data,
                            class_names=class_names, steps_per_epoch=steps_per_epoch, preprocess=preprocess,
-                           on_epoch_end=on_epoch_end)  # fmt: skip
+                           on_epoch_end=on_epoch_end, fit_started=fit_started)  # fmt: skip
     except BaseException:
         run.unlock()
         if mode == "new" and is_main:
@@ -102,7 +104,7 @@ def fit(
 
 
 def _fit_locked(run: RunDirectory, mode: str, config: TrainConfig, changes: dict, *, model, train_data, val_data,
-                class_names, steps_per_epoch, preprocess, on_epoch_end) -> FitResult:  # fmt: skip
+                class_names, steps_per_epoch, preprocess, on_epoch_end, fit_started) -> FitResult:  # fmt: skip
     # ---- model and data from the recipe (this also validates it: nothing is deleted before) ------------------
     jitter = getattr(train_data, "augment", None)  # a flaxvision loader's colour jitter, applied on the device
     if train_data is None:
@@ -120,7 +122,9 @@ def _fit_locked(run: RunDirectory, mode: str, config: TrainConfig, changes: dict
     recipe.check_fits(config, model, jax.devices())
 
     # ---- mesh, sharded state, compiled steps ---------------------------------------------------------------------
-    trainer = Trainer(config, model, steps_per_epoch=steps_per_epoch, preprocess=preprocess, jitter=jitter)
+    geometry = getattr(train_data, "device_geometry", None)  # an in-memory loader leaves crop and flip to the device
+    trainer = Trainer(config, model, steps_per_epoch=steps_per_epoch, preprocess=preprocess, jitter=jitter,
+                      geometry=geometry)  # fmt: skip
     checkpointer = Checkpointer(run.checkpoints, keep=config.keep_checkpoints) if mode != "overwrite" else None
 
     # ---- resume: the newest intact checkpoint (before the bad step of a diverged run) ------------------------------
@@ -164,7 +168,7 @@ def _fit_locked(run: RunDirectory, mode: str, config: TrainConfig, changes: dict
 
     # ---- the epochs -----------------------------------------------------------------------------------------------
     session = Session(run, trainer, checkpointer, log, progress, train_data=train_data, val_data=val_data,
-                      on_epoch_end=on_epoch_end)  # fmt: skip
+                      on_epoch_end=on_epoch_end, fit_started=fit_started)  # fmt: skip
     session.run()
 
     # ---- results: model/, eval.json, then summary.json (the run is finished) ---------------------------------------

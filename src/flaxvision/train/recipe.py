@@ -115,14 +115,46 @@ def make_loaders(config: TrainConfig, model: Any, train_source: Any, val_source:
     from flaxvision import data
 
     index, count = _process_share()
-    common = dict(preprocessing=model.preprocessing, seed=config.seed, workers=config.workers,
-                  shard_index=index, shard_count=count)  # fmt: skip
+    common: dict[str, Any] = dict(preprocessing=model.preprocessing, seed=config.seed, workers=config.workers,
+                                  shard_index=index, shard_count=count)  # fmt: skip
+    if in_memory_reason(config, model, train_source, val_source) is None:
+        from flaxvision.data import in_memory
+
+        quiet: dict[str, Any] = dict(progress=index == 0)
+        train_loader = None
+        if train_source is not None:
+            train_loader = in_memory.load(train_source, batch_size=config.batch_size // count, train=True,
+                                          augment=augment_config(config), **common, **quiet)  # fmt: skip
+        val = in_memory.load(val_source, batch_size=config.global_eval_batch_size // count, train=False, **common, **quiet)
+        return train_loader, val
     train_loader = None
     if train_source is not None:
         train_loader = data.make_loader(train_source, batch_size=config.batch_size // count, train=True,
                                         augment=augment_config(config), **common)  # fmt: skip
     val_loader = data.make_loader(val_source, batch_size=config.global_eval_batch_size // count, train=False, **common)
     return train_loader, val_loader
+
+
+def in_memory_reason(config: TrainConfig, model: Any, train_source: Any, val_source: Any) -> str | None:
+    """None when the recipe's data is to be decoded into memory (data.in_memory), else why it streams.
+
+    --in-memory off streams; "on" insists (an error when it cannot be done); "auto" keeps the data in memory when
+    it fits under --in-memory-max-gb (and half the machine's memory) and the device can do all of the augmentation.
+    """
+    from flaxvision.data import in_memory
+
+    if config.in_memory == "off":
+        return "--in-memory off"
+    sources = [s for s in (train_source, val_source) if s is not None]
+    augment = augment_config(config) if train_source is not None else None
+    reason = in_memory.host_only_reason(train_source, model.preprocessing, augment) if train_source is not None else None
+    too_big = in_memory.check_fits(sources, model.preprocessing, config.in_memory_max_gb)
+    if config.in_memory == "on" and (reason or too_big):
+        raise ConfigError(f"--in-memory on: {reason or too_big}; use --in-memory auto or off (streams from storage)"
+                          + ("" if reason else " or raise --in-memory-max-gb"))  # fmt: skip
+    if too_big and not reason and _process_share()[0] == 0:
+        print(f"flaxvision: streaming the data from storage: {too_big}")
+    return reason or too_big
 
 
 def build_run(config: TrainConfig, model: Any = None) -> RunParts:
@@ -218,11 +250,11 @@ def report_inputs(run_dir: Any) -> dict[str, Any]:
     model = out.get("model")
     if model is None:
         return out
-    out["stage"] = DeviceStage(model.preprocessing, devices=jax.devices()[:1], jitter=augment_config(config),
-                               dtype=model.config.dtype)  # fmt: skip
     try:
         splits = open_data(config)
         out["train_data"], out["val_data"] = make_loaders(config.replace(workers=0), model, splits.train, splits.val)
     except FlaxvisionError as err:
         out["notes"].append(f"sample grids left out: the dataset could not be opened ({err})")
+    out["stage"] = DeviceStage(model.preprocessing, devices=jax.devices()[:1], jitter=augment_config(config),
+                               dtype=model.config.dtype, geometry=getattr(out.get("train_data"), "device_geometry", None))  # fmt: skip
     return out

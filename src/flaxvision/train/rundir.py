@@ -33,7 +33,9 @@ RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "eval.json", "eval_
              "skipped_images.json", "skipped_images_val.json")  # fmt: skip
 RUN_DIRS = ("checkpoints", "model", "model_ema", "adapter")
 # TrainConfig fields that change how a run is watched, not what it computes: free to differ on resume.
-NOT_RECIPE = ("progress", "report", "workers", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints")
+# Fields that change how a run goes, not what it computes (steps_per_dispatch: K steps per call, same results).
+NOT_RECIPE = ("progress", "report", "workers", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+              "steps_per_dispatch", "profile", "in_memory_max_gb")
 
 
 class RunInUse(FlaxvisionError):
@@ -109,9 +111,12 @@ class RunDirectory:
         saved = self.saved_recipe()
         if saved is None:
             return {}
+        from flaxvision.train.config import RECORDED_BEFORE
+
         now = config.to_dict()
-        return {k: [saved.get(k), v] for k, v in now.items()
-                if k not in NOT_RECIPE and _differs(_canonical(k, saved.get(k)), _canonical(k, v))}  # fmt: skip
+        defaults = {**type(config)().to_dict(), **RECORDED_BEFORE}  # a field added later: what that run had
+        return {k: [saved.get(k, defaults[k]), v] for k, v in now.items()
+                if k not in NOT_RECIPE and _differs(_canonical(k, saved.get(k, defaults[k])), _canonical(k, v))}  # fmt: skip
 
     def check_changes(self, config: Any, *, allow: bool) -> dict[str, list[Any]]:
         """On resume: the recipe changes, when they are allowed; else one clear error. Changes that alter what a

@@ -23,6 +23,8 @@ from flaxvision import distributed, files
 from flaxvision.data.device import as_batch
 from flaxvision.errors import FlaxvisionError, TrainingDiverged, TrainingInterrupted
 from flaxvision.train.checkpoint import Checkpointer, Progress
+from flaxvision.train.dispatch import StepGroups
+from flaxvision.train.instrument import StepProfiler, peak_memory
 from flaxvision.train.rundir import MetricsLog, RunDirectory
 from flaxvision.train.trainer import Trainer, out_of_memory_error
 
@@ -34,7 +36,8 @@ COMMAND: contextvars.ContextVar[str | None] = contextvars.ContextVar("flaxvision
 class Session:
     def __init__(self, run: RunDirectory, trainer: Trainer, checkpointer: Checkpointer, log: MetricsLog,
                  progress: Progress, *, train_data: Iterable, val_data: Iterable | None,
-                 on_epoch_end: Callable[[Trainer, dict[str, Any]], None] | None = None):  # fmt: skip
+                 on_epoch_end: Callable[[Trainer, dict[str, Any]], None] | None = None,
+                 fit_started: float | None = None):  # fmt: skip
         self.run_dir, self.trainer, self.checkpointer, self.log = run, trainer, checkpointer, log
         self.progress = progress
         self.train_data, self.val_data, self.on_epoch_end = train_data, val_data, on_epoch_end
@@ -45,6 +48,11 @@ class Session:
         self.started = time.perf_counter() - progress.wall_seconds
         self.last_eval: dict[str, Any] | None = None
         self.compile_seconds: float | None = None
+        self.first_step_seconds: float | None = None
+        self.fit_started = fit_started if fit_started is not None else time.perf_counter()
+        self.input_wait = 0.0  # seconds this epoch waited for the next batch
+        self.profiler = StepProfiler(self.config.profile, run.file("profile"), is_main=self.is_main,
+                                     processes=self.processes)  # fmt: skip
         self._images_since_log, self._log_clock = 0, time.perf_counter()
 
     # ---- the loop ------------------------------------------------------------------------------------------------
@@ -76,6 +84,7 @@ class Session:
             raise clear from err
         finally:
             ctrl_c.restore()
+            self.profiler.stop(self.trainer.state)
         self._close_after(None)
 
     def _epoch(self, ctrl_c: DeferredInterrupt) -> None:
@@ -84,27 +93,41 @@ class Session:
         cursor = EpochCursor(self.train_data, epoch, p.data_state, p.batch_in_epoch)
         bar = tqdm(total=trainer.steps_per_epoch, initial=cursor.consumed, desc=f"epoch {epoch + 1}/{config.epochs}",
                    disable=not (config.progress and self.is_main), unit="step", dynamic_ncols=True)  # fmt: skip
-        clock = time.perf_counter()
+        clock = epoch_start = time.perf_counter()
+        timed_images, self.input_wait = 0, 0.0
         local_batch = config.batch_size // self.processes
         full_batches = ((b, pos) for b, pos in cursor if len(b["label"]) == local_batch)
-        for batch, (position, data_state) in trainer.stage.prefetch(full_batches):
-            trainer.state = trainer.train_step(trainer.state, batch)
-            self.step += 1
+        groups = StepGroups(self._timed(full_batches), trainer.steps_per_dispatch, self.step, self._boundaries(),
+                            self.profiler.marks)  # fmt: skip
+        for (batch, active), tags in trainer.stage.prefetch(groups, put=self._put):
+            self.profiler.before(self.step, trainer.state)
+            dispatched = time.perf_counter()
+            if active is None:
+                trainer.state = trainer.train_step(trainer.state, batch)
+            else:
+                trainer.state = trainer.train_steps(trainer.state, batch, active)  # pyright: ignore[reportOptionalCall]
+            k = len(tags)
+            self.step += k
             if self.compile_seconds is None:  # one sync, once: keep compilation out of the throughput
                 jax.block_until_ready(trainer.state.step)
-                self.compile_seconds = time.perf_counter() - clock
                 clock = self._log_clock = time.perf_counter()
+                self.compile_seconds = clock - dispatched  # compilation (or a cache load) and the first call
+                self.first_step_seconds = clock - self.fit_started
             else:
-                self._images_since_log += config.batch_size
-                p.train_images += config.batch_size
-            bar.update(1)
+                self._images_since_log += k * config.batch_size
+                p.train_images += k * config.batch_size
+                timed_images += k * config.batch_size
+            bar.update(k)
+            self.profiler.after(self.step, trainer.state)
             if self.step % config.log_every == 0:
                 r = self.log_train()
                 bar.set_postfix(loss=f"{r['loss']:.4f}", acc=f"{r['accuracy']:.3f}", img_s=f"{r['images_per_second']:.0f}")
+            position, data_state = tags[-1]
             p.batch_in_epoch, p.data_state = position, data_state
             ctrl_c.stop_here()  # state, step and data position agree: a safe point to stop
             mid_epoch = position < trainer.steps_per_epoch
             if mid_epoch and config.eval_every and self.step % config.eval_every == 0 and self.val_data is not None:
+                jax.block_until_ready(trainer.state.step)  # the clock stops when the steps have run, not when queued
                 p.train_seconds += time.perf_counter() - clock
                 self.save(self._score(self.evaluate(epoch)))
                 clock = self._log_clock = time.perf_counter()
@@ -112,8 +135,11 @@ class Session:
                 self.save()
             if not mid_epoch:
                 break
+        jax.block_until_ready(trainer.state.step)
+        now = time.perf_counter()
+        p.train_seconds += now - clock
+        self._epoch_record(epoch, timed_images, now - clock, now - epoch_start)
         bar.close()
-        p.train_seconds += time.perf_counter() - clock
         if self.step % config.log_every:
             self.log_train()
         p.epoch, p.batch_in_epoch, p.data_state = epoch + 1, 0, None
@@ -127,6 +153,39 @@ class Session:
         self._images_since_log, self._log_clock = 0, time.perf_counter()
         if self.on_epoch_end is not None:
             self.on_epoch_end(trainer, result or {})
+
+    def _timed(self, items: Iterable[Any]) -> Iterator[Any]:
+        """`items`, adding the time spent waiting for each to self.input_wait."""
+        iterator = iter(items)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                self.input_wait += time.perf_counter() - start
+            yield item
+
+    def _put(self, item: tuple[dict[str, np.ndarray], np.ndarray | None], tags: Any) -> tuple[Any, Any]:
+        batch, active = item
+        if active is None:
+            return self.trainer.stage.put(batch), None
+        return self.trainer.stage.put_group(batch), self.trainer.stage.put_replicated(active)
+
+    def _boundaries(self) -> list[int]:
+        """Step periods a group of steps must not cross: metric reads, evaluations, checkpoints."""
+        config = self.config
+        return [n for n in (config.log_every, config.eval_every, config.checkpoint_every) if n]
+
+    def _epoch_record(self, epoch: int, images: int, seconds: float, epoch_seconds: float) -> None:
+        """The epoch's synchronized throughput, its share of time waiting for input, and the peak memory."""
+        peak, where = peak_memory(self.trainer.mesh.devices.flat[0])
+        record = {"type": "epoch", "step": self.step, "epoch": epoch + 1, "train_seconds": epoch_seconds,
+                  "images_per_second": images / seconds if images and seconds > 0 else None,
+                  "input_wait_share": min(1.0, self.input_wait / epoch_seconds) if epoch_seconds > 0 else None,
+                  "peak_memory_bytes": peak, "peak_memory_of": where}  # fmt: skip
+        self.log.write(record)
 
     # ---- bookkeeping -----------------------------------------------------------------------------------------------
     def save(self, val_accuracy: float | None = None) -> None:
@@ -183,6 +242,8 @@ class Session:
             "wall_seconds": time.perf_counter() - self.started,
             "train_images_per_second": p.train_images / max(p.train_seconds, 1e-9),
             "compile_seconds": self.compile_seconds,
+            "first_step_seconds": self.first_step_seconds,
+            "steps_per_dispatch": self.trainer.steps_per_dispatch,
             "devices": len(self.trainer.mesh.devices.flat),
             "command": COMMAND.get(),
             "hardware": hardware(),

@@ -199,6 +199,26 @@ def make_train_step(
     return train_step
 
 
+def make_multi_step(train_step: Callable[[TrainState, dict[str, jax.Array]], TrainState]) -> Callable[..., TrainState]:
+    """`multi_step(state, batches, active) -> state`: train_step over K stacked batches (K, B, ...) in one call.
+
+    `active` (K booleans) runs a prefix of them: a group cut short (at an epoch end, a metrics read, a checkpoint)
+    fills the rest with any batch and skips it, so one compiled program serves every group size. Each step is the
+    same function of (state, batch) as alone (its keys come from state.step), so K steps here give the state that K
+    calls of train_step give.
+    """
+
+    def multi_step(state: TrainState, batches: dict[str, jax.Array], active: jax.Array) -> TrainState:
+        def one(state, inputs):
+            batch, run = inputs
+            return jax.lax.cond(run, train_step, lambda s, _: s, state, batch), None
+
+        state, _ = jax.lax.scan(one, state, (batches, active))
+        return state
+
+    return multi_step
+
+
 def make_eval_step(
     parts: ModelParts, *, preprocess: Callable[[jax.Array], jax.Array], num_classes: int
 ) -> Callable[[TrainState, dict[str, jax.Array]], dict[str, jax.Array]]:

@@ -1,0 +1,70 @@
+"""What a run records about itself beyond its metrics: a jax.profiler trace of chosen steps, and peak memory."""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from flaxvision.train.config import profile_window
+
+
+class StepProfiler:
+    """`--profile START:COUNT`: a jax.profiler trace of the COUNT steps after the first START, into `directory`
+    (TensorBoard's profile plugin reads it; perfetto_trace.json.gz opens in ui.perfetto.dev).
+
+    The loop calls `before(step, state)` ahead of each call and `after(step, state)` once it is dispatched; step
+    groups (train.dispatch) end at the window's edges. The state is waited for at both edges, so the trace holds
+    exactly those steps. Several processes each write their own subdirectory.
+    """
+
+    def __init__(self, spec: str | None, directory: Path, *, is_main: bool, processes: int):
+        self.window = profile_window(spec) if spec else None
+        self.directory = directory / f"process-{jax.process_index()}" if processes > 1 else directory
+        self.is_main = is_main
+        self.active = False
+
+    @property
+    def marks(self) -> list[int]:
+        return [] if self.window is None else [self.window[0], self.window[0] + self.window[1]]
+
+    def before(self, step: int, state: Any) -> None:
+        if self.window is not None and not self.active and step == self.window[0]:
+            jax.block_until_ready(state)
+            self.directory.mkdir(parents=True, exist_ok=True)
+            jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True)
+            self.active = True
+
+    def after(self, step: int, state: Any) -> None:
+        if self.active and self.window is not None and step >= sum(self.window):
+            self.stop(state, step)
+
+    def stop(self, state: Any, step: int | None = None) -> None:
+        """End the trace (also when the run ends inside the window)."""
+        if not self.active:
+            return
+        try:
+            jax.block_until_ready(state)
+        except Exception:  # the run failed and its state is gone: the trace ends here all the same
+            pass
+        jax.profiler.stop_trace()
+        self.active = False
+        assert self.window is not None
+        if self.is_main:
+            last = step if step is not None else "the end"
+            print(f"flaxvision: profile of steps {self.window[0] + 1}-{last} written to {self.directory} "
+                  f"(view: tensorboard --logdir {self.directory}, or perfetto_trace.json.gz in ui.perfetto.dev)")
+
+
+def peak_memory(device: Any) -> tuple[int | None, str]:
+    """(peak bytes, of what): the device's peak allocation where the backend reports it (GPU, TPU), else the
+    process's peak resident memory (the CPU backend keeps no allocator statistics)."""
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # some backends raise instead of returning None
+        stats = {}
+    if stats.get("peak_bytes_in_use"):
+        return int(stats["peak_bytes_in_use"]), "device"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_rss"
