@@ -205,7 +205,7 @@ def test_in_memory_choices(folder, capsys):
     with pytest.raises(ConfigError, match=r"--in-memory on: the data decodes to 0.0 GB, over --in-memory-max-gb 1e-06"):
         in_memory_reason(tiny.replace(in_memory="on"), model, splits.train, splits.val)
     assert "over --in-memory-max-gb" in str(in_memory_reason(tiny, model, splits.train, splits.val))
-    assert "streaming the data from storage" in capsys.readouterr().out
+    assert "streaming the data from storage" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="in_memory='maybe': use auto, on or off"):
         base.replace(in_memory="maybe")
     with pytest.raises(ConfigError, match="profile='5': use START:COUNT"):

@@ -90,3 +90,25 @@ def trim_after_compiles() -> None:
 
     jax.monitoring.register_event_duration_secs_listener(on_event)
     _listening = True
+
+
+def memory_limit_bytes(device: Any) -> tuple[int, str] | None:
+    """(bytes, what) the device can hold: an accelerator's memory, or for the CPU the machine's RAM (cgroup too)."""
+    if device.platform != "cpu":
+        stats = device.memory_stats() or {}
+        limit = stats.get("bytes_limit")
+        return (int(limit), f"{device.device_kind} memory") if limit else None
+    limits = []
+    try:
+        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError):
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:
+            limits.append(int(text))
+    return (min(limits), "this machine's memory") if limits else None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,7 @@ def load(source: ImageSource, *, preprocessing: Preprocessing, batch_size: int, 
         decoder.close()
     if progress:
         print(f"flaxvision: {source.name}: {kept} images decoded into memory ({images[:kept].nbytes / 1e6:.0f} MB) in "
-              f"{time.perf_counter() - start:.1f} s")  # fmt: skip
+              f"{time.perf_counter() - start:.1f} s", file=sys.stderr)  # fmt: skip (stderr: stdout may be --json)
     return InMemoryLoader(images[:kept], labels[:kept], ids[:kept], source=source, bad_ids=decoder.skipped.ids,
                           preprocessing=preprocessing, batch_size=batch_size, train=train, seed=seed, augment=augment,
                           shard_index=shard_index, shard_count=shard_count)  # fmt: skip
@@ -115,7 +116,7 @@ def load(source: ImageSource, *, preprocessing: Preprocessing, batch_size: int, 
 
 def check_fits(sources: list[ImageSource], preprocessing: Preprocessing, max_gb: float) -> str | None:
     """None when the sources decoded fit under `max_gb` and half the machine's memory, else why not."""
-    from flaxvision.train.recipe import memory_limit_bytes  # (the machine's memory, cgroup limits included)
+    from flaxvision.host_memory import memory_limit_bytes  # (the machine's memory, cgroup limits included)
 
     need = sum(decoded_bytes(s, preprocessing) for s in sources)
     if need > max_gb * 1e9:

@@ -1,7 +1,9 @@
-"""What a run records about itself beyond its metrics: a jax.profiler trace of chosen steps, and peak memory."""
+"""What a run records about itself beyond its metrics: a jax.profiler trace of chosen steps, peak memory, and the
+hardware it ran on."""
 
 from __future__ import annotations
 
+import platform
 import resource
 from pathlib import Path
 from typing import Any
@@ -68,3 +70,28 @@ def peak_memory(device: Any) -> tuple[int | None, str]:
     if stats.get("peak_bytes_in_use"):
         return int(stats["peak_bytes_in_use"]), "device"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_rss"
+
+
+def hardware() -> dict[str, Any]:
+    """What the run ran on: JAX's platform and device kind, device and process counts, the host's CPU model."""
+    devices = jax.devices()
+    return {
+        "platform": devices[0].platform,
+        "device_kind": devices[0].device_kind,
+        "device_count": jax.device_count(),
+        "process_count": jax.process_count(),
+        "cpu": cpu_model(),
+    }
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (Linux), else platform.processor(), else None."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "cpu model") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or None

@@ -10,11 +10,12 @@ evaluation see the same classes, the same preprocessing and the same images.
 from __future__ import annotations
 
 import dataclasses
-import os
+import sys
 from typing import Any
 
 from flaxvision import files
 from flaxvision.errors import ConfigError, FlaxvisionError
+from flaxvision.host_memory import memory_limit_bytes
 from flaxvision.train.config import TrainConfig
 
 
@@ -153,7 +154,7 @@ def in_memory_reason(config: TrainConfig, model: Any, train_source: Any, val_sou
         raise ConfigError(f"--in-memory on: {reason or too_big}; use --in-memory auto or off (streams from storage)"
                           + ("" if reason else " or raise --in-memory-max-gb"))  # fmt: skip
     if too_big and not reason and _process_share()[0] == 0:
-        print(f"flaxvision: streaming the data from storage: {too_big}")
+        print(f"flaxvision: streaming the data from storage: {too_big}", file=sys.stderr)
     return reason or too_big
 
 
@@ -169,28 +170,6 @@ def build_run(config: TrainConfig, model: Any = None) -> RunParts:
 
 
 # ---- will it fit? ------------------------------------------------------------------------------------------------
-
-
-def memory_limit_bytes(device: Any) -> tuple[int, str] | None:
-    """(bytes, what) the device can hold: an accelerator's memory, or for the CPU the machine's RAM (cgroup too)."""
-    if device.platform != "cpu":
-        stats = device.memory_stats() or {}
-        limit = stats.get("bytes_limit")
-        return (int(limit), f"{device.device_kind} memory") if limit else None
-    limits = []
-    try:
-        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError):
-        pass
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            with open(path) as f:
-                text = f.read().strip()
-        except OSError:
-            continue
-        if text.isdigit() and int(text) < 1 << 60:
-            limits.append(int(text))
-    return (min(limits), "this machine's memory") if limits else None
 
 
 def check_fits(config: TrainConfig, model: Any, devices: list[Any]) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextvars
 import os
-import platform
 import signal
 import threading
 import time
@@ -24,7 +23,7 @@ from flaxvision.data.device import as_batch
 from flaxvision.errors import FlaxvisionError, TrainingDiverged, TrainingInterrupted
 from flaxvision.train.checkpoint import Checkpointer, Progress
 from flaxvision.train.dispatch import StepGroups
-from flaxvision.train.instrument import StepProfiler, peak_memory
+from flaxvision.train.instrument import StepProfiler, hardware, peak_memory
 from flaxvision.train.rundir import MetricsLog, RunDirectory
 from flaxvision.train.trainer import Trainer, out_of_memory_error
 
@@ -278,31 +277,6 @@ class Session:
                 return distributed.PeerProcessLost(f"{message} ({str(err).splitlines()[0]})")
             return oom or err
         return err
-
-def hardware() -> dict[str, Any]:
-    """What the run ran on: JAX's platform and device kind, device and process counts, the host's CPU model."""
-    devices = jax.devices()
-    return {
-        "platform": devices[0].platform,
-        "device_kind": devices[0].device_kind,
-        "device_count": jax.device_count(),
-        "process_count": jax.process_count(),
-        "cpu": cpu_model(),
-    }
-
-
-def cpu_model() -> str | None:
-    """The CPU's model name from /proc/cpuinfo (Linux), else platform.processor(), else None."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Model", "cpu model") and value.strip():
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
 
 # ---- the pieces ----------------------------------------------------------------------------------------------------
 
