@@ -2,6 +2,7 @@
 
     bash benchmarks/gpu_check.sh                       # on the GPU machine, from the root of a copy of the repo
     GPU_CHECK_TINY=1 bash benchmarks/gpu_check.sh      # tiny sizes, any machine (2 CPU cores: about 2 minutes)
+    bash benchmarks/gpu_check.sh --only torch,input --models resnet50    # a second run for what the first missed
 
 Prints ONE JSON object on stdout (progress goes to stderr):
   device          JAX's device kind, the measured bf16 matmul rate, and the peak bf16 FLOP/s that MFU divides by
@@ -44,6 +45,7 @@ def peak_bf16_flops(device_kind: str) -> float | None:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
+    name: str  # "full" or "tiny"
     setups: tuple[tuple[str, tuple[int, ...]], ...]  # (model, batch sizes); the same batches on both sides
     img_size: int
     steps: int  # timed steps per measurement
@@ -59,15 +61,16 @@ class Plan:
 
 
 FULL = Plan(
-    setups=(("vit_base_patch16_224", (128, 256)), ("vit_tiny_patch16_224", (128,)), ("resnet50", (128,))),
+    name="full", setups=(("vit_base_patch16_224", (128, 256)), ("vit_tiny_patch16_224", (128,)), ("resnet50", (128,))),
     img_size=224, steps=20, warmup=3, matmul_n=8192, total_seconds=450, part_seconds=150, input_seconds=60,
     jpegs_per_class=48, input_batch=128, input_batches=30,
 )  # fmt: skip
 TINY = Plan(
-    setups=(("vit_tiny_patch16_224", (4, 8)), ("resnet18", (4,))),
+    name="tiny", setups=(("vit_tiny_patch16_224", (4, 8)), ("resnet18", (4,))),
     img_size=32, steps=2, warmup=1, matmul_n=512, total_seconds=180, part_seconds=60, input_seconds=40,
     jpegs_per_class=4, input_batch=8, input_batches=4, compile_backend="eager",
 )  # fmt: skip
+PARTS = frozenset({"flaxvision", "torch", "input"})
 MIN_PART_SECONDS = 10  # a part is skipped when less than this is left
 
 
@@ -205,8 +208,10 @@ class Run:
         self.start = time.monotonic()
         self.grain = _importable("grain")
         self.deadline = self.start + plan.total_seconds
-        self.result: dict[str, Any] = {"mode": "tiny" if plan is TINY else "full", "plan": dataclasses.asdict(plan),
-                                       "device": None, "train": {}, "input_pipeline": None}  # fmt: skip
+        self.result: dict[str, Any] = {
+            "mode": plan.name, "plan": dataclasses.asdict(plan),
+            "device": None, "train": {}, "input_pipeline": None,
+        }  # fmt: skip
 
     def left(self, reserve: float = 0.0) -> float:
         return self.deadline - reserve - time.monotonic()
@@ -271,7 +276,7 @@ class Run:
             found.extend(objects)
             return {"error": error} if error else {}
 
-        outcome = self.guarded(f"timm {model} b{'/'.join(map(str, batches))}", 2 * p.part_seconds, part)
+        outcome = self.guarded(f"timm {model} b{'/'.join(map(str, batches))}", p.part_seconds, part)
         for batch in batches:
             setup = self.result["train"].setdefault(f"{model}_b{batch}", {"model": model, "batch_size": batch})
             for mode in ("eager", "compile"):
@@ -318,20 +323,25 @@ class Run:
                 setup[f"ratio_vs_torch_{mode}"] = ours / theirs if ours and theirs else None
         self.result["wall_seconds"] = round(time.monotonic() - self.start, 1)
 
-    def all(self) -> dict[str, Any]:
+    def all(self, only: frozenset[str] = PARTS) -> dict[str, Any]:
+        """The device, then in order of importance: the first setup on both sides, the rest of flaxvision, the
+        rest of torch, the input pipeline (its time kept aside). `only`: the kinds of part to run (the device
+        always runs: MFU needs it)."""
         (first_model, first_batches), *rest = self.plan.setups
         budget = self.plan.part_seconds
+        ours, theirs = "flaxvision" in only, "torch" in only
         self.device()
-        self.flaxvision(first_model, first_batches[0], 1.5 * budget)
-        self.torch(first_model, first_batches)
-        for batch in first_batches[1:]:
-            self.flaxvision(first_model, batch, budget)
-        for model, batches in rest:
+        if ours:
+            self.flaxvision(first_model, first_batches[0], 1.5 * budget)  # a cold start: the caches are empty
+        if theirs:
+            self.torch(first_model, first_batches)
+        for model, batches in [(first_model, first_batches[1:]), *rest] if ours else ():
             for batch in batches:
                 self.flaxvision(model, batch, budget)
-        for model, batches in rest:
+        for model, batches in rest if theirs else ():
             self.torch(model, batches)
-        self.input_pipeline()
+        if "input" in only:
+            self.input_pipeline()
         self.summarise()
         return self.result
 
@@ -340,6 +350,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--part", choices=["device", "torch", "jpegs"], help="(internal) run one part")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (also GPU_CHECK_TINY=1)")
+    parser.add_argument("--only", default=",".join(sorted(PARTS)),
+                        help="comma-separated parts to run: flaxvision, torch, input (default: all)")
+    parser.add_argument("--models", default=None, help="comma-separated models of the plan to run (default: all)")
     parser.add_argument("--matmul-n", type=int, default=FULL.matmul_n)
     parser.add_argument("--model")
     parser.add_argument("--batches", default="")
@@ -358,8 +371,17 @@ def main() -> None:
     elif args.part == "jpegs":
         part_jpegs(args.root, args.per_class)
     else:
-        tiny = args.tiny or os.environ.get("GPU_CHECK_TINY") == "1"
-        print(json.dumps(Run(TINY if tiny else FULL).all()), flush=True)
+        plan = TINY if args.tiny or os.environ.get("GPU_CHECK_TINY") == "1" else FULL
+        only = frozenset(args.only.split(","))
+        if not only <= PARTS:
+            parser.error(f"--only {args.only}: choose from {', '.join(sorted(PARTS))}")
+        if args.models:
+            names = args.models.split(",")
+            known = [model for model, _ in plan.setups]
+            if not set(names) <= set(known):
+                parser.error(f"--models {args.models}: this plan has {', '.join(known)}")
+            plan = dataclasses.replace(plan, setups=tuple(s for s in plan.setups if s[0] in names))
+        print(json.dumps(Run(plan).all(only)), flush=True)
 
 
 if __name__ == "__main__":
