@@ -126,7 +126,9 @@ class Attention(nnx.Module):
             probs = self.attn_drop(jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype))
             out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         else:
-            # Picks cuDNN flash attention on GPUs, the XLA composition elsewhere.
+            # jax's default implementation is the XLA composition on every platform (jax 0.10: "falls back to
+            # xla"), GPUs included: the cuDNN fused kernel needs implementation="cudnn" (tests/test_gpu_lowering.py
+            # finds no custom call in the CUDA lowering).
             out = jax.nn.dot_product_attention(q, k, v)
         out = out.reshape(b, t, d)
         if self.norm is not None:

@@ -38,12 +38,11 @@ def _rss_now_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def matmul_roofline(n: int = 2048, repeats: int = 5) -> float:
-    """GFLOP/s of an n x n x n float32 matmul under XLA, best of `repeats`."""
+def matmul_roofline(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
+    """GFLOP/s of an n x n x n matmul of `dtype` under XLA, best of `repeats`."""
     import jax
-    import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     f = jax.jit(lambda x, y: x @ y)
     f(a, a).block_until_ready()
     best = float("inf")
@@ -161,12 +160,16 @@ def _transformers(model: str, batch: int, img_size: int, steps: int, warmup: int
     }  # fmt: skip
 
 
-def _child(side: str, **kwargs: Any) -> dict[str, Any] | None:
-    """Run one side in a fresh interpreter; None when its library is not installed."""
+def _child(side: str, *, timeout: float | None = None, **kwargs: Any) -> dict[str, Any] | None:
+    """Run one side in a fresh interpreter; None when its library is not installed.
+
+    Raises subprocess.TimeoutExpired (the child killed) after `timeout` seconds (benchmarks/gpu_check.py).
+    """
     cmd = [sys.executable, "-m", "flaxvision.train.benchmark", "--side", side, "--json"]
     for key, value in kwargs.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=host_memory.environment() or os.environ)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=host_memory.environment() or os.environ,
+                            timeout=timeout)  # fmt: skip
     if result.returncode != 0:
         if "ModuleNotFoundError" in result.stderr or "no transformers reference" in result.stderr:
             return None
@@ -178,7 +181,7 @@ def benchmark_train(model: str = "vit_base_patch16_224", batch_size: int = 8, im
                     dtype: str = "float32", steps: int = 5, warmup: int = 2, reference: bool = True,
                     remat: str | None = None) -> dict[str, Any]:
     """Both sides and the roofline; the keys of `flaxvision bench train --json`."""
-    common = dict(model=model, batch_size=batch_size, img_size=img_size, steps=steps, warmup=warmup)
+    common: dict[str, Any] = dict(model=model, batch_size=batch_size, img_size=img_size, steps=steps, warmup=warmup)
     ours = _child("flaxvision", dtype=dtype, **({"remat": remat} if remat else {}), **common)
     if ours is None:
         raise RuntimeError("the flaxvision side of the training benchmark could not run (a module is missing)")

@@ -72,13 +72,21 @@ class Trainer:
         if not jax.tree.leaves(state.params):
             raise FlaxvisionError("nothing to train: --train-only/--freeze froze every parameter")
         self.tx, self.schedule = make_optimizer(config, state.params, model.config, self.total_steps)
-        state = state.replace(opt_state=self.tx.init(state.params))
+        # An abstract model (`nnx.eval_shape`) gives an abstract state: shapes, dtypes and shardings, nothing
+        # allocated, enough to lower, compile or export the steps (tests export ViT-B/16's step for GPU and TPU).
+        abstract = any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(state.params))
+        build = jax.eval_shape if abstract else (lambda f, *args: f(*args))
+        state = state.replace(opt_state=build(self.tx.init, state.params))
         self.has_ema = config.ema_decay is not None
         if self.has_ema:
-            state = state.replace(ema=ema.init(state.params, state.model_state))
+            state = state.replace(ema=build(ema.init, state.params, state.model_state))
         # Replicated, or FSDP: big arrays (parameters and the optimizer state shaped like them) split over "data".
         self.state_sharding = distributed.state_shardings(state, self.mesh, config.param_sharding, config.fsdp_min_size)
-        self.state: TrainState = jax.device_put(state, self.state_sharding)
+        if abstract:
+            self.state: TrainState = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                                  state, self.state_sharding)  # fmt: skip
+        else:
+            self.state = jax.device_put(state, self.state_sharding)
         host_memory.release_free_memory()  # what building the model and optimizer state left in the heap
 
         # ---- steps ----------------------------------------------------------------------------------------------
