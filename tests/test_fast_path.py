@@ -98,26 +98,28 @@ def test_random_resized_crop_cuts_a_box_and_scales_it_up():
 def test_step_groups_stop_at_every_boundary():
     items = [({"label": np.full(2, i)}, i) for i in range(11)]
     groups = list(StepGroups(items, 4, step=1, periods=[5], marks=[7]))
-    tags = [t for _, t in groups]
-    assert tags == [[0, 1, 2, 3], [4, 5], [6, 7, 8], [9, 10]]  # steps 1-5 | 5-7 (mark) | 7-10 (period) | the end
-    (stacked, active), _ = groups[1]
-    assert active is not None and stacked["label"].shape == (4, 2) and active.tolist() == [True, True, False, False]
+    assert [t for _, t in groups] == [[0, 1, 2, 3], [4], [5], [6], [7], [8], [9], [10]]  # steps 1-5, then no
+    assert [stacked for (_, stacked), _ in groups] == [True] + [False] * 7  # room for 4 before a boundary: singles
+    assert groups[0][0][0]["label"].shape == (4, 2) and groups[1][0][0]["label"].shape == (2,)
+    aligned = list(StepGroups(items[:10], 5, step=0, periods=[5]))
+    assert [t for _, t in aligned] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
     single = list(StepGroups(items[:3], 1, step=0))
-    assert [a for (_, a), _ in single] == [None] * 3 and [t for _, t in single] == [[0], [1], [2]]
+    assert [s for (_, s), _ in single] == [False] * 3 and [t for _, t in single] == [[0], [1], [2]]
 
 
-def test_auto_steps_per_dispatch_groups_small_models_only():
+def test_auto_steps_per_dispatch_groups_small_models_on_accelerators_only():
     from types import SimpleNamespace
 
     from flaxvision.models.registry import model_config
 
     config = TrainConfig(model="cnn", batch_size=32, log_every=10)
     cnn = SimpleNamespace(config=model_config("cnn"))
+    assert auto_steps_per_dispatch(cnn, config, 1, platform="cpu") == 1  # no gain measured on the CPU
     for log_every in (10, 8, 7):
-        k = auto_steps_per_dispatch(cnn, config.replace(log_every=log_every), 1)
+        k = auto_steps_per_dispatch(cnn, config.replace(log_every=log_every), 1, platform="gpu")
         assert (k > 1 or log_every == 7) and log_every % k == 0, (log_every, k)  # groups line up with the metric reads
     vit_b = SimpleNamespace(config=model_config("vit_base_patch16_224"))
-    assert auto_steps_per_dispatch(vit_b, config.replace(batch_size=8), 1) == 1  # ~100 GFLOP a step: one per call
+    assert auto_steps_per_dispatch(vit_b, config.replace(batch_size=8), 1, platform="gpu") == 1  # ~100 GFLOP a step
 
 
 def _colour_fit(tmp_path, name, **kw):

@@ -3,8 +3,7 @@
 For a small model one step takes about as long as launching it and doing the loop's bookkeeping, so the loop hands
 the device K stacked batches at a time and a `lax.scan` runs the K steps. A group never crosses a step at which the
 loop must look at the state (a metrics read, an evaluation, a checkpoint, the edge of a profile window) nor the end
-of the epoch: there it is cut short and the rest of its K slots is filled with a copy of its last batch, marked
-inactive, so one compiled program serves every group.
+of the epoch: a group cut short there runs as single steps (two compiled programs in all: K steps, and one).
 """
 
 from __future__ import annotations
@@ -16,8 +15,8 @@ import numpy as np
 
 
 class StepGroups:
-    """Yield ((batch, active), tags) from (batch, tag) items: with K == 1 each batch alone (active None); else K
-    stacked batches (K, B, ...) with `active` (K,) bool, and the tags of the batches that run, in order.
+    """Yield ((batch, stacked), tags) from (batch, tag) items: K stacked batches (K, B, ...) with stacked True and
+    their K tags, or one batch alone (stacked False) with its tag.
 
     Args:
       items: (numpy batch dict, tag) pairs, one per step.
@@ -42,25 +41,26 @@ class StepGroups:
                 size = min(size, mark - step)
         return size
 
-    def __iter__(self) -> Iterator[tuple[tuple[dict[str, np.ndarray], np.ndarray | None], list[Any]]]:
-        if self.k == 1:
-            for batch, tag in self.items:
-                self.step += 1
-                yield (batch, None), [tag]
-            return
+    def __iter__(self) -> Iterator[tuple[tuple[dict[str, np.ndarray], bool], list[Any]]]:
         pending: list[tuple[dict[str, np.ndarray], Any]] = []
         for item in self.items:
+            if self.k == 1:
+                self.step += 1
+                yield (item[0], False), [item[1]]
+                continue
             pending.append(item)
-            if len(pending) == self.size_at(self.step):
-                yield self._stack(pending)
+            size = self.size_at(self.step)
+            if size < self.k:  # a boundary is near: single steps up to it
+                yield from self._singles(pending)
                 pending = []
-        if pending:  # the epoch ended inside a group
-            yield self._stack(pending)
+            elif len(pending) == self.k:
+                self.step += self.k
+                stacked = {key: np.stack([b[key] for b, _ in pending]) for key in pending[0][0]}
+                yield (stacked, True), [tag for _, tag in pending]
+                pending = []
+        yield from self._singles(pending)  # the epoch ended inside a group
 
-    def _stack(self, pending: list[tuple[dict[str, np.ndarray], Any]]) -> tuple[tuple[dict[str, np.ndarray], np.ndarray], list[Any]]:
-        self.step += len(pending)
-        batches = [b for b, _ in pending]
-        batches += [batches[-1]] * (self.k - len(batches))
-        stacked = {key: np.stack([b[key] for b in batches]) for key in batches[0]}
-        active = np.arange(self.k) < len(pending)
-        return (stacked, active), [tag for _, tag in pending]
+    def _singles(self, pending: list[tuple[dict[str, np.ndarray], Any]]) -> Iterator[tuple[tuple[dict[str, np.ndarray], bool], list[Any]]]:
+        for batch, tag in pending:
+            self.step += 1
+            yield (batch, False), [tag]

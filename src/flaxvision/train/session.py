@@ -98,13 +98,13 @@ class Session:
         full_batches = ((b, pos) for b, pos in cursor if len(b["label"]) == local_batch)
         groups = StepGroups(self._timed(full_batches), trainer.steps_per_dispatch, self.step, self._boundaries(),
                             self.profiler.marks)  # fmt: skip
-        for (batch, active), tags in trainer.stage.prefetch(groups, put=self._put):
+        for (batch, stacked), tags in trainer.stage.prefetch(groups, put=self._put):
             self.profiler.before(self.step, trainer.state)
             dispatched = time.perf_counter()
-            if active is None:
-                trainer.state = trainer.train_step(trainer.state, batch)
+            if stacked:
+                trainer.state = trainer.train_steps(trainer.state, batch)  # pyright: ignore[reportOptionalCall]
             else:
-                trainer.state = trainer.train_steps(trainer.state, batch, active)  # pyright: ignore[reportOptionalCall]
+                trainer.state = trainer.train_step(trainer.state, batch)
             k = len(tags)
             self.step += k
             if self.compile_seconds is None:  # one sync, once: keep compilation out of the throughput
@@ -166,11 +166,9 @@ class Session:
                 self.input_wait += time.perf_counter() - start
             yield item
 
-    def _put(self, item: tuple[dict[str, np.ndarray], np.ndarray | None], tags: Any) -> tuple[Any, Any]:
-        batch, active = item
-        if active is None:
-            return self.trainer.stage.put(batch), None
-        return self.trainer.stage.put_group(batch), self.trainer.stage.put_replicated(active)
+    def _put(self, item: tuple[dict[str, np.ndarray], bool], tags: Any) -> tuple[Any, bool]:
+        batch, stacked = item
+        return (self.trainer.stage.put_group(batch) if stacked else self.trainer.stage.put(batch)), stacked
 
     def _boundaries(self) -> list[int]:
         """Step periods a group of steps must not cross: metric reads, evaluations, checkpoints."""

@@ -200,20 +200,17 @@ def make_train_step(
 
 
 def make_multi_step(train_step: Callable[[TrainState, dict[str, jax.Array]], TrainState]) -> Callable[..., TrainState]:
-    """`multi_step(state, batches, active) -> state`: train_step over K stacked batches (K, B, ...) in one call.
+    """`multi_step(state, batches) -> state`: train_step over K stacked batches (K, B, ...) in one call (lax.scan).
 
-    `active` (K booleans) runs a prefix of them: a group cut short (at an epoch end, a metrics read, a checkpoint)
-    fills the rest with any batch and skips it, so one compiled program serves every group size. Each step is the
-    same function of (state, batch) as alone (its keys come from state.step), so K steps here give the state that K
-    calls of train_step give.
+    Each step is the same function of (state, batch) as alone (its keys come from state.step), and the scan's body
+    is compiled as one step alone is, so K steps here give the state of K calls of train_step, bit for bit (an
+    unrolled scan lets XLA fuse across steps and changes the last bits). Groups cut short run as single steps.
+    On XLA:CPU a convolution's backward pass runs ~20x slower inside a loop body than at the top level (the MNIST
+    CNN, BENCHMARKS.md), which is one reason the automatic choice is one step per call on the CPU.
     """
 
-    def multi_step(state: TrainState, batches: dict[str, jax.Array], active: jax.Array) -> TrainState:
-        def one(state, inputs):
-            batch, run = inputs
-            return jax.lax.cond(run, train_step, lambda s, _: s, state, batch), None
-
-        state, _ = jax.lax.scan(one, state, (batches, active))
+    def multi_step(state: TrainState, batches: dict[str, jax.Array]) -> TrainState:
+        state, _ = jax.lax.scan(lambda s, batch: (train_step(s, batch), None), state, batches)
         return state
 
     return multi_step

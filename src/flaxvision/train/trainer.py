@@ -104,7 +104,7 @@ class Trainer:
         self.train_steps = None
         if self.steps_per_dispatch > 1:
             self.train_steps = jax.jit(make_multi_step(train_step), donate_argnums=0,
-                                       in_shardings=(self.state_sharding, self.stage.group_sharding, self.replicated),
+                                       in_shardings=(self.state_sharding, self.stage.group_sharding),
                                        out_shardings=self.state_sharding)  # fmt: skip
         self.eval_step = jax.jit(
             make_eval_step(self.parts, preprocess=self.stage.eval_inputs, num_classes=model.config.num_classes),
@@ -152,17 +152,19 @@ class Trainer:
         return model
 
 
-# A step under this many FLOPs per device runs several steps per call (about 10 ms on one CPU core, ~0.1 ms on a
-# GPU: either way a dispatch and the loop's Python cost a noticeable share of it).
-SMALL_STEP_FLOPS = 2e9
-MAX_AUTO_STEPS = 16
+# On an accelerator, a step under this many FLOPs per device runs several steps per call: there a launch and the
+# loop's Python cost a noticeable share of a small step. Not on the CPU: a step there takes milliseconds, the
+# dispatch tens of microseconds, and grouping measured no gain (BENCHMARKS.md), only K times the compile time.
+SMALL_STEP_FLOPS = 50e9
+MAX_AUTO_STEPS = 8
 
 
-def auto_steps_per_dispatch(model: Any, config: TrainConfig, devices: int) -> int:
-    """K for --steps-per-dispatch left unset: 1 for a model whose step is large, else up to 16 steps per call,
-    a divisor of log_every (so groups line up with the metric reads)."""
+def auto_steps_per_dispatch(model: Any, config: TrainConfig, devices: int, platform: str | None = None) -> int:
+    """K for --steps-per-dispatch left unset: 1 on the CPU and for a model whose step is large; else up to 8 steps
+    per call, a divisor of log_every (so groups line up with the metric reads)."""
+    platform = platform or jax.devices()[0].platform
     flops_fn = getattr(model.config, "forward_flops", None)
-    if flops_fn is None:
+    if platform == "cpu" or flops_fn is None:
         return 1
     step_flops = 3 * flops_fn() * config.batch_size / devices  # forward + backward, per device
     if step_flops >= SMALL_STEP_FLOPS:
