@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
             f"the model predicts {model.config.num_classes} classes but {args.dataset!r} has {split.num_classes}; "
             "pass --classes to select the classes the model was trained on"
         )
-    _, loader = recipe.make_loaders(config, model, None, split)
+    _, loader = recipe.make_loaders(config.replace(in_memory="off"), model, None, split)  # one pass: stream it
     result = Evaluator(model, batch_size=args.batch_size).evaluate(loader)
     per_class = {name: acc for name, acc in zip(split.class_names, result["per_class_accuracy"])}
     out = {

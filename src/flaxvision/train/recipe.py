@@ -111,8 +111,10 @@ def _process_share() -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
-def make_loaders(config: TrainConfig, model: Any, train_source: Any, val_source: Any) -> tuple[Any, Any]:
-    """(train loader or None, val loader) for a model: each process reads only its slice of every global batch."""
+def make_loaders(config: TrainConfig, model: Any, train_source: Any, val_source: Any, *,
+                 announce: bool = False) -> tuple[Any, Any]:  # fmt: skip
+    """(train loader or None, val loader) for a model: each process reads only its slice of every global batch.
+    `announce`: say (on stderr) how data kept in memory was decoded (training does; evaluate and report do not)."""
     from flaxvision import data
 
     index, count = _process_share()
@@ -121,7 +123,7 @@ def make_loaders(config: TrainConfig, model: Any, train_source: Any, val_source:
     if in_memory_reason(config, model, train_source, val_source) is None:
         from flaxvision.data import in_memory
 
-        quiet: dict[str, Any] = dict(progress=index == 0)
+        quiet: dict[str, Any] = dict(progress=announce and index == 0)
         train_loader = None
         if train_source is not None:
             train_loader = in_memory.load(train_source, batch_size=config.batch_size // count, train=True,
@@ -165,7 +167,7 @@ def build_run(config: TrainConfig, model: Any = None) -> RunParts:
     if model is None:
         model = build_model(config, num_classes=len(class_names), in_chans=splits.train.num_channels)
     check_class_count(model, len(class_names))
-    train, val = make_loaders(config, model, splits.train, splits.val)
+    train, val = make_loaders(config, model, splits.train, splits.val, announce=config.progress)
     return RunParts(model=model, train=train, val=val, class_names=class_names, jitter=augment_config(config))
 
 
@@ -231,9 +233,11 @@ def report_inputs(run_dir: Any) -> dict[str, Any]:
         return out
     try:
         splits = open_data(config)
-        out["train_data"], out["val_data"] = make_loaders(config.replace(workers=0), model, splits.train, splits.val)
+        # (streamed: the report draws a few samples, not worth decoding the whole dataset)
+        out["train_data"], out["val_data"] = make_loaders(config.replace(workers=0, in_memory="off"), model, splits.train,
+                                                          splits.val)  # fmt: skip
     except FlaxvisionError as err:
         out["notes"].append(f"sample grids left out: the dataset could not be opened ({err})")
     out["stage"] = DeviceStage(model.preprocessing, devices=jax.devices()[:1], jitter=augment_config(config),
-                               dtype=model.config.dtype, geometry=getattr(out.get("train_data"), "device_geometry", None))  # fmt: skip
+                               dtype=model.config.dtype)  # fmt: skip
     return out
