@@ -62,6 +62,7 @@ def test_torch_models_have_flaxvision_parameter_counts(name):
     theirs = torch_reference.build_model(name, in_chans=config.in_chans, img_size=config.img_size,
                                          num_classes=config.num_classes)  # fmt: skip
     assert sum(p.numel() for p in theirs.parameters()) == ours == config.param_count()
+    assert e2e_bench.TORCH_MODELS == torch_reference.MODELS
     assert theirs(torch.zeros(2, config.in_chans, config.img_size, config.img_size)).shape == (2, config.num_classes)
 
 

@@ -210,8 +210,11 @@ def _run_e2e(args: argparse.Namespace) -> int:
     if args.generate is None and (args.out or args.test_size):
         raise FlaxvisionError("--out and --test-size go with --generate N")
     overrides = dict(parse_override(text) for text in args.overrides)
+    for field in ("epochs", "dataset"):
+        if field in overrides:
+            raise FlaxvisionError(f"--set {field}=...: pass --{field} instead (it applies to both sides)")
     # progress off: the bar goes to a captured stream; report off: plots are not training.
-    config = get_preset(args.preset).replace(**{"report": False, "progress": False, **overrides, "epochs": args.epochs})
+    config = get_preset(args.preset).replace(**{"report": False, "progress": False, **overrides}, epochs=args.epochs)
     tmp = None
     dataset = args.dataset
     if args.generate is not None:
@@ -247,7 +250,7 @@ def _print_e2e(r: dict[str, Any]) -> None:
     rate = "images/s (epochs 2..N)" if fv["steady"] else "images/s (epoch 1, with compile)"
     print(f"{r['preset']} ({r['model']}), batch {r['batch_size']}, {r['epochs']} epoch(s), {r['dataset']}")
     print(f"{m['cpu']}, {m['cores']} cores; jax {fv['jax_version']}, flax {fv['flax_version']}"
-          + (f", torch {tr['torch_version']} ({tr['threads']} threads)" if tr else ""))  # fmt: skip
+          + (f", torch {tr['torch_version']} ({tr['threads']} thread{'s' * (tr['threads'] != 1)})" if tr else ""))  # fmt: skip
     print(f"  {'':12}{rate:>34}{'wall s':>10}{'test acc':>10}")
     for name, side in (("flaxvision", fv), ("torch", tr)):
         if side:

@@ -105,9 +105,10 @@ def class_images(n: int, *, side: int, channels: int, num_classes: int = 10, see
 
     Each class's template is a blob pattern (a coarse random field, upsampled and thresholded, one per channel);
     an image is its class's template shifted by up to side/7 pixels, at a random contrast, over a faint shifted
-    template of another class, plus strong pixel noise. A small CNN learns it to well above chance within an
-    epoch but not to 100% at once, unlike a dataset of constant colours. The templates depend on `seed` only, the
-    images on (`seed`, `split`): a train and a test split share their classes.
+    template of another class, plus strong pixel noise. Learnable, not trivial: the nearest class mean is right
+    about 2/3 of the time, and the MNIST CNN (AdamW 0.005, batch 32) reaches ~90% test accuracy after 12,000
+    training images. The templates depend on `seed` only, the images on (`seed`, `split`): a train and a test
+    split share their classes.
     """
     templates = _class_templates(side, channels, num_classes, seed)
     rng = np.random.default_rng([seed, split + 1])
@@ -126,11 +127,11 @@ def class_images(n: int, *, side: int, channels: int, num_classes: int = 10, see
             rows, cols = (dy[:, None] + grid)[:, :, None], (dx[:, None] + grid)[:, None, :]
             return padded[classes[:, None, None], rows, cols]  # (k, side, side, channels)
 
-        contrast = rng.uniform(0.55, 1.0, (k, 1, 1, 1)).astype(np.float32)
-        faint = rng.uniform(0.0, 0.45, (k, 1, 1, 1)).astype(np.float32)
+        contrast = rng.uniform(0.4, 1.0, (k, 1, 1, 1)).astype(np.float32)
+        faint = rng.uniform(0.0, 0.6, (k, 1, 1, 1)).astype(np.float32)
         tint = rng.uniform(0.7, 1.0, (k, 1, 1, channels)).astype(np.float32)
         pixels = (contrast * shifted(labels[start:stop]) + faint * shifted(others[start:stop])) * tint * 200.0
-        pixels += rng.normal(30.0, 40.0, pixels.shape).astype(np.float32)
+        pixels += rng.normal(30.0, 60.0, pixels.shape).astype(np.float32)
         images[start:stop] = np.clip(pixels, 0, 255).astype(np.uint8)
     return images, labels.astype(np.int64)
 
@@ -173,5 +174,11 @@ def write_class_dataset(target: str | os.PathLike, *, train: int, test: int, sid
             Image.fromarray(image[:, :, 0] if channels == 1 else image).save(buffer, format="PNG", compress_level=1)
             encoded.append({"bytes": buffer.getvalue(), "path": None})
         tables[name] = datasets.Dataset.from_dict({"image": encoded, "label": labels.tolist()}, features=features)
-    datasets.DatasetDict(tables).save_to_disk(str(target))
+    quiet = datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # a bar per split that lasts a blink
+    try:
+        datasets.DatasetDict(tables).save_to_disk(str(target))
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
     return Path(target)

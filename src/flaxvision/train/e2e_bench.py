@@ -127,6 +127,7 @@ def run_flaxvision(config: TrainConfig) -> dict[str, Any]:
     import flax
     import jax
 
+    import flaxvision
     from flaxvision.train import Trainer, fit
     from flaxvision.train.session import Session
 
@@ -170,7 +171,7 @@ def run_flaxvision(config: TrainConfig) -> dict[str, Any]:
         "trainer_compile_seconds": summary.get("compile_seconds"),
         "trainer_images_per_second": summary.get("train_images_per_second"),
         "device": str(jax.devices()[0]), "device_count": jax.device_count(),
-        "jax_version": jax.__version__, "flax_version": flax.__version__,
+        "jax_version": jax.__version__, "flax_version": flax.__version__, "flaxvision_version": flaxvision.__version__,
     }  # fmt: skip
 
 
