@@ -203,7 +203,7 @@ def _run_e2e(args: argparse.Namespace) -> int:
 
     from flaxvision.models import model_config
     from flaxvision.presets import get_preset
-    from flaxvision.train.e2e_bench import benchmark_e2e, parse_override
+    from flaxvision.train.e2e_bench import benchmark_e2e, check_torch_recipe, parse_override
 
     if min(args.epochs, args.generate or 1, args.test_size or 1, args.torch_threads or 1) < 1:
         raise FlaxvisionError("--epochs, --generate, --test-size and --torch-threads must be >= 1")
@@ -215,6 +215,8 @@ def _run_e2e(args: argparse.Namespace) -> int:
             raise FlaxvisionError(f"--set {field}=...: pass --{field} instead (it applies to both sides)")
     # progress off: the bar goes to a captured stream; report off: plots are not training.
     config = get_preset(args.preset).replace(**{"report": False, "progress": False, **overrides}, epochs=args.epochs)
+    if not args.no_torch:
+        check_torch_recipe(config)  # before writing any data
     tmp = None
     dataset = args.dataset
     if args.generate is not None:

@@ -87,12 +87,8 @@ _TORCH_MIRRORS = {
 }  # fmt: skip
 
 
-def torch_spec(config: TrainConfig, dataset: str, threads: int | None = None) -> dict[str, Any]:
-    """What torch_reference.train needs of the recipe; a ConfigError for a recipe it does not reproduce."""
-    from flaxvision.data.sources import resolve_kind
-    from flaxvision.models import model_config
-    from flaxvision.models.registry import default_preprocessing
-
+def check_torch_recipe(config: TrainConfig) -> None:
+    """A one-line ConfigError for a recipe the PyTorch side does not reproduce."""
     if config.model not in TORCH_MODELS:
         raise ConfigError(f"model={config.model!r}: the PyTorch side has {', '.join(TORCH_MODELS)} only; pass --no-torch")
     for field, mirrored in _TORCH_MIRRORS.items():
@@ -103,10 +99,19 @@ def torch_spec(config: TrainConfig, dataset: str, threads: int | None = None) ->
         raise ConfigError(f"augment={config.augment!r}: the PyTorch side has none and cifar; pass --no-torch")
     if config.augment == "cifar" and not config.hflip:
         raise ConfigError("hflip=False: the PyTorch side's cifar augmentation always flips; pass --no-torch")
+
+
+def torch_spec(config: TrainConfig, dataset: str, threads: int | None = None) -> dict[str, Any]:
+    """What torch_reference.train needs of the recipe and the dataset (checked: check_torch_recipe)."""
+    from flaxvision.data.sources import resolve_kind
+    from flaxvision.models import model_config
+    from flaxvision.models.registry import default_preprocessing
+
+    check_torch_recipe(config)
     if resolve_kind(dataset) != "disk":
         raise ConfigError(f"dataset {dataset!r}: the PyTorch side reads save_to_disk directories only; pass one "
                           "(or --generate N) or --no-torch")  # fmt: skip
-    model = model_config(config.model, img_size=config.img_size)
+    model = model_config(str(config.model), img_size=config.img_size)  # one of TORCH_MODELS (checked above)
     prep = default_preprocessing(model)
     return {
         "dataset": dataset, "train_split": config.train_split, "val_split": config.val_split or "test",
