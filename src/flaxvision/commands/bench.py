@@ -1,4 +1,5 @@
-"""`flaxvision bench`: measure the parts that decide training speed. `bench input` times the input pipeline.
+"""`flaxvision bench`: measure the parts that decide training speed. `bench input` times the input pipeline,
+`bench train` the train step, `bench e2e` a preset's whole training run against PyTorch.
 
 Each benchmark is a sub-subcommand with its own `_add_<name>` (arguments) and `_run_<name>` (runner), registered
 in BENCHMARKS, so a new one (e.g. `bench train`) is one more entry.
@@ -8,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from flaxvision.errors import FlaxvisionError
@@ -156,21 +159,129 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# bench e2e
+
+
+def _add_e2e(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "e2e",
+        help="a preset's whole training run, flaxvision vs the same model and recipe in PyTorch eager",
+        description="Train a preset's recipe end to end with flaxvision, then the same model, optimizer, batch, "
+        "augmentation and evaluation in plain PyTorch eager on uint8 tensors in memory, each in a fresh process; "
+        "report training images/s (epochs 2..N: without the first epoch's compilation), wall seconds and final "
+        "test accuracy of both.",
+        epilog="examples:\n  flaxvision bench e2e --preset mnist-cnn --generate 60000 --epochs 2\n"
+               "  flaxvision bench e2e --preset cifar10-resnet18 --generate 50000 --test-size 10000 --epochs 2\n"
+               "  flaxvision bench e2e --preset mnist-cnn --dataset ./mnist --epochs 2 --set workers=2 --json\n"
+               "benchmarks/e2e.sh has the rows of BENCHMARKS.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("--preset", required=True, help="a recipe from `flaxvision presets` with a PyTorch twin "
+                        "(mnist-cnn, cifar10-resnet18)")  # fmt: skip
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--dataset", metavar="DIR", help="a save_to_disk directory with train and test splits")
+    data.add_argument("--generate", type=int, metavar="N",
+                      help="write a generated dataset of N training images of the preset's shape first")
+    parser.add_argument("--test-size", type=int, metavar="M", help="with --generate: test images (default N / 6)")
+    parser.add_argument("--out", type=Path, help="with --generate: where to write it (default: a temporary "
+                        "directory, removed afterwards)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="with --generate: the data's seed (default 0)")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs on both sides (default 2: epoch 2 is timed "
+                        "without compilation)")  # fmt: skip
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a recipe field on both sides, e.g. --set batch_size=64 (repeatable)")
+    parser.add_argument("--no-torch", action="store_true", help="run the flaxvision side only")
+    parser.add_argument("--torch-threads", type=int, metavar="T",
+                        help="torch's threads (default: every core; on a busy machine 1 can be faster: OpenMP "
+                             "threads spin while they wait for each other)")  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _run_e2e(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
+    from flaxvision.models import model_config
+    from flaxvision.presets import get_preset
+    from flaxvision.train.e2e_bench import benchmark_e2e, check_torch_recipe, parse_override
+
+    if min(args.epochs, args.generate or 1, args.test_size or 1, args.torch_threads or 1) < 1:
+        raise FlaxvisionError("--epochs, --generate, --test-size and --torch-threads must be >= 1")
+    if args.generate is None and (args.out or args.test_size):
+        raise FlaxvisionError("--out and --test-size go with --generate N")
+    overrides = dict(parse_override(text) for text in args.overrides)
+    for field in ("epochs", "dataset"):
+        if field in overrides:
+            raise FlaxvisionError(f"--set {field}=...: pass --{field} instead (it applies to both sides)")
+    # progress off: the bar goes to a captured stream; report off: plots are not training.
+    config = get_preset(args.preset).replace(**{"report": False, "progress": False, **overrides}, epochs=args.epochs)
+    if not args.no_torch:
+        check_torch_recipe(config)  # before writing any data
+    tmp = None
+    dataset = args.dataset
+    if args.generate is not None:
+        from flaxvision.data.synthetic import write_class_dataset
+
+        if config.model is None:
+            raise FlaxvisionError(f"preset {args.preset!r} names no model; --generate needs its image shape")
+        model = model_config(config.model, img_size=config.img_size)  # the preset's image shape and classes
+        target = args.out or Path(tmp := tempfile.mkdtemp(prefix="flaxvision-e2e-data-")) / "data"
+        start = time.perf_counter()
+        write_class_dataset(target, train=args.generate, test=args.test_size or max(args.generate // 6, 1),
+                            side=model.img_size, channels=model.in_chans, num_classes=model.num_classes, seed=args.seed)  # fmt: skip
+        print(f"flaxvision: wrote {args.generate} generated training images to {target} in "
+              f"{time.perf_counter() - start:.1f} s", file=sys.stderr)  # fmt: skip
+        dataset = str(target)
+    try:  # no torch: TorchMissing, one line and exit 2 from the CLI, before any work
+        r = benchmark_e2e(config.replace(dataset=dataset), preset=args.preset, torch=not args.no_torch,
+                         torch_threads=args.torch_threads)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if args.generate is not None and args.out is None:
+        r["dataset"] = f"generated: {args.generate} train / {args.test_size or max(args.generate // 6, 1)} test images, seed {args.seed}"
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    _print_e2e(r)
+    return 0
+
+
+def _print_e2e(r: dict[str, Any]) -> None:
+    fv, tr, m = r["flaxvision"], r["torch"], r["machine"]
+    rate = "images/s (epochs 2..N)" if fv["steady"] else "images/s (epoch 1, with compile)"
+    print(f"{r['preset']} ({r['model']}), batch {r['batch_size']}, {r['epochs']} epoch(s), {r['dataset']}")
+    print(f"{m['cpu']}, {m['cores']} cores; jax {fv['jax_version']}, flax {fv['flax_version']}"
+          + (f", torch {tr['torch_version']} ({tr['threads']} thread{'s' * (tr['threads'] != 1)})" if tr else ""))  # fmt: skip
+    print(f"  {'':12}{rate:>34}{'wall s':>10}{'test acc':>10}")
+    for name, side in (("flaxvision", fv), ("torch", tr)):
+        if side:
+            print(f"  {name:12}{side['images_per_second']:>34.1f}{side['wall_seconds']:>10.1f}{side['final_accuracy']:>10.4f}")
+    if tr:
+        ratio = r["ratio"]
+        print(f"  {'fv / torch':12}{ratio['images_per_second']:>33.2f}x{ratio['wall_seconds']:>9.2f}x")
+        print(f"  (torch decoded the dataset into tensors in {tr['decode_seconds']:.1f} s, not counted; flaxvision's "
+              f"wall includes {fv['setup_seconds']:.1f} s of set-up before its first step)")  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------
 
 # Name -> (add the sub-subcommand's arguments, run it).
 BENCHMARKS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]] = {
     "input": (_add_input, _run_input),
     "train": (_add_train, _run_train),
+    "e2e": (_add_e2e, _run_e2e),
 }
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "bench",
-        help="benchmarks: input pipeline and train step throughput",
+        help="benchmarks: input pipeline, train step and end-to-end training throughput",
         description="Measure what decides training speed. Numbers for the reference setups are in BENCHMARKS.md.",
         epilog="examples:\n  flaxvision bench input --dataset ethz/food101 --workers 4 --json\n"
-               "  flaxvision bench train --model vit_base_patch16_224 --batch-size 8",
+               "  flaxvision bench train --model vit_base_patch16_224 --batch-size 8\n"
+               "  flaxvision bench e2e --preset mnist-cnn --generate 60000 --epochs 2",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     benches = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
