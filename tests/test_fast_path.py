@@ -262,3 +262,23 @@ def test_an_entry_left_without_its_access_time_is_repaired(tmp_path):
     assert compile_cache.repair_orphans(tmp_path) == 1
     assert int.from_bytes((tmp_path / "jit_f-abc-atime").read_bytes(), "little") == 0
     assert int.from_bytes((tmp_path / "jit_g-def-atime").read_bytes(), "little") == 5
+
+
+@pytest.mark.parametrize("shape,k,stride,pad", [((3, 2, 2, 16), 3, 1, 1), ((3, 4, 4, 8), 3, 2, 1), ((3, 3, 3, 8), 3, 2, 1),
+                                                ((3, 4, 4, 8), 1, 2, 0), ((3, 5, 5, 4), 3, 2, 0), ((2, 6, 6, 4), 3, 1, 1)])  # fmt: skip
+def test_tiny_convolutions_as_a_matmul_equal_xla_convolutions(shape, k, stride, pad):
+    from jax import lax
+
+    from flaxvision.models.conv import conv_general_dilated
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(k, k, shape[-1], 6)), jnp.float32)
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    args = ((stride, stride), ((pad, pad), (pad, pad)))
+    want = lax.conv_general_dilated(x, w, *args, dimension_numbers=dn)
+    got = conv_general_dilated(x, w, *args, dimension_numbers=dn)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    grads = [jax.grad(lambda w, f=f: jnp.sum(f(x, w, *args, dimension_numbers=dn) ** 2))(w)
+             for f in (lax.conv_general_dilated, conv_general_dilated)]  # fmt: skip
+    np.testing.assert_allclose(np.asarray(grads[1]), np.asarray(grads[0]), rtol=1e-4, atol=1e-4)

@@ -22,6 +22,7 @@ from flax import nnx
 
 from flaxvision.errors import ConfigError
 from flaxvision.models.base import Classifier, ConfigBase, check_common, compute_dtype, train_step_bytes
+from flaxvision.models.conv import conv_general_dilated
 from flaxvision.models.registry import register_family, register_model
 from flaxvision.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
@@ -165,6 +166,7 @@ def _conv(cin: int, cout: int, k: int, stride: int, *, dtype, rngs: nnx.Rngs) ->
     return nnx.Conv(
         cin, cout, (k, k), strides=stride, padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
         kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"), rngs=rngs,
+        conv_general_dilated=conv_general_dilated,  # tiny outputs (the last stage at 32 px) as a matmul
     )  # fmt: skip
 
 

@@ -206,7 +206,7 @@ def _rates(side: dict[str, Any]) -> dict[str, Any]:
 
 
 def machine() -> dict[str, Any]:
-    from flaxvision.train.session import cpu_model
+    from flaxvision.train.instrument import cpu_model
 
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()}
 
