@@ -30,7 +30,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
              and rhs.shape[0] * rhs.shape[1] > 1 and not kwargs.get("preferred_element_type"))  # fmt: skip
     if plain:
         kh, kw, cin, cout = rhs.shape
-        (top, bottom), (left, right) = padding
+        (top, bottom), (left, right) = ((int(a), int(b)) for a, b in padding)
         sh, sw = window_strides
         oh = (lhs.shape[1] + top + bottom - kh) // sh + 1
         ow = (lhs.shape[2] + left + right - kw) // sw + 1
