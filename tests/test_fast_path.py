@@ -204,7 +204,7 @@ def test_in_memory_choices(folder, capsys):
     with pytest.raises(ConfigError, match="--in-memory on: RandAugment"):
         in_memory_reason(base.replace(randaugment="rand-m9", in_memory="on"), model, splits.train, splits.val)
     tiny = base.replace(in_memory_max_gb=1e-6)
-    with pytest.raises(ConfigError, match=r"--in-memory on: the data decodes to 0.0 GB, over --in-memory-max-gb 1e-06"):
+    with pytest.raises(ConfigError, match=r"--in-memory on: the data decodes to 0.0 MB, over --in-memory-max-gb 1e-06"):
         in_memory_reason(tiny.replace(in_memory="on"), model, splits.train, splits.val)
     assert "over --in-memory-max-gb" in str(in_memory_reason(tiny, model, splits.train, splits.val))
     assert "streaming the data from storage" in capsys.readouterr().err
@@ -282,3 +282,16 @@ def test_tiny_convolutions_as_a_matmul_equal_xla_convolutions(shape, k, stride, 
     grads = [jax.grad(lambda w, f=f: jnp.sum(f(x, w, *args, dimension_numbers=dn) ** 2))(w)
              for f in (lax.conv_general_dilated, conv_general_dilated)]  # fmt: skip
     np.testing.assert_allclose(np.asarray(grads[1]), np.asarray(grads[0]), rtol=1e-4, atol=1e-4)
+
+
+def test_a_profile_that_cannot_be_written_is_a_warning_not_a_stopped_run(tmp_path, capsys):
+    from flaxvision.train.instrument import StepProfiler
+
+    blocker = tmp_path / "run"
+    blocker.write_text("a file where the profile directory would go")
+    profiler = StepProfiler("0:2", blocker / "profile", is_main=True, processes=1)
+    state = jnp.zeros(3)
+    profiler.before(0, state)
+    profiler.after(2, state)
+    profiler.stop(state)
+    assert not profiler.active and "warning: no profile" in capsys.readouterr().out

@@ -119,13 +119,14 @@ def check_fits(sources: list[ImageSource], preprocessing: Preprocessing, max_gb:
     from flaxvision.host_memory import memory_limit_bytes  # (the machine's memory, cgroup limits included)
 
     need = sum(decoded_bytes(s, preprocessing) for s in sources)
+    size = f"{need / 1e9:.1f} GB" if need >= 1e8 else f"{need / 1e6:.1f} MB"
     if need > max_gb * 1e9:
-        return f"the data decodes to {need / 1e9:.1f} GB, over --in-memory-max-gb {max_gb:g}"
+        return f"the data decodes to {size}, over --in-memory-max-gb {max_gb:g}"
     import jax
 
     machine = memory_limit_bytes(jax.devices("cpu")[0])
     if machine is not None and need > machine[0] / 2:
-        return f"the data decodes to {need / 1e9:.1f} GB, over half of {machine[1]} ({machine[0] / 1e9:.1f} GB)"
+        return f"the data decodes to {size}, over half of {machine[1]} ({machine[0] / 1e9:.1f} GB)"
     return None
 
 

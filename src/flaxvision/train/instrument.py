@@ -35,8 +35,13 @@ class StepProfiler:
     def before(self, step: int, state: Any) -> None:
         if self.window is not None and not self.active and step == self.window[0]:
             jax.block_until_ready(state)
-            self.directory.mkdir(parents=True, exist_ok=True)
-            jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True)
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True)
+            except Exception as err:  # a profile is never worth a run: say so and train on
+                self.window = None
+                print(f"flaxvision: warning: no profile: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+                return
             self.active = True
 
     def after(self, step: int, state: Any) -> None:
@@ -51,8 +56,12 @@ class StepProfiler:
             jax.block_until_ready(state)
         except Exception:  # the run failed and its state is gone: the trace ends here all the same
             pass
-        jax.profiler.stop_trace()
         self.active = False
+        try:
+            jax.profiler.stop_trace()
+        except Exception as err:  # e.g. a full disk while the trace is written: the run goes on
+            print(f"flaxvision: warning: the profile could not be written: {type(err).__name__}: {err}")
+            return
         assert self.window is not None
         if self.is_main:
             last = step if step is not None else "the end"
