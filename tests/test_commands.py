@@ -209,7 +209,10 @@ def test_evaluate_with_data_of_other_classes_is_a_clear_error(default_run, tmp_p
     root = write_image_folder(tmp_path / "four", num_classes=4, per_split={"validation": 2}, max_side=24, min_side=16)
     result = cli("evaluate", str(run_dir), "--dataset", str(root), "--split", "validation")
     assert result.returncode == 2
-    assert result.stderr.strip() == (
-        f"flaxvision: error: the model predicts 10 classes but {str(root)!r} has 4; "
-        "pass --classes to select the classes the model was trained on"
+    assert result.stderr.strip() == (  # classes are matched by name: none of these is one of the model's
+        f"flaxvision: error: {str(root)!r} has classes the model does not know: 'class_000', 'class_001', "
+        "'class_002', 'class_003' (the model's 10 classes: 0, 1, 2, 3, 4, ...); evaluate on data of the model's "
+        "classes, or pass --match-classes index to pair classes by position"
     )
+    by_position = cli("evaluate", str(run_dir), "--dataset", str(root), "--split", "validation", "--match-classes", "index")
+    assert by_position.returncode == 2 and "the model predicts 10 classes but" in by_position.stderr

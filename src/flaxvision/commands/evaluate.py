@@ -32,6 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--weights", choices=("raw", "ema"), default="raw",
                         help="a run trained with --ema-decay: its raw weights (default) or their EMA")  # fmt: skip
+    parser.add_argument("--match-classes", choices=("name", "index"), default="name",
+                        help="pair the dataset's classes with the model's by name (default; a class the model does not "
+                             "know is an error, a subset is evaluated on its subset) or by position")  # fmt: skip
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print {accuracy, top5_accuracy, loss, per_class, ...}")
     parser.set_defaults(func=run)
@@ -39,10 +42,56 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _run_recipe(source: str) -> Any:
     """The recipe in a run directory's config.json (None when `source` is not a run directory)."""
+    from flaxvision.files import read_json
     from flaxvision.train.config import TrainConfig
 
     path = Path(source) / "config.json"
-    return TrainConfig.from_file(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        record = read_json(path)
+    except FlaxvisionError:
+        return None
+    # A model directory has a config.json too (the model's); a run's holds the recipe under "train_config".
+    return TrainConfig.from_file(path) if isinstance(record, dict) and "train_config" in record else None
+
+
+def _generic(names: list[str] | None) -> bool:
+    """No real label names: none, or transformers' placeholders LABEL_0, LABEL_1, ..."""
+    return not names or all(n == f"LABEL_{i}" for i, n in enumerate(names))
+
+
+def match_classes(split: Any, model: Any, dataset: str, *, by: str = "name") -> Any:
+    """The split with its labels as the model's class indices, matched by name (silent wrong numbers otherwise:
+    a cat/bird folder scored by position against a cat/dog model would count every bird as a dog).
+
+    By name: every class of the split must be one of the model's (else one error naming them); a subset is
+    evaluated on its subset, its labels remapped to the model's indices. By index, or for a model without real
+    label names: the class counts must agree.
+    """
+    import dataclasses
+
+    import numpy as np
+
+    names = list(model.label_names) if model.label_names else None
+    if by == "index" or _generic(names):
+        if split.num_classes != model.config.num_classes:
+            raise FlaxvisionError(
+                f"the model predicts {model.config.num_classes} classes but {dataset!r} has {split.num_classes}; "
+                "pass --classes to select the classes the model was trained on"
+            )
+        return split
+    assert names is not None
+    unknown = [c for c in split.class_names if c not in names]
+    if unknown:
+        shown = ", ".join(repr(c) for c in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        known = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise FlaxvisionError(
+            f"{dataset!r} has classes the model does not know: {shown} (the model's {len(names)} classes: {known}); "
+            "evaluate on data of the model's classes, or pass --match-classes index to pair classes by position"
+        )
+    index = np.asarray([names.index(c) for c in split.class_names], np.int64)
+    return dataclasses.replace(split, labels=index[split.labels], class_names=tuple(names))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,14 +114,11 @@ def run(args: argparse.Namespace) -> int:
     args.dataset = config.dataset
     split = recipe.open_data(config, split=args.split).val
     names = class_names_of(model)
-    if split.num_classes != model.config.num_classes:
-        raise FlaxvisionError(
-            f"the model predicts {model.config.num_classes} classes but {args.dataset!r} has {split.num_classes}; "
-            "pass --classes to select the classes the model was trained on"
-        )
+    split = match_classes(split, model, str(args.dataset), by=args.match_classes)
     _, loader = recipe.make_loaders(config.replace(in_memory="off"), model, None, split)  # one pass: stream it
     result = Evaluator(model, batch_size=args.batch_size).evaluate(loader)
-    per_class = {name: acc for name, acc in zip(split.class_names, result["per_class_accuracy"])}
+    per_class = {name: (acc if acc == acc else None)  # a class without images (NaN) is null in JSON
+                 for name, acc in zip(split.class_names, result["per_class_accuracy"])}  # fmt: skip
     out = {
         "accuracy": result["val_accuracy"], "top5_accuracy": result["val_top5_accuracy"], "loss": result["val_loss"],
         "count": result["val_count"], "per_class": per_class, "confusion_matrix": result["confusion"],
@@ -85,5 +131,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"  top-1 {out['accuracy']:.4f}   top-5 {out['top5_accuracy']:.4f}   loss {out['loss']:.4f}")
     width = max(len(n) for n in per_class)
     for name, acc in per_class.items():
-        print(f"  {name:<{width}}  {acc:.4f}" if acc == acc else f"  {name:<{width}}  (no images)")
+        print(f"  {name:<{width}}  {acc:.4f}" if acc is not None else f"  {name:<{width}}  (no images)")
     return 0
