@@ -1,8 +1,10 @@
 """`flaxvision evaluate` pairs the dataset's classes with the model's by name, never silently by position."""
 
 import json
+from typing import Any
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import flaxvision
@@ -59,3 +61,39 @@ def test_classes_in_another_order_or_a_subset_are_matched_by_name(tmp_path, caps
     logits = np.asarray(model(flaxvision.data.device_preprocess(pixels, model.preprocessing.mean, model.preprocessing.std)))
     truth = np.asarray([["zebra", "cat", "dog"].index(split.class_names[label]) for label in split.labels])
     assert result["accuracy"] == float(np.mean(logits.argmax(-1) == truth))
+
+
+def test_evaluate_reports_per_class_metrics_calibration_and_flip_averaged_logits(tmp_path, capsys):
+    from sklearn.metrics import classification_report
+
+    sk_report: Any = classification_report  # (its stubs type the dict output loosely)
+
+    from flaxvision import metrics
+    from flaxvision.data.transforms import decode_eval
+    from flaxvision.train import TrainConfig
+    from flaxvision.train.recipe import open_data
+
+    model_dir, model = _model_dir(tmp_path, ["a", "b", "c"])
+    data = _folder(tmp_path / "data", ["a", "b", "c"], per_class=4)
+    split = open_data(TrainConfig(dataset=str(data)), split="validation").val
+    pixels = np.stack([decode_eval(split[i]["image"], model.preprocessing) for i in range(len(split))])
+    x = flaxvision.data.device_preprocess(pixels, model.preprocessing.mean, model.preprocessing.std)
+    plain = np.asarray(model(x), np.float64)
+    flipped = (plain + np.asarray(model(x[:, :, ::-1, :]), np.float64)) / 2
+    truth = np.asarray(split.labels)
+    for tta, logits in ((None, plain), ("hflip", flipped)):
+        argv = ["evaluate", model_dir, "--dataset", data, "--split", "validation", "--json"] + (["--tta", tta] if tta else [])
+        code, out, _ = run_cli(argv, capsys)
+        assert code == 0, out
+        result = json.loads(out)
+        assert result["tta"] == tta and result["accuracy"] == float(np.mean(logits.argmax(-1) == truth))
+        want = metrics.calibration(logits, truth)
+        for key in ("nll", "ece", "brier", "temperature", "nll_after_temperature"):
+            assert result[key] == pytest.approx(want.get(key, metrics.brier_score(metrics.softmax(logits), truth)), rel=1e-3, abs=1e-5), key
+        present = sorted(set(truth) | set(logits.argmax(-1)))
+        theirs = sk_report(truth, logits.argmax(-1), labels=present, target_names=[split.class_names[i] for i in present],
+                           output_dict=True, zero_division=0)  # fmt: skip
+        for i in present:
+            name = split.class_names[i]
+            assert result["per_class_metrics"][name]["f1"] == pytest.approx(theirs[name]["f1-score"]), name
+        assert result["macro_avg"]["f1"] == pytest.approx(theirs["macro avg"]["f1-score"])

@@ -35,6 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--match-classes", choices=("name", "index"), default="name",
                         help="pair the dataset's classes with the model's by name (default; a class the model does not "
                              "know is an error, a subset is evaluated on its subset) or by position")  # fmt: skip
+    parser.add_argument("--tta", choices=("hflip",), default=None, help="average the logits over horizontal flips")
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print {accuracy, top5_accuracy, loss, per_class, ...}")
     parser.set_defaults(func=run)
@@ -116,20 +117,44 @@ def run(args: argparse.Namespace) -> int:
     names = class_names_of(model)
     split = match_classes(split, model, str(args.dataset), by=args.match_classes)
     _, loader = recipe.make_loaders(config.replace(in_memory="off"), model, None, split)  # one pass: stream it
-    result = Evaluator(model, batch_size=args.batch_size).evaluate(loader)
-    per_class = {name: (acc if acc == acc else None)  # a class without images (NaN) is null in JSON
-                 for name, acc in zip(split.class_names, result["per_class_accuracy"])}  # fmt: skip
-    out = {
-        "accuracy": result["val_accuracy"], "top5_accuracy": result["val_top5_accuracy"], "loss": result["val_loss"],
-        "count": result["val_count"], "per_class": per_class, "confusion_matrix": result["confusion"],
-        "class_names": list(split.class_names), "model_class_names": names,
-    }  # fmt: skip
+    logits, labels = Evaluator(model, batch_size=args.batch_size).logits(loader, tta=args.tta)
+    out = {**summary(logits, labels, list(split.class_names)), "model_class_names": names, "tta": args.tta}
     if args.json:
         print(json.dumps(out))
         return 0
-    print(f"{args.model} on {args.dataset} ({result['val_count']} images)")
-    print(f"  top-1 {out['accuracy']:.4f}   top-5 {out['top5_accuracy']:.4f}   loss {out['loss']:.4f}")
-    width = max(len(n) for n in per_class)
-    for name, acc in per_class.items():
-        print(f"  {name:<{width}}  {acc:.4f}" if acc is not None else f"  {name:<{width}}  (no images)")
+    print(f"{args.model} on {args.dataset} ({out['count']} images{', hflip TTA' if args.tta else ''})")
+    print(f"  top-1 {out['accuracy']:.4f}   top-5 {out['top5_accuracy']:.4f}   loss (NLL) {out['loss']:.4f}   "
+          f"Brier {out['brier']:.4f}")  # fmt: skip
+    print(f"  ECE (15 bins) {out['ece']:.4f}; fitted temperature {out['temperature']:.3f}: NLL "
+          f"{out['nll_after_temperature']:.4f}, ECE {out['ece_after_temperature']:.4f}")  # fmt: skip
+    width = max(max(len(n) for n in out["per_class"]), 9)
+    print(f"  {'class':<{width}}  precision  recall      f1  support")
+    rows = [(n, m) for n, m in out["per_class_metrics"].items()] + [(k, out[k]) for k in ("macro_avg", "weighted_avg")]
+    for name, m in rows:
+        support = f"{m['support']:>8}" if "support" in m else f"{out['count']:>8}"
+        print(f"  {name:<{width}}  {m['precision']:9.4f}  {m['recall']:6.4f}  {m['f1']:6.4f}  {support}")
     return 0
+
+
+def summary(logits: Any, labels: Any, names: list[str]) -> dict[str, Any]:
+    """Everything `evaluate` reports, from the logits and labels of the split."""
+    import numpy as np
+
+    from flaxvision import metrics
+
+    k = min(5, logits.shape[1])
+    top1 = logits.argmax(axis=-1)
+    top5 = np.argsort(-logits, axis=-1)[:, :k]
+    confusion = np.zeros((len(names), len(names)), np.int64)
+    np.add.at(confusion, (labels, top1), 1)
+    support = confusion.sum(axis=1)
+    per_class_accuracy = {n: (float(confusion[i, i] / support[i]) if support[i] else None)  # no images: null
+                          for i, n in enumerate(names)}  # fmt: skip
+    report = metrics.classification_report(confusion, names)
+    return {
+        "accuracy": float(np.mean(top1 == labels)), "top5_accuracy": float(np.mean((top5 == labels[:, None]).any(-1))),
+        "loss": metrics.nll(logits, labels), "count": int(len(labels)), "per_class": per_class_accuracy,
+        "per_class_metrics": report["per_class"], "macro_avg": report["macro_avg"],
+        "weighted_avg": report["weighted_avg"], **metrics.calibration(logits, labels),
+        "confusion_matrix": confusion.tolist(), "class_names": names,
+    }  # fmt: skip

@@ -69,8 +69,35 @@ class Evaluator:
                                   f"use a multiple of {self.stage.device_count}")  # fmt: skip
         self.batch_size = batch_size
         parts, state = split_model(model, nnx.Param)
+        self.parts = parts
         self.state = self.stage.put_replicated(state)
         self.eval_step = jax.jit(make_eval_step(parts, preprocess=self.stage.eval_inputs, num_classes=model.config.num_classes))
 
     def evaluate(self, batches: Iterable) -> dict[str, Any]:
         return run_evaluation(self.eval_step, self.state, batches, self.batch_size, self.stage)
+
+    def logits(self, batches: Iterable, *, tta: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(float32 logits (N, classes), int labels (N,)) of every valid example, on the host (this process's rows).
+
+        `tta="hflip"` averages the logits of each image and its mirror image.
+        """
+        from flaxvision.train.step import merge_model
+
+        if tta not in (None, "hflip"):
+            raise FlaxvisionError(f"--tta {tta!r}: the test-time augmentation flaxvision has is hflip")
+
+        def forward(state, images):
+            model = merge_model(self.parts, state, train=False)
+            x = self.stage.eval_inputs(images)
+            out = model(x).astype(jnp.float32)
+            return (out + model(x[:, :, ::-1, :]).astype(jnp.float32)) / 2 if tta == "hflip" else out
+
+        step = jax.jit(forward)
+        kept_logits, kept_labels = [], []
+        for batch, _ in self.stage.prefetch((self.stage.pad(b, self.batch_size), None) for b in batches):
+            mask = np.asarray(jax.device_get(batch["mask"])).astype(bool)
+            kept_logits.append(np.asarray(jax.device_get(step(self.state, batch["image"])))[mask])
+            kept_labels.append(np.asarray(jax.device_get(batch["label"]))[mask].astype(np.int64))
+        if not kept_labels or not sum(len(x) for x in kept_labels):
+            raise FlaxvisionError("the validation data holds no usable image (every one was skipped or masked)")
+        return np.concatenate(kept_logits), np.concatenate(kept_labels)
