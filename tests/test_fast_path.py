@@ -147,6 +147,9 @@ def test_epoch_records_hold_synchronized_throughput_input_share_and_memory(tmp_p
     records = [json.loads(line) for line in (tmp_path / "rec" / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r["type"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2] and [r["step"] for r in epochs] == [4, 8]
+    # Epoch 2 evaluates mid-epoch (eval_every 6): its rate still covers all of its training time. Epoch 1's first
+    # step (compilation) is not timed.
+    assert [round(r["images_per_second"] * r["train_seconds"]) for r in epochs] == [3 * 32, 4 * 32]
     for r in epochs:
         assert 0.0 <= r["input_wait_share"] <= 1.0 and r["peak_memory_bytes"] > 0
         assert r["peak_memory_of"] in ("device", "process_rss")

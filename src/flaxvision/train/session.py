@@ -92,8 +92,8 @@ class Session:
         cursor = EpochCursor(self.train_data, epoch, p.data_state, p.batch_in_epoch)
         bar = tqdm(total=trainer.steps_per_epoch, initial=cursor.consumed, desc=f"epoch {epoch + 1}/{config.epochs}",
                    disable=not (config.progress and self.is_main), unit="step", dynamic_ncols=True)  # fmt: skip
-        clock = epoch_start = time.perf_counter()
-        timed_images, self.input_wait = 0, 0.0
+        clock = time.perf_counter()
+        timed_images, timed_seconds, self.input_wait = 0, 0.0, 0.0  # this epoch's, after compilation, no evaluations
         local_batch = config.batch_size // self.processes
         full_batches = ((b, pos) for b, pos in cursor if len(b["label"]) == local_batch)
         groups = StepGroups(self._timed(full_batches), trainer.steps_per_dispatch, self.step, self._boundaries(),
@@ -127,6 +127,7 @@ class Session:
             mid_epoch = position < trainer.steps_per_epoch
             if mid_epoch and config.eval_every and self.step % config.eval_every == 0 and self.val_data is not None:
                 jax.block_until_ready(trainer.state.step)  # the clock stops when the steps have run, not when queued
+                timed_seconds += time.perf_counter() - clock
                 p.train_seconds += time.perf_counter() - clock
                 self.save(self._score(self.evaluate(epoch)))
                 clock = self._log_clock = time.perf_counter()
@@ -135,9 +136,9 @@ class Session:
             if not mid_epoch:
                 break
         jax.block_until_ready(trainer.state.step)
-        now = time.perf_counter()
-        p.train_seconds += now - clock
-        self._epoch_record(epoch, timed_images, now - clock, now - epoch_start)
+        timed_seconds += time.perf_counter() - clock
+        p.train_seconds += time.perf_counter() - clock
+        self._epoch_record(epoch, timed_images, timed_seconds)
         bar.close()
         if self.step % config.log_every:
             self.log_train()
@@ -175,12 +176,13 @@ class Session:
         config = self.config
         return [n for n in (config.log_every, config.eval_every, config.checkpoint_every) if n]
 
-    def _epoch_record(self, epoch: int, images: int, seconds: float, epoch_seconds: float) -> None:
-        """The epoch's synchronized throughput, its share of time waiting for input, and the peak memory."""
+    def _epoch_record(self, epoch: int, images: int, seconds: float) -> None:
+        """The epoch's synchronized training time and throughput (after compilation, without evaluations), its share
+        of that time waiting for input, and the peak memory."""
         peak, where = peak_memory(self.trainer.mesh.devices.flat[0])
-        record = {"type": "epoch", "step": self.step, "epoch": epoch + 1, "train_seconds": epoch_seconds,
+        record = {"type": "epoch", "step": self.step, "epoch": epoch + 1, "train_seconds": seconds,
                   "images_per_second": images / seconds if images and seconds > 0 else None,
-                  "input_wait_share": min(1.0, self.input_wait / epoch_seconds) if epoch_seconds > 0 else None,
+                  "input_wait_share": min(1.0, self.input_wait / seconds) if seconds > 0 else None,
                   "peak_memory_bytes": peak, "peak_memory_of": where}  # fmt: skip
         self.log.write(record)
 
