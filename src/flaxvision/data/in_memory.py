@@ -166,10 +166,6 @@ class InMemoryLoader:
     def class_names(self) -> tuple[str, ...]:
         return self.source.class_names
 
-    @property
-    def nbytes(self) -> int:
-        return self.images.nbytes
-
     def set_epoch(self, epoch: int) -> None:
         self._next_epoch = int(epoch)
 
@@ -217,12 +213,9 @@ class InMemoryIterator:
                 **self.loader.fingerprint()}  # fmt: skip
 
     def set_state(self, state: dict[str, Any]) -> None:
-        for key, value in self.loader.fingerprint().items():
-            if state.get(key) != value:
-                raise FlaxvisionError(
-                    f"cannot resume the data iterator: the checkpoint was saved with {key}={state.get(key)!r}, this "
-                    f"loader has {key}={value!r}; use the same dataset, global batch size and seed"
-                )
+        from flaxvision.data.pipeline import check_fingerprint
+
+        check_fingerprint(state, self.loader.fingerprint())
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
         self._order = self.loader.order(self.epoch)
         self.loader.skipped.epochs = {int(e): list(ids) for e, ids in state.get("skipped", {}).items()}

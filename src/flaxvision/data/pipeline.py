@@ -206,13 +206,7 @@ class LoaderIterator:
         """
         if "global_batch_size" not in state and "shard" in state:  # states written before the key existed
             state = {**state, "global_batch_size": int(state["batch_size"]) * int(state["shard"][1])}
-        for key, value in self.loader._fingerprint().items():
-            saved = state.get(key)
-            if (list(saved) if isinstance(saved, (list, tuple)) else saved) != value:
-                raise FlaxvisionError(
-                    f"cannot resume the data iterator: the checkpoint was saved with {key}={saved!r}, this loader "
-                    f"has {key}={value!r}; use the same dataset, global batch size and seed"
-                )
+        check_fingerprint(state, self.loader._fingerprint())
         epoch, batch = int(state["epoch"]), int(state["batch"])
         self._position = epoch * len(self.loader) + batch
         if self.loader.num_epochs is not None:
@@ -253,6 +247,17 @@ class LoaderIterator:
     def close(self) -> None:
         """Stop the loader's worker processes now (the next batch starts them again)."""
         self.loader.close()
+
+
+def check_fingerprint(state: dict[str, Any], fingerprint: dict[str, Any]) -> None:
+    """A saved iterator state must come from a loader over the same data, global batch size and seed."""
+    for key, value in fingerprint.items():
+        saved = state.get(key)
+        if (list(saved) if isinstance(saved, (list, tuple)) else saved) != value:
+            raise FlaxvisionError(
+                f"cannot resume the data iterator: the checkpoint was saved with {key}={saved!r}, this loader "
+                f"has {key}={value!r}; use the same dataset, global batch size and seed"
+            )
 
 
 def make_loader(

@@ -154,7 +154,8 @@ class Trainer:
 
 # On an accelerator, a step under this many FLOPs per device runs several steps per call: there a launch and the
 # loop's Python cost a noticeable share of a small step. Not on the CPU: a step there takes milliseconds, the
-# dispatch tens of microseconds, and grouping measured no gain (BENCHMARKS.md), only K times the compile time.
+# dispatch tens of microseconds, and grouping measured a loss (XLA:CPU runs conv backward passes ~16x slower in a
+# loop body; BENCHMARKS.md).
 SMALL_STEP_FLOPS = 50e9
 MAX_AUTO_STEPS = 8
 
