@@ -298,3 +298,22 @@ def test_a_profile_that_cannot_be_written_is_a_warning_not_a_stopped_run(tmp_pat
     profiler.after(2, state)
     profiler.stop(state)
     assert not profiler.active and "warning: no profile" in capsys.readouterr().out
+
+
+def test_an_in_memory_run_with_device_crops_resumed_mid_epoch_ends_equal_to_an_uninterrupted_one(tmp_path):
+    from flaxvision.train.recipe import make_loaders
+    from tests.helpers import straight_and_interrupted
+
+    config = small_config(epochs=2, batch_size=8, eval_batch_size=8, log_every=2, seed=5, augment="cifar")
+    loaders = []
+
+    def make(model, splits):
+        loaders.append(make_loaders(config, model, splits.train, splits.val))
+        return loaders[-1]
+
+    straight, resumed = straight_and_interrupted(tmp_path, config, tiny_vit, make)
+    assert all(isinstance(t, in_memory.InMemoryLoader) and t.device_geometry is not None for t, _ in loaders)
+    a, b = flat_params(straight.model), flat_params(resumed.model)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert metrics_records(tmp_path / "straight") == metrics_records(tmp_path / "cut")
