@@ -31,6 +31,17 @@ else
   "$venv/bin/python" -m pip install --quiet --no-deps -e .
 fi
 
+# The browser tests open the report and compare pages in Debian's Chromium (driven by playwright from the test
+# extra). Installed here where this runs as root with apt; elsewhere those tests skip and say why.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "== installing Debian's chromium for the browser tests (first run only)"
+  log=${TMPDIR:-/tmp}/flaxvision-chromium-install.log
+  if ! (timeout 600 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq \
+        --no-install-recommends chromium) >"$log" 2>&1; then
+    echo "chromium could not be installed (see $log): the browser tests will skip"
+  fi
+fi
+
 # Lint (ruff: pycodestyle, pyflakes, import order, bugbear, pyupgrade) and type-check (pyright, basic) first: a
 # finding fails the run before the tests start. FLAXVISION_SKIP_LINT=1 skips both (e.g. while iterating on a test).
 if [ "${FLAXVISION_SKIP_LINT:-0}" != 1 ]; then

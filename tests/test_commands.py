@@ -74,7 +74,8 @@ def test_default_run_trains_offline_to_95_percent_with_the_full_run_directory(de
     # Every plot is a valid PNG, and report.html embeds each of them (no network needed to open it).
     pngs = sorted(p.name for p in run_dir.glob("*.png"))
     assert pngs == sorted(["lr_schedule.png", "train_loss.png", "val_curves.png", "train_samples.png", "val_samples.png",
-                           "predictions.png", "confusion_matrix.png"])  # fmt: skip
+                           "predictions.png", "confusion_matrix.png", "reliability.png", "mistakes.png",
+                           "explanations.png"])  # fmt: skip
     assert all(is_png(run_dir / p) for p in pngs)
     parser = ImageSources()
     parser.feed((run_dir / "report.html").read_text())

@@ -40,18 +40,22 @@ def brier_score(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.sum((probs - onehot) ** 2, axis=-1)))
 
 
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
-    """ECE: the top-1 confidences in `bins` equal-width bins over (0, 1]; the mean over examples of
-    |accuracy - mean confidence| of their bin (Guo et al. 2017)."""
+def calibration_bins(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> dict[str, np.ndarray]:
+    """The top-1 confidences in `bins` equal-width bins over (0, 1]: per bin the example count, the accuracy and the
+    mean confidence (0 for an empty bin); what ECE averages and the reliability diagram draws."""
     confidence = probs.max(axis=-1)
     correct = probs.argmax(axis=-1) == labels
     which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)  # (k/B, (k+1)/B] -> bin k
-    total = 0.0
-    for b in range(bins):
-        inside = which == b
-        if inside.any():
-            total += inside.sum() * abs(correct[inside].mean() - confidence[inside].mean())
-    return float(total / len(labels))
+    count = np.bincount(which, minlength=bins)
+    safe = np.maximum(count, 1)
+    return {"count": count, "accuracy": np.bincount(which, weights=correct, minlength=bins) / safe,
+            "confidence": np.bincount(which, weights=confidence, minlength=bins) / safe}  # fmt: skip
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE: the mean over examples of |accuracy - mean confidence| of their confidence bin (Guo et al. 2017)."""
+    b = calibration_bins(probs, labels, bins)
+    return float(np.sum(b["count"] * np.abs(b["accuracy"] - b["confidence"])) / len(labels))
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:

@@ -6,6 +6,7 @@ Runners import the heavy parts of the library (jax, datasets, ...) lazily, so `f
 from flaxvision.commands import (
     bench,
     card,
+    compare,
     evaluate,
     export,
     models,
@@ -19,4 +20,4 @@ from flaxvision.commands import (
 )
 
 # Order = order in `flaxvision --help`.
-COMMANDS = [train, evaluate, predict, report, export, serve, push, card, verify, presets, models, bench]
+COMMANDS = [train, evaluate, predict, report, compare, export, serve, push, card, verify, presets, models, bench]

@@ -11,8 +11,6 @@ shows went through the same device stage, colour jitter included, as the model's
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ import numpy as np
 
 from flaxvision import files
 from flaxvision.errors import FlaxvisionError
-from flaxvision.report import plots
+from flaxvision.report import analysis, page, plots
 
 PLOTS = {
     "lr_schedule.png": "Learning-rate schedule",
@@ -31,7 +29,12 @@ PLOTS = {
     "val_samples.png": "Validation samples",
     "predictions.png": "Predictions on validation images",
     "confusion_matrix.png": "Confusion matrix",
+    "reliability.png": "Reliability diagram: accuracy against confidence on the validation data",
+    "mistakes.png": "The most confident mistakes on the validation data",
+    "explanations.png": "Where the model looked",  # the method is named in the caption the report writes
 }
+PER_CLASS_ROWS = 60  # more classes: the report lists the lowest-F1 ones
+EXPLAINED_BY = {"rollout": "attention rollout (Abnar & Zuidema 2020)", "gradcam": "Grad-CAM (Selvaraju et al. 2017)"}
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:
@@ -73,6 +76,8 @@ def write_report(
     stage: Any = None,
     schedule: Any = None,
     samples: int = 16,
+    mistakes: int = 8,
+    explain: int = 8,
     notes: list[str] | None = None,
 ) -> Path:
     """Draw every plot of a run into `run_dir` and write `run_dir/report.html`; return its path.
@@ -84,6 +89,7 @@ def write_report(
       stage: the run's `DeviceStage` (None: one without augmentation for the model's preprocessing).
       schedule: step -> learning rate, for the schedule plot (None: left out).
       samples: images per grid.
+      mistakes: how many of the most confident mistakes to show; explain: how many explanation overlays.
       notes: lines the report lists (e.g. why a grid is missing).
     """
     from flaxvision.data.device import DeviceStage
@@ -96,6 +102,7 @@ def write_report(
     class_names = record.get("class_names") or (evaluation or {}).get("class_names")
     notes = list(notes or [])
     made: dict[str, Path] = {}
+    captions: dict[str, str] = {}
 
     # ---- curves ----------------------------------------------------------------------------------------------
     if schedule is not None and "total_steps" in record:
@@ -139,7 +146,67 @@ def write_report(
                 run_dir / "predictions.png",
             )  # fmt: skip
 
-    return files.write_atomic(run_dir / "report.html", _html(run_dir, made, summary, record, notes))
+    # ---- the model's answers on the whole validation data: calibration, mistakes, explanations -----------------
+    sections: dict[str, str] = {}
+    confusion = np.asarray(evaluation["confusion"]) if evaluation and evaluation.get("confusion") else None
+    if model is not None and stage is not None and val_data is not None:
+        try:
+            found = analysis.validation_pass(model, stage, val_data, keep=mistakes)
+        except FlaxvisionError as err:
+            notes.append(f"calibration and mistakes left out: {err}")
+        else:
+            sections["calibration"] = _calibration(found, run_dir, made)
+            import jax
+
+            if jax.process_count() > 1:
+                notes.append(f"calibration and mistakes: process 0's share of the validation data ({len(found.labels)} "
+                             "images); the per-class table covers all of it")  # fmt: skip
+            if len(found.mistake_labels):
+                made["mistakes.png"] = plots.prediction_grid(
+                    found.mistake_images, _names(found.mistake_labels, class_names),
+                    _names(found.mistake_predictions, class_names), found.mistake_probabilities.tolist(),
+                    run_dir / "mistakes.png", title="The most confident mistakes (validation)",
+                )  # fmt: skip
+            if confusion is None:
+                confusion = analysis.confusion_of(found, model.config.num_classes)
+        if val_batch is not None and val_batch["image"].dtype == np.uint8:
+            try:
+                method, predicted, overlays = analysis.explanations(model, stage, val_batch["image"][:explain])
+            except FlaxvisionError as err:
+                notes.append(f"explanation overlays left out: {err}")
+            else:
+                titles = [f"pred: {n}" for n in _names(predicted, class_names)]
+                made["explanations.png"] = plots.image_grid(overlays, titles, f"Where the model looked: {EXPLAINED_BY[method]}",
+                                                            run_dir / "explanations.png")  # fmt: skip
+                captions["explanations.png"] = f"Where the model looked: {EXPLAINED_BY[method]}, on validation images"
+    if confusion is not None:
+        names = list(class_names or [str(i) for i in range(len(confusion))])
+        if len(names) == len(confusion):
+            sections["per_class"] = _per_class(confusion, names)
+
+    return files.write_atomic(run_dir / "report.html", _html(run_dir, made, summary, record, notes, sections, captions))
+
+
+def _calibration(found: analysis.ValidationPass, run_dir: Path, made: dict[str, Path]) -> str:
+    from flaxvision import metrics
+
+    values = metrics.calibration(found.logits, found.labels)
+    bins = metrics.calibration_bins(found.probabilities, found.labels)
+    made["reliability.png"] = plots.reliability_diagram(bins, values["ece"], run_dir / "reliability.png")
+    rows = [("images", len(found.labels)), ("NLL", values["nll"]), ("Brier score", values["brier"]),
+            (f"ECE ({metrics.ECE_BINS} bins)", values["ece"]), ("fitted softmax temperature", values["temperature"]),
+            ("NLL after it", values["nll_after_temperature"]), ("ECE after it", values["ece_after_temperature"])]  # fmt: skip
+    return "<h2>Calibration</h2>\n" + page.table(("", "value"), rows, row_headers=True)
+
+
+def _per_class(confusion: np.ndarray, names: list[str]) -> str:
+    rows = analysis.per_class_rows(confusion, names)
+    shown = rows if len(rows) <= PER_CLASS_ROWS else rows[:PER_CLASS_ROWS]
+    note = (f"<p>The {PER_CLASS_ROWS} classes with the lowest F1 of {len(rows)}; eval.json and "
+            "<code>flaxvision evaluate</code> have them all.</p>") if len(shown) < len(rows) else ""  # fmt: skip
+    table = page.table(("class", "precision", "recall", "F1", "support"),
+                       [(r["class"], r["precision"], r["recall"], r["f1"], r["support"]) for r in shown])  # fmt: skip
+    return "<h2>Per class (validation), lowest F1 first</h2>\n" + note + table
 
 
 def _predict(model: Any, stage: Any, images: np.ndarray) -> np.ndarray:
@@ -150,34 +217,24 @@ def _predict(model: Any, stage: Any, images: np.ndarray) -> np.ndarray:
     return np.asarray(jax.nn.softmax(logits, axis=-1))
 
 
-def _html(run_dir: Path, made: dict[str, Path], summary: Any, record: dict[str, Any], notes: list[str]) -> str:
-    rows = ""
-    if summary:
-        for key, value in summary.items():
-            shown = f"{value:.4f}" if isinstance(value, float) else html.escape(str(value))
-            rows += f"<tr><th>{html.escape(key)}</th><td>{shown}</td></tr>"
+def _html(run_dir: Path, made: dict[str, Path], summary: Any, record: dict[str, Any], notes: list[str],
+          sections: dict[str, str], captions: dict[str, str]) -> str:  # fmt: skip
+    rows = [(key, value) for key, value in (summary or {}).items()]
     config = record.get("train_config", {})
-    figures = ""
-    for name, caption in PLOTS.items():
-        if name in made:
-            data = base64.b64encode(made[name].read_bytes()).decode("ascii")
-            figures += (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}" data-file="{name}">'
-                        f"<figcaption>{html.escape(caption)} ({name})</figcaption></figure>\n")  # fmt: skip
-    notes_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>flaxvision run: {html.escape(run_dir.name)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1000px; color: #1f2328; }}
-table {{ border-collapse: collapse; margin-bottom: 1.5rem; }} th, td {{ padding: 2px 12px; text-align: left; }}
-th {{ color: #59636e; font-weight: normal; }} figure {{ margin: 1.5rem 0; }} img {{ max-width: 100%; }}
-figcaption {{ color: #59636e; font-size: 0.9rem; }} code {{ background: #f6f8fa; padding: 1px 4px; }}
-</style></head><body>
-<h1>flaxvision run <code>{html.escape(run_dir.name)}</code></h1>
-<p>model <code>{html.escape(str(config.get("model", "?")))}</code>, dataset <code>{html.escape(str(config.get("dataset", "?")))}</code>,
-{html.escape(str(config.get("epochs", "?")))} epochs, batch {html.escape(str(config.get("batch_size", "?")))},
-{html.escape(str(config.get("optimizer", "?")))} lr {html.escape(str(config.get("lr", "?")))}</p>
-<table>{rows}</table>
+    figures = {name: page.figure(made[name], captions.get(name, caption)) for name, caption in PLOTS.items() if name in made}
+    curves = "".join(figures.get(n, "") for n in ("lr_schedule.png", "train_loss.png", "val_curves.png"))
+    data = "".join(figures.get(n, "") for n in ("train_samples.png", "val_samples.png", "predictions.png"))
+    answers = "".join(figures.get(n, "") for n in ("confusion_matrix.png", "mistakes.png", "explanations.png"))
+    notes_html = "".join(f"<li>{page.escape(n)}</li>" for n in notes)
+    e = page.escape
+    body = f"""<h1>flaxvision run <code>{e(run_dir.name)}</code></h1>
+<p>model <code>{e(config.get("model", "?"))}</code>, dataset <code>{e(config.get("dataset", "?"))}</code>,
+{e(config.get("epochs", "?"))} epochs, batch {e(config.get("batch_size", "?"))},
+{e(config.get("optimizer", "?"))} lr {e(config.get("lr", "?"))}</p>
+{page.table(("", ""), rows, row_headers=True) if rows else ""}
 {f"<ul>{notes_html}</ul>" if notes else ""}
-{figures}
-</body></html>
-"""
+{curves}{data}
+{sections.get("per_class", "")}
+{sections.get("calibration", "")}{figures.get("reliability.png", "")}
+{answers}"""
+    return page.page(f"flaxvision run: {run_dir.name}", body)

@@ -112,7 +112,8 @@ def image_grid(images: np.ndarray, titles: Sequence[str], title: str, path: Path
 
 
 def prediction_grid(
-    images: np.ndarray, true: Sequence[str], predicted: Sequence[str], probabilities: Sequence[float], path: Path
+    images: np.ndarray, true: Sequence[str], predicted: Sequence[str], probabilities: Sequence[float], path: Path, *,
+    title: str = "Predictions on validation images",
 ) -> Path:
     """Validation images captioned expected vs predicted with probability; green when right, red when wrong."""
     rows, cols = _grid_shape(len(images))
@@ -127,5 +128,41 @@ def prediction_grid(
         for spine in ax.spines.values():
             spine.set_edgecolor(GREEN if right else RED)
             spine.set_linewidth(2.5)
-    fig.suptitle("Predictions on validation images (green: right, red: wrong)")
+    fig.suptitle(f"{title} (green: right, red: wrong)")
+    return _save(fig, path)
+
+
+def reliability_diagram(bins: dict[str, np.ndarray], ece: float, path: Path) -> Path:
+    """Accuracy against confidence per confidence bin (flaxvision.metrics.calibration_bins), with the diagonal of
+    perfect calibration and the gap drawn; beside it how many images each bin holds."""
+    count, accuracy, confidence = (np.asarray(bins[k]) for k in ("count", "accuracy", "confidence"))
+    n = len(count)
+    edges = np.linspace(0, 1, n + 1)
+    centres, width = (edges[:-1] + edges[1:]) / 2, 1 / n
+    used = count > 0
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    left.plot([0, 1], [0, 1], linestyle="--", color="#59636e", label="perfect calibration")
+    left.bar(centres[used], accuracy[used], width=width, color="#0969da", edgecolor="white", label="accuracy")
+    left.bar(centres[used], confidence[used] - accuracy[used], bottom=accuracy[used], width=width, color=RED,
+             alpha=0.35, edgecolor=RED, label="gap to confidence")  # fmt: skip
+    left.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-1 probability)", ylabel="accuracy",
+             title=f"Reliability diagram (ECE {ece:.3f}, {n} bins)")  # fmt: skip
+    left.legend(loc="upper left", fontsize=8)
+    right.bar(centres, count, width=width, color="#8250df", edgecolor="white")
+    right.set(xlim=(0, 1), xlabel="confidence", ylabel="images", title="Images per confidence bin")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+
+def overlaid(series: Sequence[tuple[str, Sequence[float], Sequence[float]]], xlabel: str, ylabel: str, title: str,
+             path: Path) -> Path:  # fmt: skip
+    """Several runs' curves on one axis: (label, xs, ys) each, a colour and a marker style each."""
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for i, (label, xs, ys) in enumerate(series):
+        ax.plot(xs, ys, label=label, marker="o" if len(xs) < 40 else None, markersize=3, linestyle=("-", "--", ":", "-.")[i // 10 % 4])
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return _save(fig, path)
