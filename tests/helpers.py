@@ -208,6 +208,32 @@ def short_failure(what: str):
         pytest.fail(f"{what}: {type(err).__name__}: {str(err)[:1500]}", pytrace=False)
 
 
+def write_tar_shards(directory, images: np.ndarray, labels: np.ndarray, per_shard: int, *, split: str = "train",
+                     ext: str = "png") -> list[Path]:  # fmt: skip
+    """WebDataset shards as any wds writer makes them (tarfile, no flaxvision code): key.png + key.cls per sample,
+    `per_shard` samples per file, named <split>-000000.tar, ...; the key of example i is its number."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s, start in enumerate(range(0, len(images), per_shard)):
+        path = directory / f"{split}-{s:06d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i in range(start, min(start + per_shard, len(images))):
+                png = io.BytesIO()
+                Image.fromarray(images[i]).save(png, format="PNG" if ext == "png" else "JPEG")
+                for suffix, data in ((ext, png.getvalue()), ("cls", str(int(labels[i])).encode())):
+                    info = tarfile.TarInfo(f"{i:08d}.{suffix}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        paths.append(path)
+    return paths
+
+
 # ---- the Hugging Face Hub cache -------------------------------------------------------------------------------
 
 HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -48,7 +48,8 @@ class BatchMaker:
 
     def __init__(self, source: ImageSource, preprocessing: Preprocessing, augment: AugmentConfig | None, *,
                  batch_size: int, batches_per_epoch: int, seed: int, shuffle: bool, shard_index: int,
-                 shard_count: int, draft: bool = True, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+                 shard_count: int, draft: bool = True, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 shuffle_buffer: int = 10_000):
         self.source = source
         self.preprocessing = preprocessing
         self.draft = draft
@@ -59,6 +60,9 @@ class BatchMaker:
         self.seed = seed
         self.shuffle = shuffle
         self.shard = (shard_index, shard_count)
+        # A sharded source (data/shards.py) is read process by process, each its own shards (data/shard_order.py).
+        self.sharded = bool(getattr(source.images, "streaming", False))
+        self.shuffle_buffer = shuffle_buffer
         self._order: tuple[int, np.ndarray] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -69,8 +73,25 @@ class BatchMaker:
         global batches (eval: in order, every example once; training: a permutation, the remainder dropped)."""
         if self._order is not None and self._order[0] == epoch:
             return self._order[1]
+        if self.sharded:
+            return self._process_order(epoch)
         padded = epoch_order(len(self.source), epoch, seed=self.seed, shuffle=self.shuffle and self.augment is not None,
                              global_batch_size=self.batch_size * self.shard[1], batches=self.batches_per_epoch)  # fmt: skip
+        self._order = (epoch, padded)
+        return padded
+
+    def _process_order(self, epoch: int) -> np.ndarray:
+        """A sharded source: this process's own positions of `epoch` in reading order, cut or padded (-1) to
+        `batches_per_epoch` batches."""
+        from flaxvision.data.shard_order import process_order
+
+        index, count = self.shard
+        mine = process_order(self.source.images.shard_of(self.source.ids), epoch, seed=self.seed, process=index,
+                             processes=count, shuffle=self.shuffle and self.augment is not None,
+                             buffer=self.shuffle_buffer)  # fmt: skip
+        padded = np.full(self.batches_per_epoch * self.batch_size, -1, np.int64)
+        kept = min(len(mine), len(padded))
+        padded[:kept] = mine[:kept]
         self._order = (epoch, padded)
         return padded
 
@@ -79,6 +100,8 @@ class BatchMaker:
         epoch, b = divmod(int(g), self.batches_per_epoch)
         (index, count), size = self.shard, self.batch_size
         first = index * size
+        if self.sharded:
+            return self.order(epoch)[b * size:(b + 1) * size], first
         start = b * size * count + first
         return self.order(epoch)[start:start + size], first
 
@@ -98,8 +121,10 @@ class BatchMaker:
                 continue  # padding: a blank, masked row
             rng = np.random.default_rng([self.seed, g, first_row + row]) if self.augment is not None else None
             candidates = [position]
-            if rng is not None:
-                candidates += rng.integers(len(self.source), size=_REPLACEMENT_TRIES).tolist()
+            if rng is not None:  # (a sharded source: replacements from this process's own examples of the epoch)
+                pool = self.order(g // self.batches_per_epoch) if self.sharded else None
+                candidates += (pool[pool >= 0][rng.integers(int((pool >= 0).sum()), size=_REPLACEMENT_TRIES)].tolist()
+                               if pool is not None else rng.integers(len(self.source), size=_REPLACEMENT_TRIES).tolist())  # fmt: skip
             for candidate in candidates:
                 try:
                     out["image"][row] = self._decode(candidate, rng)

@@ -76,7 +76,7 @@ class Loader:
     def __init__(self, source: ImageSource, preprocessing: Preprocessing, *, batch_size: int, train: bool,
                  seed: int, num_epochs: int | None, shuffle: bool, drop_remainder: bool,
                  augment: AugmentConfig | None, workers: int, threads: int, shard_index: int, shard_count: int,
-                 draft: bool, max_image_pixels: int):
+                 draft: bool, max_image_pixels: int, shuffle_buffer: int = 10_000):
         self.source = source
         self.preprocessing = preprocessing
         self.draft = draft
@@ -97,8 +97,14 @@ class Loader:
         # Every process runs the same number of (jitted, collective) steps: whole global batches of
         # batch_size x shard_count examples; the last one is dropped (training) or padded with masked rows (eval).
         self.global_batch_size = batch_size * shard_count
-        per_epoch = n / self.global_batch_size
-        self._batches_per_epoch = math.floor(per_epoch) if drop_remainder else math.ceil(per_epoch)
+        self.shuffle_buffer = shuffle_buffer
+        if getattr(source.images, "streaming", False):  # each process its own run of shards (data/shard_order.py)
+            from flaxvision.data.shard_order import batches_per_epoch
+
+            self._batches_per_epoch = batches_per_epoch(n, shard_count, batch_size, drop_remainder=drop_remainder)
+        else:
+            per_epoch = n / self.global_batch_size
+            self._batches_per_epoch = math.floor(per_epoch) if drop_remainder else math.ceil(per_epoch)
         if self._batches_per_epoch == 0:
             raise FlaxvisionError(
                 f"{source.name}: {n} examples make no full batch of {self.global_batch_size}"
@@ -171,7 +177,7 @@ class Loader:
         maker = _BatchMaker(
             self.source, self.preprocessing, self.augment, batch_size=self.batch_size, batches_per_epoch=len(self),
             seed=self.seed, shuffle=self.shuffle, shard_index=self.shard_index, shard_count=self.shard_count,
-            draft=self.draft, max_image_pixels=self.max_image_pixels,
+            draft=self.draft, max_image_pixels=self.max_image_pixels, shuffle_buffer=self.shuffle_buffer,
         )
         return grain.MapDataset.range(0, sys.maxsize).map(maker)
 
@@ -278,6 +284,7 @@ def make_loader(
     shard_options: Any = None,
     draft: bool = True,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    shuffle_buffer: int = 10_000,
 ) -> Loader:
     """A loader of uint8 numpy batches for a model with this `preprocessing`.
 
@@ -300,6 +307,9 @@ def make_loader(
         for multi-process training); `shard_options` (a grain ShardOptions, e.g. ShardByJaxProcess()) also works.
       draft: decode JPEGs at a reduced size when the crop keeps enough pixels.
       max_image_pixels: images with more pixels (by their header) are skipped as decompression bombs.
+      shuffle_buffer: a sharded source (tar, ArrayRecord, streamed parquet; data/shards.py): examples in the
+        training shuffle buffer. Each process then reads only its own run of the epoch's shuffled shards
+        (data/shard_order.py) instead of its rows of a global permutation.
 
     Raises:
       FlaxvisionError: a value the pipeline cannot use (batch size, channels, shard, ...).
@@ -326,4 +336,5 @@ def make_loader(
         drop_remainder=train if drop_remainder is None else drop_remainder,
         augment=(augment or AugmentConfig()) if train else None, workers=workers, threads=max(0, threads),
         shard_index=shard_index, shard_count=shard_count, draft=draft, max_image_pixels=max_image_pixels,
+        shuffle_buffer=shuffle_buffer,
     )

@@ -193,6 +193,26 @@ def _check_classes(train: ImageSource, val: ImageSource) -> None:
                     val.name, names, more, train.name)
 
 
+def _read(spec: str, image_column: str | None, label_column: str | None, cache_dir: str | None,
+          streaming: bool) -> dict[str, RawSplit]:  # fmt: skip
+    from flaxvision.data.shard_sources import open_sharded, sharded_kind
+
+    kind = sharded_kind(spec)
+    if kind is None and streaming:
+        kind = resolve_kind(spec)
+        if kind not in ("parquet", "hub"):
+            raise FlaxvisionError(f"--streaming reads parquet files or a Hub dataset in place; {spec!r} is a {kind} "
+                                  "dataset: drop --streaming, or pack it into shards with flaxvision data pack")  # fmt: skip
+    if kind is not None:
+        warnings: list[str] = []
+        raw = open_sharded(spec, kind, image_column=image_column, label_column=label_column, log=warnings)
+        for line in warnings:
+            log.warning("%s", line)
+        return raw
+    kind = resolve_kind(spec)
+    return read_folder(spec) if kind == "folder" else read_hf(spec, kind, image_column, label_column, cache_dir)
+
+
 def load(
     spec: str,
     *,
@@ -206,6 +226,7 @@ def load(
     val_fraction: float = 0.1,
     seed: int = 0,
     cache_dir: str | None = None,
+    streaming: bool = False,
 ) -> DatasetSplits:
     """Open a dataset for training and validation.
 
@@ -223,6 +244,9 @@ def load(
       val_fraction: the held-out fraction when there is no validation split.
       seed: seed of the held-out split and the sample caps.
       cache_dir: the `datasets` cache for Hub and parquet data (default: HF_DATASETS_CACHE).
+      streaming: read parquet files or a Hub dataset's parquet files in place (no copy into the cache), each
+        process its own files. Tar shards and `flaxvision data pack` directories are always read so
+        (data/shard_sources.py has the spec syntax).
 
     A class of the training split that the validation split lacks is logged as a warning.
 
@@ -233,8 +257,7 @@ def load(
     """
     if builtin.is_builtin(spec):  # e.g. builtin:digits, written once to the cache as a save_to_disk directory
         spec = builtin.materialize(spec)
-    kind = resolve_kind(spec)
-    raw = read_folder(spec) if kind == "folder" else read_hf(spec, kind, image_column, label_column, cache_dir)
+    raw = _read(spec, image_column, label_column, cache_dir, streaming)
     available = list(raw)
     train_name = train_split or "train"
     if train_name not in raw:

@@ -52,6 +52,8 @@ class TrainConfig:
     color_jitter: float = 0.2
     workers: int = 0  # grain worker processes (0: decode in the main process)
     in_memory: str = "auto"  # decode the data once into memory, crop/flip on the device: "auto" (when it fits), "on", "off"
+    streaming: bool = False  # parquet files / a Hub dataset read in place, each process its own files (tar shards always are)
+    shuffle_buffer: int = 10_000  # sharded data: the training shuffle buffer, in examples (data/shard_order.py)
     in_memory_max_gb: float = 4.0  # the most decoded data (train + val, GB of uint8 pixels) that "auto"/"on" keep
     randaugment: str | None = None  # timm's grammar, e.g. "rand-m9-mstd0.5-inc1" (in the workers, after the crop)
     trivialaugment: bool = False  # TrivialAugment Wide (one op, uniform magnitude; not with randaugment)
@@ -143,6 +145,8 @@ class TrainConfig:
             raise bad("train_only", 'use "head" or "last:K" (e.g. last:2)')
         if not 0.1 <= self.rrc_scale_min <= 1.0:
             raise bad("rrc_scale_min", "must be in [0.1, 1]")
+        if self.shuffle_buffer < 1:
+            raise bad("shuffle_buffer", "must be >= 1 (1: no shuffling within a process's shards)")
         if self.in_memory not in ("auto", "on", "off"):
             raise bad("in_memory", "use auto, on or off")
         if self.in_memory_max_gb <= 0:

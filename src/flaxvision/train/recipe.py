@@ -92,7 +92,7 @@ def open_data(config: TrainConfig, *, split: str | None = None) -> Any:
         config.dataset, train_split=split or config.train_split, val_split=split or config.val_split, classes=classes,
         max_train_samples=config.max_train_samples, max_val_samples=config.max_val_samples,
         val_fraction=config.val_fraction, seed=config.seed, image_column=config.image_column,
-        label_column=config.label_column,
+        label_column=config.label_column, streaming=config.streaming,
     )  # fmt: skip
 
 
@@ -120,6 +120,7 @@ def make_loaders(config: TrainConfig, model: Any, train_source: Any, val_source:
     index, count = _process_share()
     common: dict[str, Any] = dict(preprocessing=model.preprocessing, seed=config.seed, workers=config.workers,
                                   shard_index=index, shard_count=count)  # fmt: skip
+    streamed: dict[str, Any] = dict(shuffle_buffer=config.shuffle_buffer)
     if in_memory_reason(config, model, train_source, val_source) is None:
         from flaxvision.data import in_memory
 
@@ -133,8 +134,9 @@ def make_loaders(config: TrainConfig, model: Any, train_source: Any, val_source:
     train_loader = None
     if train_source is not None:
         train_loader = data.make_loader(train_source, batch_size=config.batch_size // count, train=True,
-                                        augment=augment_config(config), **common)  # fmt: skip
-    val_loader = data.make_loader(val_source, batch_size=config.global_eval_batch_size // count, train=False, **common)
+                                        augment=augment_config(config), **common, **streamed)  # fmt: skip
+    val_loader = data.make_loader(val_source, batch_size=config.global_eval_batch_size // count, train=False, **common,
+                                  **streamed)  # fmt: skip
     return train_loader, val_loader
 
 
@@ -149,6 +151,12 @@ def in_memory_reason(config: TrainConfig, model: Any, train_source: Any, val_sou
     if config.in_memory == "off":
         return "--in-memory off"
     sources = [s for s in (train_source, val_source) if s is not None]
+    sharded = next((s for s in sources if getattr(s.images, "streaming", False)), None)
+    if sharded is not None:  # every process would read every shard
+        if config.in_memory == "on":
+            raise ConfigError(f"--in-memory on: {sharded.name} is sharded, and each process streams only its own "
+                              "shards; use --in-memory auto or off")  # fmt: skip
+        return f"{sharded.name} is sharded: each process streams its own shards"
     augment = augment_config(config) if train_source is not None else None
     reason = in_memory.host_only_reason(train_source, model.preprocessing, augment) if train_source is not None else None
     too_big = in_memory.check_fits(sources, model.preprocessing, config.in_memory_max_gb)

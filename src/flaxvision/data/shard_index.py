@@ -1,0 +1,190 @@
+"""Where each example of a sharded dataset lies: from a `flaxvision data pack` manifest and its index files, or
+by one pass over WebDataset tar headers or parquet footers (data/shards.py reads the examples)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flaxvision.data.image_source import RawSplit
+from flaxvision.data.shards import (
+    IMAGE_EXTENSIONS,
+    KINDS,
+    MANIFEST,
+    MANIFEST_FORMAT,
+    ShardImages,
+    _open_binary,
+    is_remote,
+)
+from flaxvision.errors import FlaxvisionError
+
+# --------------------------------------------------------------------------------------------------------------
+# Indexes: from a pack manifest, or by reading tar headers / parquet footers
+
+
+def read_manifest(root: str) -> dict[str, RawSplit]:
+    """The splits of a `flaxvision data pack` directory (local or remote), from its manifest and index files."""
+    text = _read_text(_join(root, MANIFEST))
+    try:
+        manifest = json.loads(text)
+    except ValueError as err:
+        raise FlaxvisionError(f"{_join(root, MANIFEST)} is not valid JSON ({err}); re-run flaxvision data pack") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or manifest.get("kind") not in KINDS:
+        raise FlaxvisionError(f"{_join(root, MANIFEST)} is not a flaxvision shard manifest; point --dataset at the "
+                              "directory `flaxvision data pack` wrote")  # fmt: skip
+    names = tuple(manifest["class_names"])
+    out = {}
+    for split, info in manifest["splits"].items():
+        with _open_binary(_join(root, info["index"])) as f:
+            index = np.load(io.BytesIO(f.read()))
+        paths = [_join(root, s["path"]) for s in info["shards"]]
+        images = ShardImages(manifest["kind"], paths, index["shard"], index["offset"], index["size"])
+        out[split] = RawSplit(images=images, labels=index["label"].astype(np.int64), class_names=names)
+    return out
+
+
+def _join(root: str, relative: str) -> str:
+    return root.rstrip("/") + "/" + relative if is_remote(root) else os.path.join(root, relative)
+
+
+def _read_text(path: str) -> str:
+    try:
+        with _open_binary(path) as f:
+            return f.read().decode("utf-8")
+    except FileNotFoundError:
+        raise FlaxvisionError(f"{path} does not exist; pass a directory written by flaxvision data pack") from None
+    except OSError as err:
+        raise FlaxvisionError(f"cannot read {path}: {err}") from None
+
+
+def scan_tars(paths: list[str], class_names: tuple[str, ...] | None = None) -> tuple[RawSplit, list[str]]:
+    """The samples of WebDataset tar shards (key.<image ext> with key.cls holding the class number), by one pass over
+    the tar headers; (split, warnings). A truncated shard keeps the samples before the damage (a warning says how
+    many were found); a sample without an image or a label is left out (counted in a warning)."""
+    shard, offset, size, labels, keys, warnings = [], [], [], [], [], []
+    for s, path in enumerate(paths):
+        found, broken = _scan_tar(path)
+        incomplete = 0
+        for key, members in found.items():
+            image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
+            label = members.get("cls_value")
+            if image is None or label is None:
+                incomplete += 1
+                continue
+            shard.append(s)
+            offset.append(image[0])
+            size.append(image[1])
+            labels.append(label)
+            keys.append(key)
+        if broken:
+            warnings.append(f"{path}: {broken}; read the {len(found)} samples before it")
+        if incomplete:
+            warnings.append(f"{path}: {incomplete} sample(s) without an image or a .cls label left out")
+    if not shard:
+        raise FlaxvisionError(f"no samples with an image and a .cls label in {paths[0]}{' ...' if len(paths) > 1 else ''}; "
+                              "WebDataset shards hold key.jpg (or .png, .webp) + key.cls per sample")  # fmt: skip
+    labels_np = np.asarray(labels, np.int64)
+    if class_names is None:
+        class_names = tuple(str(i) for i in range(int(labels_np.max()) + 1))
+    images = ShardImages("wds", paths, np.asarray(shard), np.asarray(offset), np.asarray(size), keys=keys)
+    return RawSplit(images=images, labels=labels_np, class_names=class_names), warnings
+
+
+def _scan_tar(path: str) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """{key: {ext: (data offset, size), "cls_value": int}} of one tar, and what stopped the scan early (or None)."""
+    found: dict[str, dict[str, Any]] = {}
+    with _open_binary(path) as f:
+        total = f.seek(0, os.SEEK_END)
+        f.seek(0)
+        try:
+            archive = tarfile.open(fileobj=f, mode="r:")  # noqa: SIM115 (closed below; iterating reads headers)
+        except tarfile.TarError as err:
+            return found, f"not a readable tar ({err})"
+        broken = None
+        try:
+            for member in archive:
+                if not member.isfile():
+                    continue
+                name = member.name.rsplit("/", 1)[-1]
+                key, _, ext = name.partition(".")
+                key = member.name[: len(member.name) - len(name)] + key
+                if member.offset_data + member.size > total:
+                    broken = f"truncated at byte {total}, inside {member.name}"
+                    break
+                entry = found.setdefault(key, {})
+                ext = ext.lower()
+                entry[ext] = (member.offset_data, member.size)
+                if ext == "cls":
+                    handle = archive.extractfile(member)
+                    text = handle.read().decode("utf-8", "replace").strip() if handle else ""
+                    if re.fullmatch(r"-?\d+", text):
+                        entry["cls_value"] = int(text)
+            if broken is None:  # a whole tar ends with two zero blocks; without them it was cut at a header
+                f.seek(archive.offset)
+                tail = f.read(1024)
+                if len(tail) < 1024 or tail.strip(b"\0"):
+                    broken = f"truncated at byte {total} (no end-of-archive marker)"
+        except (tarfile.TarError, OSError, EOFError) as err:
+            broken = f"unreadable after {len(found)} samples ({err})"
+        finally:
+            archive.close()
+    return found, broken
+
+
+def parquet_shards(paths: list[str], image_column: str | None, label_column: str | None) -> RawSplit:
+    """A parquet shard set read in place: positions from each file's footer (row groups), labels from the label
+    column alone, class names from the Hub's feature metadata (else "0".."K-1")."""
+    import pyarrow.parquet as pq
+
+    from flaxvision.data.hf_datasets import IMAGE_COLUMNS, LABEL_COLUMNS
+
+    shard, group, row, labels = [], [], [], []
+    names: tuple[str, ...] | None = None
+    image_col = label_col = None
+    for s, path in enumerate(paths):
+        with _open_binary(path) as f:
+            pf = pq.ParquetFile(f)
+            columns = pf.schema_arrow.names
+            image_col = image_column or next((c for c in IMAGE_COLUMNS if c in columns), None)
+            label_col = label_column or next((c for c in LABEL_COLUMNS if c in columns), None)
+            if image_col is None or label_col is None or image_col not in columns or label_col not in columns:
+                raise FlaxvisionError(f"{path}: no image or label column among {', '.join(columns)}; pass "
+                                      "--image-column / --label-column")  # fmt: skip
+            names = names or _hub_class_names(pf.schema_arrow.metadata, label_col)
+            for g in range(pf.num_row_groups):
+                values = pf.read_row_group(g, columns=[label_col]).column(0).to_numpy()
+                shard.append(np.full(len(values), s))
+                group.append(np.full(len(values), g))
+                row.append(np.arange(len(values)))
+                labels.append(values)
+    all_labels = np.concatenate(labels).astype(np.int64)
+    names = names or tuple(str(i) for i in range(int(all_labels.max()) + 1))
+    images = ShardImages("parquet", paths, np.concatenate(shard), np.concatenate(group), np.concatenate(row), column=image_col)
+    return RawSplit(images=images, labels=all_labels, class_names=names)
+
+
+def _hub_class_names(metadata: dict | None, label_column: str) -> tuple[str, ...] | None:
+    """ClassLabel names from the "huggingface" schema metadata that `datasets` writes into its parquet files."""
+    try:
+        features = json.loads((metadata or {})[b"huggingface"])["info"]["features"]
+        names = features[label_column].get("names")
+        return tuple(names) if names else None
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def split_of(path: str) -> str:
+    """The split a shard file belongs to by the Hub's and WebDataset's naming: data/train-00000-of-00004.parquet,
+    validation/0000.parquet, food-val-000012.tar; "train" when the name says nothing."""
+    parts = re.split(r"[/_.-]", Path(path).as_posix().lower())
+    for split, words in (("validation", ("validation", "valid", "val")), ("test", ("test",)), ("train", ("train",))):
+        if any(w in parts for w in words):
+            return split
+    return "train"
