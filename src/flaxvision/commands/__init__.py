@@ -7,6 +7,7 @@ from flaxvision.commands import (
     bench,
     card,
     compare,
+    data,
     evaluate,
     export,
     models,
@@ -20,4 +21,4 @@ from flaxvision.commands import (
 )
 
 # Order = order in `flaxvision --help`.
-COMMANDS = [train, evaluate, predict, report, compare, export, serve, push, card, verify, presets, models, bench]
+COMMANDS = [train, evaluate, predict, report, compare, export, serve, push, card, verify, presets, models, data, bench]
