@@ -26,6 +26,14 @@ Every field of the recipe is an option (--lr, --batch-size, --warmup-steps, --fr
 pod slice): docs/DISTRIBUTED.md."""
 
 
+# Recipe fields whose --help says more than their default.
+FIELD_HELP = {"log_to": "also log metrics, the recipe and the report's figures to experiment trackers: any of "
+                        "tensorboard, wandb, mlflow, comma-separated (in the run directory: wandb offline, MLflow's "
+                        "store under mlruns/, unless WANDB_MODE / MLFLOW_TRACKING_URI say otherwise; "
+                        "pip install 'flaxvision[tracking]') "}  # fmt: skip
+FIELD_METAVARS = {"log_to": "TRACKERS"}
+
+
 def _parse_none(kind: type) -> Any:
     def parse(text: str) -> Any:
         if text.lower() in ("none", "null"):
@@ -88,7 +96,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                 help=f"(default {getattr(defaults, name)})")  # fmt: skip
         else:
             recipe.add_argument(flag, dest=name, type=_parse_none(kind), default=argparse.SUPPRESS,
-                                metavar=kind.__name__.upper(), help=f"(default {getattr(defaults, name)!r})")  # fmt: skip
+                                metavar=FIELD_METAVARS.get(name, kind.__name__.upper()),
+                                help=FIELD_HELP.get(name, "") + f"(default {getattr(defaults, name)!r})")  # fmt: skip
     parser.set_defaults(func=run)
 
 

@@ -23,6 +23,7 @@ from flaxvision.models.lora import parse_targets as parse_lora_targets
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("linear", "cosine", "constant")
 PARAM_SHARDINGS = ("replicated", "fsdp")
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # --log-to (flaxvision.train.tracking)
 # Fields added after runs were recorded, with the value a recorded run that lacks them had (not today's default).
 RECORDED_BEFORE = {"in_memory": "off"}
 
@@ -108,6 +109,7 @@ class TrainConfig:
     progress: bool = True  # tqdm bar per epoch
     report: bool = True  # plots + report.html in the run directory at the end
     profile: str | None = None  # "START:COUNT": a jax.profiler trace of COUNT steps after START steps, in <run>/profile
+    log_to: str | None = None  # also log to experiment trackers: "tensorboard", "wandb", "mlflow", comma-separated
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> ConfigError:
@@ -155,6 +157,8 @@ class TrainConfig:
             raise bad("steps_per_dispatch", "must be in [1, 1024] (1: one step per call), or None to choose by model size")
         if self.profile is not None and profile_window(self.profile) is None:
             raise bad("profile", "use START:COUNT, e.g. 10:5 (trace 5 steps after the first 10)")
+        if self.log_to is not None:
+            log_to_names(self.log_to)  # a one-line ConfigError naming the bad tracker
         self._check_recipe_options(bad)
 
     def _check_recipe_options(self, bad: Any) -> None:
@@ -240,6 +244,18 @@ class TrainConfig:
         if "train_config" in record:  # a run's record: it ran with what the fields it lacks meant then
             recipe = {**RECORDED_BEFORE, **recipe}
         return cls.from_dict(recipe)
+
+
+def log_to_names(value: str | None) -> tuple[str, ...]:
+    """"tensorboard,mlflow" -> ("tensorboard", "mlflow"): the trackers named (a name twice counts once), checked."""
+    names = [n.strip() for n in (value or "").split(",")]
+    if value is not None and not any(names):
+        raise ConfigError(f"log_to={value!r}: name one or more of {', '.join(TRACKERS)} (comma-separated), or none")
+    for name in names:
+        if name and name not in TRACKERS:
+            raise ConfigError(f"log_to={value!r}: unknown tracker {name!r}{did_you_mean(name, TRACKERS)}; use any of "
+                              f"{', '.join(TRACKERS)}, comma-separated (e.g. tensorboard,wandb)")  # fmt: skip
+    return tuple(dict.fromkeys(n for n in names if n))
 
 
 def profile_window(value: str) -> tuple[int, int] | None:

@@ -28,7 +28,7 @@ import jax
 
 from flaxvision import distributed
 from flaxvision.errors import FlaxvisionError
-from flaxvision.train import recipe
+from flaxvision.train import recipe, tracking
 from flaxvision.train.checkpoint import Checkpointer, Progress
 from flaxvision.train.config import TrainConfig
 from flaxvision.train.rundir import MetricsLog, RunDirectory
@@ -86,6 +86,8 @@ def fit(
     if mode == "finished":
         return _already_finished(run)
     changes = run.check_changes(config, allow=allow_changes) if mode == "resume" else {}
+    if is_main:
+        tracking.check_packages(config.log_to)  # --log-to's packages, before anything is written
     if is_main:
         run.lock()
     try:
@@ -157,15 +159,25 @@ def _fit_locked(run: RunDirectory, mode: str, config: TrainConfig, changes: dict
         distributed.barrier("flaxvision:run-dir-cleared")
         checkpointer = Checkpointer(run.checkpoints, keep=config.keep_checkpoints)
     assert checkpointer is not None
+    start_step = int(jax.device_get(trainer.state.step))
     record = _run_record(config, trainer, class_names, previous=run.read_json("config.json") if mode == "resume" else None,
-                         changes=changes, step=int(jax.device_get(trainer.state.step)))  # fmt: skip
+                         changes=changes, step=start_step)  # fmt: skip
     run.write_json("config.json", record)
     if diverged and run.is_main:
         run.file("diverged.json").unlink(missing_ok=True)
-    log = MetricsLog(run.file("metrics.jsonl"), enabled=run.is_main)
-    if mode == "resume":
-        log.truncate_after(int(jax.device_get(trainer.state.step)))  # what a killed run logged after it is redone
+    trackers = tracking.Trackers.open(config.log_to, run.path, record, step=start_step, resumed=mode == "resume",
+                                      is_main=run.is_main)  # fmt: skip
+    with trackers.closing():  # on every way out: finished, interrupted, diverged, failed
+        log = MetricsLog(run.file("metrics.jsonl"), enabled=run.is_main, trackers=trackers)
+        if mode == "resume":
+            log.truncate_after(start_step)  # what a killed run logged after it is redone
+        return _train_and_finish(run, config, trainer, checkpointer, log, progress, trackers, record, train_data=train_data,
+                                 val_data=val_data, on_epoch_end=on_epoch_end, fit_started=fit_started)  # fmt: skip
 
+
+def _train_and_finish(run: RunDirectory, config: TrainConfig, trainer: Trainer, checkpointer: Checkpointer, log: MetricsLog,
+                      progress: Progress, trackers: tracking.Trackers, record: dict[str, Any], *, train_data, val_data,
+                      on_epoch_end, fit_started) -> FitResult:  # fmt: skip
     # ---- the epochs -----------------------------------------------------------------------------------------------
     session = Session(run, trainer, checkpointer, log, progress, train_data=train_data, val_data=val_data,
                       on_epoch_end=on_epoch_end, fit_started=fit_started)  # fmt: skip
@@ -194,6 +206,8 @@ def _fit_locked(run: RunDirectory, mode: str, config: TrainConfig, changes: dict
 
             write_report(run.path, model=final_model, train_data=train_data, val_data=val_data, stage=trainer.stage,
                          schedule=trainer.schedule)  # fmt: skip
+            trackers.log_images(sorted(run.path.glob("*.png")))  # every figure the report drew
+        trackers.log_hyperparameters(record, summary)
         run.write_json("summary.json", summary)
     for loader in (train_data, val_data):
         if hasattr(loader, "close"):

@@ -9,6 +9,7 @@
       model/           the final model (export; a LoRA run's merged), eval.json, summary.json (written last: finished)
       adapter/         a LoRA run's adapter on its own (flaxvision.weights.adapter): adapter_config.json, adapter_model.safetensors
       *.png, report.html
+      tensorboard/, wandb/, mlruns/, tracking.json   --log-to's trackers and their run ids (train.tracking)
 
 Rules: nothing is written before every check has passed; every file is written atomically (flaxvision.files);
 a finished run is never changed except by --overwrite, which validates the whole recipe first.
@@ -30,12 +31,12 @@ from flaxvision.errors import ConfigError, FlaxvisionError
 
 # What a finished or started run leaves; --overwrite removes exactly these (nothing else the user put there).
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "eval.json", "eval_ema.json", "diverged.json", "report.html",
-             "skipped_images.json", "skipped_images_val.json")  # fmt: skip
-RUN_DIRS = ("checkpoints", "model", "model_ema", "adapter")
+             "skipped_images.json", "skipped_images_val.json", "tracking.json")  # fmt: skip
+RUN_DIRS = ("checkpoints", "model", "model_ema", "adapter", "tensorboard", "wandb", "mlruns")
 # TrainConfig fields that change how a run is watched, not what it computes: free to differ on resume.
 # Fields that change how a run goes, not what it computes (steps_per_dispatch: K steps per call, same results).
 NOT_RECIPE = ("progress", "report", "workers", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-              "steps_per_dispatch", "profile", "in_memory_max_gb")
+              "steps_per_dispatch", "profile", "in_memory_max_gb", "log_to")
 
 
 class RunInUse(FlaxvisionError):
@@ -271,10 +272,11 @@ class RunDirectory:
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON record per logged step and per evaluation (process 0 only), appended line by line."""
+    """metrics.jsonl: one JSON record per logged step and per evaluation (process 0 only), appended line by line;
+    each record also goes to `trackers` (train.tracking.Trackers: --log-to), after it is in the file."""
 
-    def __init__(self, path: Path, enabled: bool = True):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool = True, trackers: Any = None):
+        self.path, self.enabled, self.trackers = path, enabled, trackers
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop records a killed run wrote after its last checkpoint (rewritten atomically)."""
@@ -286,6 +288,8 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
             files.append_line(self.path, json.dumps(record))
+            if self.trackers is not None:
+                self.trackers.log_record(record)
 
     def records(self) -> list[dict[str, Any]]:
         if not self.path.exists():
