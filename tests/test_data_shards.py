@@ -263,3 +263,50 @@ def test_remote_storage_without_its_filesystem_package_names_the_package():
         pytest.skip("s3fs is installed here")
     with pytest.raises(FlaxvisionError, match="s3fs"):
         shards.filesystem("s3://bucket/shards/train-000000.tar")
+
+
+# ---- remote storage: the fsspec path, on fsspec's in-memory filesystem -------------------------------------------
+
+
+def test_remote_shards_and_a_packed_manifest_read_through_fsspec_and_a_vanished_remote_shard_is_skipped_and_counted(
+        tmp_path, monkeypatch):  # fmt: skip
+    import fsspec
+
+    from flaxvision import data
+    from flaxvision.data import shards
+    from flaxvision.data.pack import pack
+
+    monkeypatch.setattr(shards.time, "sleep", lambda seconds: None)  # (the retries' back-off)
+    memory = fsspec.filesystem("memory")
+    x, y = colour_data(24, 8)
+    local = write_tar_shards(tmp_path / "wds", x, y, per_shard=6)
+    for path in local:
+        memory.pipe(f"/bucket/wds/{path.name}", path.read_bytes())
+    remote = data.load("memory://bucket/wds/train-{000000..000003}.tar", val_fraction=0.25)
+    assert getattr(remote.train.images, "streaming", False) and len(remote.train) + len(remote.val) == 24
+    assert data.load("memory://bucket/wds/*.tar", val_fraction=0.25).train.labels.tolist() == remote.train.labels.tolist()
+    reference = data.load(str(tmp_path / "wds"), val_fraction=0.25)
+    for position in range(len(remote.train)):
+        assert remote.train[position]["image"] == reference.train[position]["image"]
+
+    packed = pack(str(tmp_path / "wds"), tmp_path / "packed", shard_size=4 * 1024, progress=False)
+    for path in packed.rglob("*"):
+        if path.is_file():
+            memory.pipe(f"/bucket/packed/{path.relative_to(packed)}", path.read_bytes())
+    from_manifest = data.load("memory://bucket/packed", val_fraction=0.25)
+    assert len(from_manifest.train) + len(from_manifest.val) == 24
+
+    memory.rm("/bucket/wds/train-000001.tar")  # the object store loses a shard mid-run
+    remote.train.images.close()
+    loader = data.make_loader(remote.train, preprocessing=_pre(), batch_size=6, train=False)
+    valid = sum(int(b["mask"].sum()) for b in loader)
+    lost = int((remote.train.images.shard_of(remote.train.ids) == 1).sum())
+    assert lost > 0 and valid == len(remote.train) - lost and loader.skipped.count == lost
+
+
+def test_streaming_a_hub_dataset_offline_is_one_clear_error(monkeypatch):
+    from flaxvision import data
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FlaxvisionError, match="streaming Hub dataset 'ethz/food101' needs the Hub, and offline mode is on"):
+        data.load("ethz/food101", streaming=True)

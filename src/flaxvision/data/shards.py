@@ -36,6 +36,7 @@ MANIFEST_FORMAT = "flaxvision-shards"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 KINDS = ("wds", "arrayrecord", "parquet")
 _REMOTE_TRIES = 3  # reads from remote storage are retried (0.5 s, 1 s between tries) before a member counts as bad
+_DEAD_SECONDS = 60.0  # after a remote shard failed every retry, its other members count as bad without retrying
 _OPEN_FILES = 8  # open shard files kept per process (a worker reads a few neighbouring shards at a time)
 
 
@@ -117,14 +118,15 @@ class ShardImages:
         self.keys = keys
         self._open: dict[int, Any] = {}
         self._groups: dict[tuple[int, int], Any] = {}
+        self._dead: dict[int, tuple[float, str]] = {}  # remote shards that failed every retry: (when, why)
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_open", "_groups", "_lock")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_open", "_groups", "_dead", "_lock")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._open, self._groups, self._lock = {}, {}, threading.Lock()
+        self._open, self._groups, self._dead, self._lock = {}, {}, {}, threading.Lock()
 
     def __len__(self) -> int:
         return len(self.shard)
@@ -147,7 +149,11 @@ class ShardImages:
         return f"{self.paths[int(self.shard[row])]} {key}"
 
     def get(self, row: int) -> bytes:
-        path = self.paths[int(self.shard[row])]
+        s = int(self.shard[row])
+        path = self.paths[s]
+        failed = self._dead.get(s)
+        if failed is not None and time.monotonic() - failed[0] < _DEAD_SECONDS:  # its other members fail at once
+            raise BadImage(f"cannot read it from {path}: {failed[1]} (the shard failed {_REMOTE_TRIES} reads just now)")
         tries = _REMOTE_TRIES if is_remote(path) else 1
         for attempt in range(tries):
             try:
@@ -156,9 +162,12 @@ class ShardImages:
                 raise
             except Exception as err:  # an I/O error of any filesystem: retried when remote, then a bad image
                 with self._lock:
-                    self._forget(int(self.shard[row]))
+                    self._forget(s)
                 if attempt + 1 == tries:
-                    raise BadImage(f"cannot read it from {path}: {type(err).__name__}: {err}") from None
+                    why = f"{type(err).__name__}: {err}"
+                    if tries > 1:
+                        self._dead[s] = (time.monotonic(), why)
+                    raise BadImage(f"cannot read it from {path}: {why}") from None
                 time.sleep(0.5 * 2**attempt)
         raise AssertionError("unreachable")
 
