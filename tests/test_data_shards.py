@@ -310,3 +310,29 @@ def test_streaming_a_hub_dataset_offline_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FlaxvisionError, match="streaming Hub dataset 'ethz/food101' needs the Hub, and offline mode is on"):
         data.load("ethz/food101", streaming=True)
+
+
+def test_a_state_saved_by_two_processes_resumes_in_one_at_the_same_global_batch(tars):
+    """Another process count: the same step, the new partition for the rest of the epoch, every example once from
+    the next epoch on (the guarantee docs/DISTRIBUTED.md states)."""
+    from flaxvision import data
+
+    root, _, _ = tars
+    source = data.load(str(root)).train
+
+    def loader(index, count):
+        return data.make_loader(source, preprocessing=_pre(), batch_size=16 // count, train=True, seed=4,
+                                shard_index=index, shard_count=count, num_epochs=2, shuffle_buffer=8)  # fmt: skip
+
+    it = iter(loader(0, 2))
+    for _ in range(2):
+        next(it)
+    state = it.get_state()
+    assert (state["epoch"], state["batch"]) == (0, 2)
+    one = loader(0, 1)
+    resumed = iter(one)
+    resumed.set_state(state)
+    batches = list(resumed)
+    assert len(batches) == (len(one) - 2) + len(one)  # the rest of epoch 0, then all of epoch 1
+    next_epoch = np.concatenate([b["id"][b["mask"]] for b in batches[len(one) - 2:]])
+    assert len(np.unique(next_epoch)) == len(next_epoch) == len(one) * 16
