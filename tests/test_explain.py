@@ -95,6 +95,20 @@ def test_rollout_reads_the_cls_row_and_not_the_patches_mean_row():
     assert patch_rows.max() - patch_rows.min() < 0.1 * (cls_row.max() - cls_row.min())
 
 
+@pytest.mark.parametrize("overrides,rows", [
+    ({}, [0]), ({"distilled": True}, [0, 1]), ({"global_pool": "token_avg", "reg_tokens": 2}, [0]),
+    ({"global_pool": "avg"}, "patches"), ({"global_pool": "map", "reg_tokens": 1}, "patches"),
+])  # fmt: skip
+def test_rollout_reads_the_rows_of_the_tokens_the_head_reads(overrides, rows):
+    """CLS (DeiT: and the distillation token) when the head reads it; the patches' mean row when it pools them."""
+    model: Any = tiny_vit(0, **overrides)
+    prefix, t = model.config.num_prefix_tokens, model.config.num_tokens
+    joint = jax.random.uniform(jax.random.key(5), (2, t, t))
+    chosen = np.asarray(joint)[:, prefix:] if rows == "patches" else np.asarray(joint)[:, rows]
+    expected = chosen.mean(axis=1)[:, prefix:].reshape(2, GRID, GRID)
+    np.testing.assert_allclose(np.asarray(ex.rollout_rows(model, joint)), expected, rtol=1e-6)
+
+
 VIT_VARIANTS = {
     "plain": {},
     "rope-qk-norm-registers-layer-scale": dict(rope=True, qk_norm=True, reg_tokens=2, init_values=0.1),

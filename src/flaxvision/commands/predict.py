@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
             shown = ", ".join(f"{p['label']} {p['probability']:.3f}" for p in r["predictions"])
             print(f"{r['path']}: {shown}")
     if writer is not None and decoded:
-        print(f"flaxvision: wrote {len(decoded)} {args.explain} overlays to {out}", file=sys.stderr)
+        print(f"flaxvision: wrote {len(decoded)} {args.explain} overlay{'s' if len(decoded) > 1 else ''} to {out}", file=sys.stderr)
     return 0 if decoded else 1
 
 
