@@ -11,7 +11,13 @@ from flaxvision.errors import FlaxvisionError
 
 EPILOG = """examples:
   flaxvision predict runs/digits-vit-20261122-101500 digit0.png digit1.png
-  flaxvision predict runs/food/model photos/ --top-k 3 --json"""
+  flaxvision predict runs/food/model photos/ --top-k 3 --json
+  flaxvision predict runs/food/model photos/ --explain gradcam --out heatmaps/
+
+--explain writes one PNG per image, DIR/<image stem>_<method>.png: the heat map coloured over the image at the
+model's input resolution, on the crop the model sees (the eval resize and centre crop). rollout (attention
+rollout) works on ViTs, gradcam (Grad-CAM of the predicted class) on cnn, resnet and convnext models. Images with
+the same stem (in different folders) get -2, -3 ... in the order given; a file of the same name in DIR is replaced."""
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
@@ -25,7 +31,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--weights", choices=("raw", "ema"), default="raw",
                         help="a run trained with --ema-decay: its raw weights (default) or their EMA")  # fmt: skip
-    parser.add_argument("--json", action="store_true", help="print [{path, predictions: [{label, probability}]}]")
+    parser.add_argument("--json", action="store_true",
+                        help="print [{path, predictions: [{label, probability}]}] (with --explain also explanation: its PNG)")  # fmt: skip
+    parser.add_argument("--explain", choices=("rollout", "gradcam"), metavar="{rollout,gradcam}",
+                        help="also write a heat-map overlay of each image to --out (see below)")  # fmt: skip
+    parser.add_argument("--out", metavar="DIR", help="the directory for --explain's overlays (created if missing)")
     parser.set_defaults(func=run)
 
 
@@ -51,14 +61,21 @@ def run(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise FlaxvisionError(f"--top-k must be >= 1, got {args.top_k}")
+    out = _check_explain(args)
     paths = _expand(args.images)
     if not paths:
         raise FlaxvisionError(f"no image files in {' '.join(args.images)}")
     model = load_model(args.model, weights=args.weights)
+    writer = None
+    if out is not None:
+        from flaxvision.explain import OverlayWriter
+
+        writer = OverlayWriter(model, args.explain, out, paths)  # refuses a method the model cannot do
     names = class_names_of(model)
     pre = model.preprocessing
     stage = DeviceStage(pre, devices=jax.devices()[:1], dtype=model.config.dtype)
     forward = jax.jit(lambda x: jax.nn.softmax(model(stage.eval_inputs(x)), axis=-1))
+    prepare = jax.jit(stage.eval_inputs)
     results: list[dict] = []
     decoded: list[tuple[int, np.ndarray]] = []
     for path in paths:
@@ -74,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
         batch = {"image": np.stack([image for _, image in chunk]), "label": np.zeros(len(chunk), np.int32)}
         padded = stage.put({"image": pad_batch(batch, args.batch_size)["image"]})  # one shape: one compilation
         probs = np.asarray(forward(padded["image"]))[: len(chunk)]
+        if writer is not None:
+            written = writer.write(prepare(padded["image"]), batch["image"], [index for index, _ in chunk])
+            for (index, _), path in zip(chunk, written):
+                results[index]["explanation"] = str(path)
         for (index, _), p in zip(chunk, probs):
             top = np.argsort(-p)[:k]
             results[index]["predictions"] = [{"label": names[i], "probability": float(p[i])} for i in top]
@@ -86,4 +107,20 @@ def run(args: argparse.Namespace) -> int:
                 continue
             shown = ", ".join(f"{p['label']} {p['probability']:.3f}" for p in r["predictions"])
             print(f"{r['path']}: {shown}")
+    if writer is not None and decoded:
+        print(f"flaxvision: wrote {len(decoded)} {args.explain} overlay{'s' if len(decoded) > 1 else ''} to {out}", file=sys.stderr)
     return 0 if decoded else 1
+
+
+def _check_explain(args: argparse.Namespace) -> Path | None:
+    """The --out directory when --explain is given (checked, not yet created), None without it."""
+    if args.explain is None:
+        if args.out is not None:
+            raise FlaxvisionError(f"--out {args.out} is where --explain writes its overlays; add --explain rollout or gradcam")
+        return None
+    if args.out is None:
+        raise FlaxvisionError(f"--explain {args.explain} writes one overlay per image: give the directory with --out DIR")
+    from flaxvision.explain import check_out_dir
+
+    return check_out_dir(args.out)
+

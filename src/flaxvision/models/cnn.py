@@ -74,14 +74,25 @@ class CNN(Classifier):
         self.fc1 = nnx.Linear(config.pooled_size**2 * c2, config.hidden, dtype=dtype, rngs=rngs)
         self.head = nnx.Linear(config.hidden, config.num_classes, dtype=dtype, rngs=rngs)
 
-    def features(self, x: jax.Array) -> jax.Array:
+    def feature_map(self, x: jax.Array) -> jax.Array:
+        """The last convolution's activations, (B, img_size // 2, img_size // 2, features[1]) (what Grad-CAM reads)."""
         self.check_input(x)
         x = nnx.avg_pool(jax.nn.relu(self.conv1(x)), window_shape=(2, 2), strides=(2, 2))
-        x = nnx.avg_pool(jax.nn.relu(self.conv2(x)), window_shape=(2, 2), strides=(2, 2))
+        return jax.nn.relu(self.conv2(x))
+
+    def _hidden(self, feature_map: jax.Array) -> jax.Array:
+        x = nnx.avg_pool(feature_map, window_shape=(2, 2), strides=(2, 2))
         return jax.nn.relu(self.fc1(x.reshape(x.shape[0], -1)))
 
+    def features(self, x: jax.Array) -> jax.Array:
+        return self._hidden(self.feature_map(x))
+
+    def head_from_map(self, feature_map: jax.Array) -> jax.Array:
+        """Logits (B, num_classes) in float32 from `feature_map(x)`."""
+        return self.head(self._hidden(feature_map)).astype(jnp.float32)
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.head(self.features(x)).astype(jnp.float32)
+        return self.head_from_map(self.feature_map(x))
 
 
 register_family(CNNConfig, CNN, mean=(0.0,), std=(1.0,))  # the MNIST tutorial: pixels / 255

@@ -222,14 +222,22 @@ class ConvNeXt(Classifier):
 
     def features(self, x: jax.Array) -> jax.Array:
         """Average-pooled, normalised final feature map, (B, dims[-1])."""
+        return self.norm(self.feature_map(x).mean(axis=(1, 2)))
+
+    def feature_map(self, x: jax.Array) -> jax.Array:
+        """The last stage's output before global pooling, (B, h, w, dims[-1]) (what Grad-CAM reads)."""
         self.check_input(x)
         x = self.stem_norm(self.stem_conv(x))
         for stage in self.stages:
             x = stage(x)
-        return self.norm(x.mean(axis=(1, 2)))
+        return x
+
+    def head_from_map(self, feature_map: jax.Array) -> jax.Array:
+        """Logits (B, num_classes) in float32 from `feature_map(x)`: global average pool, norm, head."""
+        return self.head(self.norm(feature_map.mean(axis=(1, 2)))).astype(jnp.float32)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.head(self.features(x)).astype(jnp.float32)
+        return self.head_from_map(self.feature_map(x))
 
 
 # timm's pretrained_cfg of the default tag of each name (convnext_{tiny,small}.in12k_ft_in1k,

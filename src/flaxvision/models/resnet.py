@@ -236,6 +236,10 @@ class ResNet(Classifier):
 
     def features(self, x: jax.Array) -> jax.Array:
         """Globally average-pooled final feature map, (B, num_features): 512 for ResNet-18/34, 2048 for ResNet-50."""
+        return self.feature_map(x).mean(axis=(1, 2))
+
+    def feature_map(self, x: jax.Array) -> jax.Array:
+        """The last stage's output before global pooling, (B, h, w, num_features) (what Grad-CAM reads)."""
         self.check_input(x)
         x = jax.nn.relu(self.bn1(self.conv1(x)))
         if self.config.stem == "imagenet":
@@ -249,10 +253,14 @@ class ResNet(Classifier):
         for stage in self.stages:
             for block in stage:
                 x = block(x)
-        return x.mean(axis=(1, 2))
+        return x
+
+    def head_from_map(self, feature_map: jax.Array) -> jax.Array:
+        """Logits (B, num_classes) in float32 from `feature_map(x)`: global average pool, head."""
+        return self.head(feature_map.mean(axis=(1, 2))).astype(jnp.float32)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.head(self.features(x)).astype(jnp.float32)
+        return self.head_from_map(self.feature_map(x))
 
 
 # timm's pretrained_cfg of the default tag of each ImageNet name (resnet{18,34,50}.a1_in1k): what their checkpoints

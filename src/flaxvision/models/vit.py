@@ -88,6 +88,12 @@ class ViT(Classifier):
     def tokens(self, x: jax.Array) -> jax.Array:
         """Encoder output for every token, (B, num_prefix_tokens + num_patches, width): CLS, distillation and
         register tokens first (those the config has). Final norm applied unless fc_norm."""
+        x = self._encoder(self.embed(x))
+        return x if self.config.use_fc_norm else self.norm(x)
+
+    def embed(self, x: jax.Array) -> jax.Array:
+        """The encoder's input, (B, num_tokens, width): patch embeddings after the prefix tokens, position
+        embedding, dropout, pre-norm (CLIP)."""
         self.check_input(x)
         x = self.patch_embed(x)
         pos = self.pos_embed[...].astype(x.dtype)
@@ -98,10 +104,7 @@ class ViT(Classifier):
         else:
             x = jnp.concatenate([*prefix, x], axis=1) + pos
         x = self.pos_drop(x)
-        if self.norm_pre is not None:
-            x = self.norm_pre(x)
-        x = self._encoder(x)
-        return x if self.config.use_fc_norm else self.norm(x)
+        return x if self.norm_pre is None else self.norm_pre(x)
 
     def _encoder(self, x: jax.Array) -> jax.Array:
         cfg = self.config
@@ -164,7 +167,11 @@ class ViT(Classifier):
 
         DeiT distilled: the mean of the class head on the CLS token and the distillation head on its token (what
         DeiT reports at evaluation; fine-tuning without a teacher trains both heads on the labels)."""
-        features = self.features(x)
+        return self.head_from_tokens(self.tokens(x))
+
+    def head_from_tokens(self, tokens: jax.Array) -> jax.Array:
+        """Logits (B, num_classes) in float32 from the encoder's tokens (what `tokens(x)` returns): pooled, head."""
+        features = self._pool(tokens)
         if self.head_dist is not None:
             return ((self.head(features[:, 0]) + self.head_dist(features[:, 1])) / 2).astype(jnp.float32)
         return self.head(features).astype(jnp.float32)

@@ -105,7 +105,8 @@ class Attention(nnx.Module):
         # Static (grid, reference grid, prefix tokens): the tables are constants of the traced block.
         self.rope = (cfg.grid_size, cfg.rope_ref_grid, cfg.num_prefix_tokens) if cfg.rope else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def _qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries, keys and values (b, t, heads, head_dim): biases, qk-norm and rope applied."""
         b, t, d = x.shape
         head_dim = d // self.num_heads
         qkv = self.qkv(x)
@@ -120,6 +121,18 @@ class Attention(nnx.Module):
             grid, ref_grid, prefix = self.rope
             sin, cos = rope_tables(grid, ref_grid, head_dim)
             q, k = apply_rope(q, sin, cos, prefix), apply_rope(k, sin, cos, prefix)
+        return q, k, v
+
+    def _output(self, out: jax.Array) -> jax.Array:
+        """The heads' outputs (b, t, heads, head_dim) -> (b, t, d): merged, sub-LN, projected."""
+        b, t = out.shape[:2]
+        out = out.reshape(b, t, -1)
+        if self.norm is not None:
+            out = self.norm(out)
+        return self.proj_drop(self.proj(out))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        q, k, v = self._qkv(x)
         if self.attn_drop.rate > 0 and not self.attn_drop.deterministic:
             # Dropout on the attention probabilities needs them materialised; the fused kernel has no dropout.
             logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
@@ -130,10 +143,17 @@ class Attention(nnx.Module):
             # xla"), GPUs included: the cuDNN fused kernel needs implementation="cudnn" (tests/test_gpu_lowering.py
             # finds no custom call in the CUDA lowering).
             out = jax.nn.dot_product_attention(q, k, v)
-        out = out.reshape(b, t, d)
-        if self.norm is not None:
-            out = self.norm(out)
-        return self.proj_drop(self.proj(out))
+        return self._output(out)
+
+    def with_probs(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The attention's output and its probabilities (b, heads, t, t) in float32, without dropout: what
+        attention rollout (`flaxvision.explain`) reads. The output is computed from those probabilities, so it
+        equals `__call__`'s in evaluation mode up to rounding (the fused kernel orders its sums differently)."""
+        q, k, v = self._qkv(x)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(q.shape[-1]))
+        probs = jax.nn.softmax(logits, axis=-1)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+        return self._output(out), probs
 
 
 class Mlp(nnx.Module):
