@@ -250,3 +250,19 @@ def test_report_and_compare_pages_load_every_image_offline_in_headless_chromium(
                 tab.close()
         finally:
             browser.close()
+
+
+def test_a_cnn_run_reports_grad_cam_overlays(tmp_path):
+    import flaxvision
+    from flaxvision.train import fit
+
+    xt, yt = colour_data(64, 0)
+    xv, yv = colour_data(16, 1)
+    model = flaxvision.create_model("cnn", num_classes=4, img_size=16, in_chans=3, seed=0)
+    config = small_config(model="cnn", model_overrides={}, report=True, epochs=1, lr=0.05, optimizer="sgd")
+    fit(config, run_dir=tmp_path / "cnn", model=model, train_data=batches(xt, yt, 32), val_data=batches(xv, yv, 16),
+        class_names=CLASS_NAMES)  # fmt: skip
+    page = Page((tmp_path / "cnn" / "report.html").read_text())
+    captions = {img.get("data-file"): img.get("alt") for img in page.images}
+    assert "Grad-CAM" in (captions.get("explanations.png") or ""), captions
+    assert "reliability.png" in captions
