@@ -336,3 +336,18 @@ def test_a_state_saved_by_two_processes_resumes_in_one_at_the_same_global_batch(
     assert len(batches) == (len(one) - 2) + len(one)  # the rest of epoch 0, then all of epoch 1
     next_epoch = np.concatenate([b["id"][b["mask"]] for b in batches[len(one) - 2:]])
     assert len(np.unique(next_epoch)) == len(next_epoch) == len(one) * 16
+
+
+def test_a_truncated_parquet_shard_is_left_out_with_a_warning(hub_parquet, tmp_path, caplog):
+    import shutil
+
+    from flaxvision import data
+
+    copy = tmp_path / "repo"
+    shutil.copytree(hub_parquet, copy)
+    damaged = copy / "data" / "train-00001-of-00003.parquet"
+    damaged.write_bytes(damaged.read_bytes()[:300])  # no footer any more
+    with caplog.at_level(logging.WARNING, logger="flaxvision.data"):
+        streamed = data.load(str(copy), streaming=True)
+    assert any("train-00001-of-00003.parquet: unreadable parquet shard left out" in r.getMessage() for r in caplog.records)
+    assert len(streamed.train) == 40 and len(streamed.val) == 20  # the other two training files

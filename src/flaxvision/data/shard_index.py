@@ -138,36 +138,56 @@ def _scan_tar(path: str) -> tuple[dict[str, dict[str, Any]], str | None]:
     return found, broken
 
 
-def parquet_shards(paths: list[str], image_column: str | None, label_column: str | None) -> RawSplit:
+def parquet_shards(paths: list[str], image_column: str | None, label_column: str | None,
+                   warnings: list[str] | None = None) -> RawSplit:  # fmt: skip
     """A parquet shard set read in place: positions from each file's footer (row groups), labels from the label
-    column alone, class names from the Hub's feature metadata (else "0".."K-1")."""
+    column alone, class names from the Hub's feature metadata (else "0".."K-1"). A file that cannot be read (a
+    truncated one has no footer; a row group that does not decode) is left out, with a line in `warnings`."""
     import pyarrow.parquet as pq
 
     from flaxvision.data.hf_datasets import IMAGE_COLUMNS, LABEL_COLUMNS
 
     shard, group, row, labels = [], [], [], []
     names: tuple[str, ...] | None = None
-    image_col = label_col = None
+    image_col = None
     for s, path in enumerate(paths):
-        with _open_binary(path) as f:
-            pf = pq.ParquetFile(f)
-            columns = pf.schema_arrow.names
-            image_col = image_column or next((c for c in IMAGE_COLUMNS if c in columns), None)
-            label_col = label_column or next((c for c in LABEL_COLUMNS if c in columns), None)
-            if image_col is None or label_col is None or image_col not in columns or label_col not in columns:
-                raise FlaxvisionError(f"{path}: no image or label column among {', '.join(columns)}; pass "
-                                      "--image-column / --label-column")  # fmt: skip
-            names = names or _hub_class_names(pf.schema_arrow.metadata, label_col)
-            for g in range(pf.num_row_groups):
-                values = pf.read_row_group(g, columns=[label_col]).column(0).to_numpy()
-                shard.append(np.full(len(values), s))
-                group.append(np.full(len(values), g))
-                row.append(np.arange(len(values)))
-                labels.append(values)
+        try:
+            found = _parquet_file(pq, path, image_column, label_column, IMAGE_COLUMNS, LABEL_COLUMNS)
+        except FlaxvisionError:
+            raise
+        except Exception as err:  # pyarrow's errors for a damaged file: the shard is left out, the rest is read
+            (warnings if warnings is not None else []).append(
+                f"{path}: unreadable parquet shard left out ({type(err).__name__}: {(str(err).splitlines() or [''])[0]})")
+            continue
+        image_col, file_names, file_labels = found
+        names = names or file_names
+        for g, values in enumerate(file_labels):
+            shard.append(np.full(len(values), s))
+            group.append(np.full(len(values), g))
+            row.append(np.arange(len(values)))
+            labels.append(values)
+    if not labels:
+        raise FlaxvisionError(f"none of the parquet shards could be read ({paths[0]}{' ...' if len(paths) > 1 else ''}); "
+                              "check the files")  # fmt: skip
     all_labels = np.concatenate(labels).astype(np.int64)
     names = names or tuple(str(i) for i in range(int(all_labels.max()) + 1))
     images = ShardImages("parquet", paths, np.concatenate(shard), np.concatenate(group), np.concatenate(row), column=image_col)
     return RawSplit(images=images, labels=all_labels, class_names=names)
+
+
+def _parquet_file(pq: Any, path: str, image_column: str | None, label_column: str | None, image_columns: Any,
+                  label_columns: Any) -> tuple[str, tuple[str, ...] | None, list[np.ndarray]]:  # fmt: skip
+    """(image column, class names from the metadata, the labels of each row group) of one parquet file."""
+    with _open_binary(path) as f:
+        pf = pq.ParquetFile(f)
+        columns = pf.schema_arrow.names
+        image_col = image_column or next((c for c in image_columns if c in columns), None)
+        label_col = label_column or next((c for c in label_columns if c in columns), None)
+        if image_col is None or label_col is None or image_col not in columns or label_col not in columns:
+            raise FlaxvisionError(f"{path}: no image or label column among {', '.join(columns)}; pass "
+                                  "--image-column / --label-column")  # fmt: skip
+        groups = [pf.read_row_group(g, columns=[label_col]).column(0).to_numpy() for g in range(pf.num_row_groups)]
+        return image_col, _hub_class_names(pf.schema_arrow.metadata, label_col), groups
 
 
 def _hub_class_names(metadata: dict | None, label_column: str) -> tuple[str, ...] | None:
