@@ -138,19 +138,25 @@ def _scan_tar(path: str) -> tuple[dict[str, dict[str, Any]], str | None]:
     return found, broken
 
 
-def parquet_shards(paths: list[str], image_column: str | None, label_column: str | None) -> RawSplit:
+def parquet_shards(paths: list[str], image_column: str | None,
+                   label_column: str | None) -> tuple[RawSplit, list[str]]:  # fmt: skip
     """A parquet shard set read in place: positions from each file's footer (row groups), labels from the label
-    column alone, class names from the Hub's feature metadata (else "0".."K-1")."""
+    column alone, class names from the Hub's feature metadata (else "0".."K-1"); (split, warnings). A file whose
+    footer cannot be read (a truncated file: the footer is its last part) is left out with a warning."""
     import pyarrow.parquet as pq
 
     from flaxvision.data.hf_datasets import IMAGE_COLUMNS, LABEL_COLUMNS
 
-    shard, group, row, labels = [], [], [], []
+    shard, group, row, labels, warnings = [], [], [], [], []
     names: tuple[str, ...] | None = None
     image_col = label_col = None
     for s, path in enumerate(paths):
         with _open_binary(path) as f:
-            pf = pq.ParquetFile(f)
+            try:
+                pf = pq.ParquetFile(f)
+            except (OSError, ValueError) as err:  # (pyarrow's ArrowInvalid is a ValueError, its I/O errors OSErrors)
+                warnings.append(f"{path}: not a readable parquet file ({err}); left out")
+                continue
             columns = pf.schema_arrow.names
             image_col = image_column or next((c for c in IMAGE_COLUMNS if c in columns), None)
             label_col = label_column or next((c for c in LABEL_COLUMNS if c in columns), None)
@@ -164,10 +170,13 @@ def parquet_shards(paths: list[str], image_column: str | None, label_column: str
                 group.append(np.full(len(values), g))
                 row.append(np.arange(len(values)))
                 labels.append(values)
+    if not labels:
+        raise FlaxvisionError(f"none of the {len(paths)} parquet file(s) of this split can be read ({warnings[0]}); "
+                              "check or replace them")  # fmt: skip
     all_labels = np.concatenate(labels).astype(np.int64)
     names = names or tuple(str(i) for i in range(int(all_labels.max()) + 1))
     images = ShardImages("parquet", paths, np.concatenate(shard), np.concatenate(group), np.concatenate(row), column=image_col)
-    return RawSplit(images=images, labels=all_labels, class_names=names)
+    return RawSplit(images=images, labels=all_labels, class_names=names), warnings
 
 
 def _hub_class_names(metadata: dict | None, label_column: str) -> tuple[str, ...] | None:

@@ -54,9 +54,9 @@ def open_sharded(spec: str, kind: str, *, image_column: str | None = None, label
     for split, paths in by_split.items():
         if kind == "wds":
             raw, warnings = shard_index.scan_tars(paths)
-            (log if log is not None else []).extend(warnings)
         else:
-            raw = shard_index.parquet_shards(paths, image_column, label_column)
+            raw, warnings = shard_index.parquet_shards(paths, image_column, label_column)
+        (log if log is not None else []).extend(warnings)
         out[split] = raw
         names = names if names and len(names) >= len(raw.class_names) else raw.class_names
     # One class list for all splits (a split that lacks the highest classes must not shorten it).
