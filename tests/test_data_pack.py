@@ -157,3 +157,55 @@ def test_a_manifest_from_elsewhere_is_refused_clearly(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(FlaxvisionError, match="is not a flaxvision shard manifest"):
         data.load(str(tmp_path))
+
+
+def test_pack_shuffles_a_class_sorted_source_unless_told_to_keep_its_order(folder, tmp_path):
+    from flaxvision.data.pack import pack
+
+    def first_shard_classes(out):
+        manifest = json.loads((out / "manifest.json").read_text())
+        return len(manifest["splits"]["train"]["shards"][0]["class_counts"])
+
+    shuffled = pack(str(folder), tmp_path / "shuffled", shard_size=16 * 1024, progress=False)
+    kept = pack(str(folder), tmp_path / "kept", shard_size=16 * 1024, progress=False, seed=None)
+    assert first_shard_classes(shuffled) >= 2 and first_shard_classes(kept) == 1  # an image folder is class-sorted
+
+
+def test_a_damaged_member_of_a_packed_shard_is_skipped_and_named_by_its_source_row(folder, tmp_path):
+    from flaxvision import data
+    from flaxvision.data.pack import pack
+    from flaxvision.preprocessing import Preprocessing
+
+    out = pack(str(folder), tmp_path / "packed", shard_size=4 * 1024, progress=False)
+    source = data.load(str(out)).train
+    images = source.images
+    row = int(source.ids[3])
+    path = Path(images.paths[int(images.shard[row])])
+    raw = bytearray(path.read_bytes())
+    offset, size = int(images.offset[row]), int(images.size[row])
+    raw[offset:offset + size] = b"\0" * size  # the image's bytes destroyed in place
+    path.write_bytes(bytes(raw))
+    images.close()
+    pre = Preprocessing(img_size=16, mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0, resize_mode="squash")
+    loader = data.make_loader(source, preprocessing=pre, batch_size=8, train=False)
+    assert sum(int(b["mask"].sum()) for b in loader) == len(source) - 1 and loader.skipped.count == 1
+    (entry,) = loader.skipped.to_dict()["epochs"]["0"]
+    assert f"(row {int(images.keys[row])} of the packed source)" in entry["where"] and path.name in entry["where"]
+
+
+def test_arrayrecord_shards_on_remote_storage_are_refused_at_once(folder, tmp_path):
+    import fsspec
+
+    from flaxvision import data
+    from flaxvision.data.pack import pack
+    from flaxvision.data.shard_sources import sharded_kind
+
+    out = pack(str(folder), tmp_path / "ar", kind="arrayrecord", progress=False)
+    memory = fsspec.filesystem("memory")
+    for path in out.rglob("*"):
+        if path.is_file():
+            memory.pipe(f"/bucket/ar/{path.relative_to(out)}", path.read_bytes())
+    with pytest.raises(FlaxvisionError, match="ArrayRecord shards are read from a local or mounted file system"):
+        data.load("memory://bucket/ar")
+    assert sharded_kind("s3://bucket/data/train-*.parquet") == "parquet"
+    assert sharded_kind("s3://bucket/wds/train-{0..9}.tar") == "wds" and sharded_kind("gs://bucket/packed") == "manifest"

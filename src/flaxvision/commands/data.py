@@ -32,6 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pack.add_argument("--quality", type=int, default=90, metavar="Q", help="JPEG quality of resized images (default 90)")
     pack.add_argument("--split", action="append", dest="splits", metavar="NAME", help="pack only this split (repeatable)")
     pack.add_argument("--workers", type=int, default=0, help="encoding processes (default 0: this process)")
+    pack.add_argument("--seed", type=int, default=0, help="seed of the order examples are written in (default 0)")
+    pack.add_argument("--keep-order", action="store_true",
+                      help="write examples in the source's order (by default shuffled: sources are often sorted by class)")  # fmt: skip
     pack.add_argument("--image-column", help="the image column, when detection is not enough")
     pack.add_argument("--label-column", help="the label column, when detection is not enough")
     pack.add_argument("--overwrite", action="store_true", help="replace DIR when it holds something")
@@ -46,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
 
     out = pack(args.source, args.out, kind=args.format, shard_size=parse_size(args.shard_size), resize=args.resize,
                quality=args.quality, splits=args.splits, workers=args.workers, image_column=args.image_column,
-               label_column=args.label_column, overwrite=args.overwrite, progress=args.progress)  # fmt: skip
+               label_column=args.label_column, overwrite=args.overwrite, progress=args.progress,
+               seed=None if args.keep_order else args.seed)  # fmt: skip
     manifest = json.loads((out / "manifest.json").read_text())
     for split, info in manifest["splits"].items():
         skipped = len(manifest["skipped"].get(split, []))

@@ -112,7 +112,7 @@ class _ShardWriter:
         self.root, self.split, self.kind, self.shard_size = root, split, kind, shard_size
         self.class_names = class_names
         self.shards: list[dict[str, Any]] = []
-        self.index: dict[str, list[int]] = {"shard": [], "offset": [], "size": [], "label": []}
+        self.index: dict[str, list[int]] = {"shard": [], "offset": [], "size": [], "label": [], "key": []}
         self._writer: Any = None
         self._bytes = 0
         self._labels: list[int] = []
@@ -128,7 +128,7 @@ class _ShardWriter:
 
             self._writer = ArrayRecordWriter(str(self._path), "group_size:1")
         self.shards.append({"path": name})
-        self._bytes, self._labels, self._sizes = 0, [], []
+        self._bytes, self._labels, self._sizes, self._keys = 0, [], [], []
 
     def add(self, key: str, label: int, data: bytes, ext: str) -> None:
         if self._writer is None:
@@ -144,6 +144,7 @@ class _ShardWriter:
             writer.write(record)
             self._sizes.append(len(record))
         self._labels.append(label)
+        self._keys.append(int(key))
         self._bytes += len(data) + 1024
         if self._bytes >= self.shard_size:
             self._close()
@@ -167,6 +168,7 @@ class _ShardWriter:
         self.index["offset"] += offsets
         self.index["size"] += sizes
         self.index["label"] += self._labels
+        self.index["key"] += self._keys
         digest = hashlib.sha256()
         with open(self._path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
@@ -179,7 +181,8 @@ class _ShardWriter:
         self._close()
         arrays = {k: np.asarray(v, np.int32 if k == "shard" else np.int64) for k, v in self.index.items()}
         buffer = io.BytesIO()
-        np.savez(buffer, shard=arrays["shard"], offset=arrays["offset"], size=arrays["size"], label=arrays["label"])
+        np.savez(buffer, shard=arrays["shard"], offset=arrays["offset"], size=arrays["size"], label=arrays["label"],
+                 key=arrays["key"])  # fmt: skip
         files.write_atomic(self.root / self.split / "index.npz", buffer.getvalue())
         per_class = np.bincount(arrays["label"], minlength=len(self.class_names))
         return {"count": int(len(arrays["label"])), "index": f"{self.split}/index.npz", "shards": self.shards,
@@ -188,8 +191,12 @@ class _ShardWriter:
 
 def pack(source: str, out: str | os.PathLike, *, kind: str = "wds", shard_size: int = 1 << 30, resize: int | None = None,
          quality: int = 90, splits: list[str] | None = None, workers: int = 0, image_column: str | None = None,
-         label_column: str | None = None, overwrite: bool = False, progress: bool = True) -> Path:  # fmt: skip
-    """Pack every labelled split of `source` (or `splits`) into shards under `out`; return `out`."""
+         label_column: str | None = None, overwrite: bool = False, progress: bool = True, seed: int | None = 0) -> Path:  # fmt: skip
+    """Pack every labelled split of `source` (or `splits`) into shards under `out`; return `out`.
+
+    The examples are written in a random order seeded by `seed` (None: the source's order): sources are often
+    sorted by class (an image folder is), and a process reading a run of class-sorted shards through a bounded
+    shuffle buffer would see few classes per batch."""
     from flaxvision.data.sources import _read
 
     if kind not in FORMATS:
@@ -200,6 +207,8 @@ def pack(source: str, out: str | os.PathLike, *, kind: str = "wds", shard_size: 
         raise FlaxvisionError(f"--quality {quality}: use 1..100 (JPEG quality)")
     if workers < 0:
         raise FlaxvisionError(f"--workers {workers}: use 0 (this process) or more")
+    if kind == "arrayrecord":
+        shard_index.check_array_record()
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FlaxvisionError(f"--out {out} is a file; pass a directory to create")
@@ -218,12 +227,12 @@ def pack(source: str, out: str | os.PathLike, *, kind: str = "wds", shard_size: 
     with files.atomic_directory(out, overwrite=overwrite) as tmp:
         manifest: dict[str, Any] = {"format": shards.MANIFEST_FORMAT, "version": 1, "kind": kind,
                                     "class_names": list(class_names), "source": source, "resize": resize,
-                                    "quality": quality if resize else None, "splits": {}, "skipped": {}}  # fmt: skip
+                                    "quality": quality if resize else None, "order_seed": seed, "splits": {}, "skipped": {}}  # fmt: skip
         bar = _progress(total, progress)
         try:
             for split in chosen:
                 manifest["splits"][split], manifest["skipped"][split] = _pack_split(
-                    raw[split], tmp, split, kind, shard_size, class_names, resize, quality, workers, bar)
+                    raw[split], tmp, split, kind, shard_size, class_names, resize, quality, workers, bar, seed)
         finally:
             bar.close()
         manifest["seconds"] = round(time.perf_counter() - started, 2)
@@ -232,9 +241,12 @@ def pack(source: str, out: str | os.PathLike, *, kind: str = "wds", shard_size: 
 
 
 def _pack_split(split: RawSplit, root: Path, name: str, kind: str, shard_size: int, class_names: tuple[str, ...],
-                resize: int | None, quality: int, workers: int, bar: Any) -> tuple[dict[str, Any], list]:  # fmt: skip
+                resize: int | None, quality: int, workers: int, bar: Any, seed: int | None) -> tuple[dict[str, Any], list]:  # fmt: skip
     writer = _ShardWriter(root, name, kind, shard_size, class_names)
-    rows = [int(r) for r in np.flatnonzero(split.labels >= 0)]
+    labelled = np.flatnonzero(split.labels >= 0)
+    if seed is not None:
+        labelled = np.random.default_rng([seed, len(labelled)]).permutation(labelled)
+    rows = [int(r) for r in labelled]
     chunks = [rows[i:i + _CHUNK] for i in range(0, len(rows), _CHUNK)]
     skipped = []
 

@@ -39,15 +39,31 @@ def read_manifest(root: str) -> dict[str, RawSplit]:
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or manifest.get("kind") not in KINDS:
         raise FlaxvisionError(f"{_join(root, MANIFEST)} is not a flaxvision shard manifest; point --dataset at the "
                               "directory `flaxvision data pack` wrote")  # fmt: skip
+    if manifest["kind"] == "arrayrecord":
+        check_array_record(root)
     names = tuple(manifest["class_names"])
     out = {}
     for split, info in manifest["splits"].items():
         with _open_binary(_join(root, info["index"])) as f:
             index = np.load(io.BytesIO(f.read()))
         paths = [_join(root, s["path"]) for s in info["shards"]]
-        images = ShardImages(manifest["kind"], paths, index["shard"], index["offset"], index["size"])
+        keys = index["key"] if "key" in index.files else None  # the source row of each example (packs since v1.1)
+        images = ShardImages(manifest["kind"], paths, index["shard"], index["offset"], index["size"], keys=keys)
         out[split] = RawSplit(images=images, labels=index["label"].astype(np.int64), class_names=names)
     return out
+
+
+def check_array_record(where: str | None = None) -> None:
+    """ArrayRecord needs the array_record package (grain's dependency on Linux) and a local or mounted path (its
+    reader opens file names only)."""
+    import importlib.util
+
+    if importlib.util.find_spec("array_record") is None:
+        raise FlaxvisionError("ArrayRecord shards need the array_record package: pip install array-record")
+    if where is not None and is_remote(where):
+        raise FlaxvisionError(f"{where}: ArrayRecord shards are read from a local or mounted file system only "
+                              "(array_record opens file names); mount the bucket (gcsfuse, s3fs-fuse) or pack "
+                              "with --format wds")  # fmt: skip
 
 
 def _join(root: str, relative: str) -> str:

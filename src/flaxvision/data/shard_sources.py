@@ -23,9 +23,9 @@ from flaxvision.errors import FlaxvisionError
 
 
 def sharded_kind(spec: str) -> str | None:
-    """"manifest", "wds" or None (not a sharded spec)."""
+    """"manifest", "wds", "parquet" (remote parquet files: read in place, as with --streaming) or None."""
     if shards.is_remote(spec):
-        return "wds" if ".tar" in spec else "manifest"
+        return "wds" if ".tar" in spec else "parquet" if ".parquet" in spec else "manifest"
     path = Path(os.path.expanduser(spec))
     if path.is_dir():
         if (path / shards.MANIFEST).is_file():

@@ -111,7 +111,7 @@ class ShardImages:
     streaming = True
 
     def __init__(self, kind: str, paths: list[str], shard: np.ndarray, offset: np.ndarray, size: np.ndarray,
-                 keys: list[str] | None = None, column: str | None = None):  # fmt: skip
+                 keys: list[str] | np.ndarray | None = None, column: str | None = None):  # fmt: skip
         self.kind, self.paths, self.column = kind, list(paths), column
         self.shard = np.asarray(shard, np.int32)
         self.offset, self.size = np.asarray(offset, np.int64), np.asarray(size, np.int64)
@@ -145,8 +145,11 @@ class ShardImages:
         return self.shard[np.asarray(rows, np.int64)]
 
     def describe(self, row: int) -> str:
-        key = self.keys[row] if self.keys else f"#{row}"
-        return f"{self.paths[int(self.shard[row])]} {key}"
+        path = self.paths[int(self.shard[row])]
+        if self.keys is None:
+            return f"{path} #{row}"
+        key = self.keys[row]
+        return f"{path} (row {int(key)} of the packed source)" if isinstance(key, (int, np.integer)) else f"{path} {key}"
 
     def get(self, row: int) -> bytes:
         s = int(self.shard[row])
@@ -180,7 +183,7 @@ class ShardImages:
                 self._forget(next(iter(self._open)))
             path = self.paths[s]
             if self.kind == "arrayrecord":
-                from array_record.python.array_record_module import ArrayRecordReader
+                from array_record.python.array_record_module import ArrayRecordReader  # (checked by read_manifest)
 
                 handle = ArrayRecordReader(path, "readahead_buffer_size:0")
             elif self.kind == "parquet":
