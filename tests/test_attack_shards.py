@@ -119,3 +119,21 @@ def test_a_pack_whose_out_another_pack_filled_meanwhile_keeps_the_other_and_says
             pack(str(packed), out, shard_size=4096, progress=False)  # ... while the other one finishes first
     assert len(data.load(str(out)).train) == 24  # the other pack's output, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # and no temporary of this one left
+
+
+def test_streamed_parquet_without_hub_metadata_reads_and_a_text_label_column_is_one_error(tmp_path):
+    """Parquet files that `datasets` did not write (no class names in their metadata) stream with classes "0".."K-1";
+    a label column of text was a ValueError traceback from numpy."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from flaxvision import data
+
+    x, y = colour_data(12, 0)
+    images = [{"bytes": _png(image), "path": None} for image in x]
+    pq.write_table(pa.table({"image": images, "label": y.astype(np.int64)}), tmp_path / "train-0.parquet", row_group_size=4)
+    splits = data.load(str(tmp_path), streaming=True, val_fraction=0.25)
+    assert splits.class_names == ("0", "1", "2", "3") and len(splits.train) + len(splits.val) == 12
+    pq.write_table(pa.table({"image": images, "label": ["red"] * 12}), tmp_path / "train-1.parquet")
+    with pytest.raises(FlaxvisionError, match=r"train-1.parquet: the label column 'label' holds object values, not class"):
+        data.load(str(tmp_path), streaming=True)

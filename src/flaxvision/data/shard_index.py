@@ -195,6 +195,9 @@ def parquet_shards(paths: list[str], image_column: str | None, label_column: str
             names = names or _hub_class_names(pf.schema_arrow.metadata, label_col)
             for g in range(pf.num_row_groups):
                 values = pf.read_row_group(g, columns=[label_col]).column(0).to_numpy()
+                if not np.issubdtype(values.dtype, np.integer):
+                    raise FlaxvisionError(f"{path}: the label column {label_col!r} holds {values.dtype} values, not class "
+                                          "numbers; pass --label-column with the class-number column")  # fmt: skip
                 shard.append(np.full(len(values), s))
                 group.append(np.full(len(values), g))
                 row.append(np.arange(len(values)))
