@@ -181,14 +181,17 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
     try:
         yield tmp
         old = None
-        if path.exists():
+        if path.exists() and overwrite:
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # without overwrite this fails when another process filled `path` since the check
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not overwrite and err.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise FlaxvisionError(f"{path} was filled by another process meanwhile and is kept as it is; nothing of "
+                                  "this one was written (pass --overwrite to replace it)") from None  # fmt: skip
         raise storage_error(err, path) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

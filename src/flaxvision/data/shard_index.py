@@ -39,18 +39,47 @@ def read_manifest(root: str) -> dict[str, RawSplit]:
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or manifest.get("kind") not in KINDS:
         raise FlaxvisionError(f"{_join(root, MANIFEST)} is not a flaxvision shard manifest; point --dataset at the "
                               "directory `flaxvision data pack` wrote")  # fmt: skip
+    names, splits = manifest.get("class_names"), manifest.get("splits")
+    if not isinstance(splits, dict) or not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise FlaxvisionError(f"{_join(root, MANIFEST)} has no class_names list or splits (a damaged manifest); "
+                              "re-run flaxvision data pack")  # fmt: skip
     if manifest["kind"] == "arrayrecord":
         check_array_record(root)
-    names = tuple(manifest["class_names"])
     out = {}
-    for split, info in manifest["splits"].items():
-        with _open_binary(_join(root, info["index"])) as f:
-            index = np.load(io.BytesIO(f.read()))
-        paths = [_join(root, s["path"]) for s in info["shards"]]
-        keys = index["key"] if "key" in index.files else None  # the source row of each example (packs since v1.1)
+    for split, info in splits.items():
+        paths, index = _split_index(root, split, info)
+        keys = index.get("key")  # the source row of each example (packs written with it)
         images = ShardImages(manifest["kind"], paths, index["shard"], index["offset"], index["size"], keys=keys)
-        out[split] = RawSplit(images=images, labels=index["label"].astype(np.int64), class_names=names)
+        out[split] = RawSplit(images=images, labels=index["label"].astype(np.int64), class_names=tuple(names))
     return out
+
+
+def _split_index(root: str, split: str, info: Any) -> tuple[list[str], dict[str, np.ndarray]]:
+    """A manifest split's shard paths and index arrays, checked against each other and the manifest's count: a
+    damaged index or a lost local shard is one error at open, not a crash (or every image of a shard skipped) later."""
+    where = f"split {split!r} of {_join(root, MANIFEST)}"
+    try:
+        paths = [_join(root, s["path"]) for s in info["shards"]]
+        count, index_path = int(info["count"]), _join(root, info["index"])
+        with _open_binary(index_path) as f:
+            loaded = np.load(io.BytesIO(f.read()))
+            index = {k: np.asarray(loaded[k]) for k in ("shard", "offset", "size", "label", "key")
+                     if k != "key" or k in loaded.files}  # fmt: skip
+    except Exception as err:  # whatever the damage (a missing key or file, not a zip, pickled data): one line
+        raise FlaxvisionError(f"{where}: cannot read its shards or index ({type(err).__name__}: {err}); re-run "
+                              "flaxvision data pack") from None  # fmt: skip
+    lengths = sorted({v.size if v.ndim == 1 else -1 for v in index.values()})
+    if lengths != [count]:
+        raise FlaxvisionError(f"{where}: its index {index_path} holds {lengths} entries, the manifest counts {count}; "
+                              "re-run flaxvision data pack")  # fmt: skip
+    if count and not 0 <= index["shard"].min() <= index["shard"].max() < len(paths):
+        raise FlaxvisionError(f"{where}: its index {index_path} names shard {int(index['shard'].max())} of "
+                              f"{len(paths)}; re-run flaxvision data pack")  # fmt: skip
+    missing = [p for p in paths if not is_remote(p) and not os.path.isfile(p)]
+    if missing:
+        raise FlaxvisionError(f"{where} lists shard {missing[0]}, which does not exist; restore it, or re-run "
+                              "flaxvision data pack")  # fmt: skip
+    return paths, index
 
 
 def check_array_record(where: str | None = None) -> None:
@@ -87,8 +116,10 @@ def scan_tars(paths: list[str], class_names: tuple[str, ...] | None = None) -> t
     shard, offset, size, labels, keys, warnings = [], [], [], [], [], []
     for s, path in enumerate(paths):
         found, broken = _scan_tar(path)
-        incomplete = 0
+        incomplete, duplicates = 0, [m["duplicate"] for m in found.values() if "duplicate" in m]
         for key, members in found.items():
+            if "duplicate" in members:
+                continue
             image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
             label = members.get("cls_value")
             if image is None or label is None:
@@ -103,6 +134,9 @@ def scan_tars(paths: list[str], class_names: tuple[str, ...] | None = None) -> t
             warnings.append(f"{path}: {broken}; read the {len(found)} samples before it")
         if incomplete:
             warnings.append(f"{path}: {incomplete} sample(s) without an image or a .cls label left out")
+        if duplicates:
+            warnings.append(f"{path}: {len(duplicates)} key(s) with a member twice (first {duplicates[0]}) left out; "
+                            "give every sample its own key")  # fmt: skip
     if not shard:
         raise FlaxvisionError(f"no samples with an image and a .cls label in {paths[0]}{' ...' if len(paths) > 1 else ''}; "
                               "WebDataset shards hold key.jpg (or .png, .webp) + key.cls per sample")  # fmt: skip
@@ -136,6 +170,8 @@ def _scan_tar(path: str) -> tuple[dict[str, dict[str, Any]], str | None]:
                     break
                 entry = found.setdefault(key, {})
                 ext = ext.lower()
+                if ext in entry:  # a second key.ext: which image goes with which label is unknown
+                    entry.setdefault("duplicate", member.name)
                 entry[ext] = (member.offset_data, member.size)
                 if ext == "cls":
                     handle = archive.extractfile(member)
@@ -203,6 +239,10 @@ def _parquet_file(pq: Any, path: str, image_column: str | None, label_column: st
             raise FlaxvisionError(f"{path}: no image or label column among {', '.join(columns)}; pass "
                                   "--image-column / --label-column")  # fmt: skip
         groups = [pf.read_row_group(g, columns=[label_col]).column(0).to_numpy() for g in range(pf.num_row_groups)]
+        for values in groups:
+            if not np.issubdtype(values.dtype, np.integer):
+                raise FlaxvisionError(f"{path}: the label column {label_col!r} holds {values.dtype} values, not class "
+                                      "numbers; pass --label-column with the class-number column")  # fmt: skip
         return image_col, _hub_class_names(pf.schema_arrow.metadata, label_col), groups
 
 

@@ -37,14 +37,48 @@ PER_CLASS_ROWS = 60  # more classes: the report lists the lowest-F1 ones
 EXPLAINED_BY = {"rollout": "attention rollout (Abnar & Zuidema 2020)", "gradcam": "Grad-CAM (Selvaraju et al. 2017)"}
 
 
+# The fields the pages draw from each kind of record: a record without one is named, not a KeyError.
+DRAWN = {"train": ("step", "loss"), "eval": ("step", "val_loss", "val_accuracy")}
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl, each checked for the fields the report and the compare page draw, so
+    that a hand-edited or foreign file is one line naming the record and the field."""
+    try:
+        lines = files.read_lines(path)
+    except (OSError, UnicodeDecodeError) as err:
+        raise FlaxvisionError(f"cannot read {path}: {err}; restore the file") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise FlaxvisionError(f"cannot read record {number} of {path}: {err}; restore the file") from None
+        if not isinstance(record, dict) or not isinstance(record.get("type"), str):
+            raise FlaxvisionError(f"record {number} of {path} is {line[:60]!r}, not a metrics record (an object with a "
+                                  "type); restore the file")  # fmt: skip
+        for field in DRAWN.get(record["type"], ()):
+            value = record.get(field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise FlaxvisionError(f"record {number} of {path} ({record['type']}) has {field} {value!r}, not a "
+                                      "number; restore the file")  # fmt: skip
+        records.append(record)
+    return records
+
+
+def read_object(path: Path) -> dict[str, Any] | None:
+    """A run file that holds one JSON object (config.json, eval.json, summary.json); None when there is none."""
+    value = files.read_json(path)
+    if value is not None and not isinstance(value, dict):
+        raise FlaxvisionError(f"{path} holds {type(value).__name__} {str(value)[:40]}, not a JSON object; restore the file")
+    return value
+
+
 def _records(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         raise FlaxvisionError(f"{run_dir} is not a flaxvision run directory (no metrics.jsonl); pass the run's directory")
-    try:
-        return [json.loads(line) for line in files.read_lines(path)]
-    except (OSError, json.JSONDecodeError) as err:
-        raise FlaxvisionError(f"cannot read {path}: {err}") from None
+    return read_records(path)
 
 
 def _names(labels: np.ndarray, class_names: list[str] | None) -> list[str]:
@@ -96,9 +130,9 @@ def write_report(
 
     run_dir = Path(run_dir)
     records = _records(run_dir)
-    record = files.read_json(run_dir / "config.json") or {}
-    evaluation = files.read_json(run_dir / "eval.json")
-    summary = files.read_json(run_dir / "summary.json")
+    record = read_object(run_dir / "config.json") or {}
+    evaluation = read_object(run_dir / "eval.json")
+    summary = read_object(run_dir / "summary.json")
     class_names = record.get("class_names") or (evaluation or {}).get("class_names")
     notes = list(notes or [])
     made: dict[str, Path] = {}
@@ -119,7 +153,7 @@ def write_report(
             [r["step"] / per_epoch for r in evals], [r["val_loss"] for r in evals], [r["val_accuracy"] for r in evals],
             run_dir / "val_curves.png",
             ema=([r["ema_val_loss"] for r in evals], [r["ema_val_accuracy"] for r in evals])
-            if all("ema_val_accuracy" in r for r in evals) else None,
+            if all("ema_val_accuracy" in r and "ema_val_loss" in r for r in evals) else None,
         )  # fmt: skip
     if evaluation and evaluation.get("confusion"):
         made["confusion_matrix.png"] = plots.confusion_matrix(np.asarray(evaluation["confusion"]), class_names or [], run_dir / "confusion_matrix.png")

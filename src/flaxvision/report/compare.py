@@ -18,7 +18,7 @@ import numpy as np
 
 from flaxvision import files
 from flaxvision.errors import FlaxvisionError
-from flaxvision.report import page, plots
+from flaxvision.report import page, plots, read_object, read_records
 
 PAGE = "compare.html"
 METRICS = (  # (label, summary.json field); the last evaluation stands in for a run that has not finished
@@ -40,16 +40,17 @@ class Run:
         for name in ("metrics.jsonl", "config.json"):
             if not (path / name).is_file():
                 raise FlaxvisionError(f"{path} is not a flaxvision run directory (no {name}); pass run directories")
-        try:
-            self.records = [json.loads(line) for line in files.read_lines(path / "metrics.jsonl")]
-        except (OSError, json.JSONDecodeError) as err:
-            raise FlaxvisionError(f"cannot read {path / 'metrics.jsonl'}: {err}") from None
+        self.records = read_records(path / "metrics.jsonl")
         record = files.read_json(path / "config.json")
         if not isinstance(record, dict) or not isinstance(record.get("train_config"), dict):
             raise FlaxvisionError(f"{path / 'config.json'} holds no run recipe (train_config); pass run directories")
         self.record: dict[str, Any] = record
-        self.summary = files.read_json(path / "summary.json") if (path / "summary.json").is_file() else None
-        self.per_epoch = max(1, int(record.get("steps_per_epoch") or 1))
+        self.summary = read_object(path / "summary.json")
+        per_epoch = record.get("steps_per_epoch") or 1
+        if isinstance(per_epoch, bool) or not isinstance(per_epoch, int):
+            raise FlaxvisionError(f"{path / 'config.json'} has steps_per_epoch {per_epoch!r}, not a whole number; "
+                                  "restore the file")  # fmt: skip
+        self.per_epoch = max(1, per_epoch)
 
     def of(self, kind: str) -> list[dict[str, Any]]:
         return [r for r in self.records if r.get("type") == kind]

@@ -15,6 +15,8 @@ import numpy as np  # noqa: E402
 from flaxvision import files  # noqa: E402
 
 GREEN, RED = "#1a7f37", "#cf222e"
+# Class and run names are shown as written: a "$" in one is not TeX (an unbalanced "$\frac{" would raise when drawn).
+literal_text = matplotlib.rc_context({"text.parse_math": False})
 
 
 def _save(fig, path: Path) -> Path:
@@ -60,6 +62,7 @@ def val_curves(epochs: Sequence[float], losses: Sequence[float], accuracies: Seq
     return _save(fig, path)
 
 
+@literal_text
 def confusion_matrix(confusion: np.ndarray, class_names: Sequence[str], path: Path) -> Path:
     confusion = np.asarray(confusion)
     n = len(confusion)
@@ -97,6 +100,7 @@ def _show(ax, image: np.ndarray) -> None:
     ax.set_yticks([])
 
 
+@literal_text
 def image_grid(images: np.ndarray, titles: Sequence[str], title: str, path: Path) -> Path:
     """uint8 images (N, H, W, C) with a caption each."""
     rows, cols = _grid_shape(len(images))
@@ -111,6 +115,7 @@ def image_grid(images: np.ndarray, titles: Sequence[str], title: str, path: Path
     return _save(fig, path)
 
 
+@literal_text
 def prediction_grid(
     images: np.ndarray, true: Sequence[str], predicted: Sequence[str], probabilities: Sequence[float], path: Path, *,
     title: str = "Predictions on validation images",
@@ -156,6 +161,7 @@ def reliability_diagram(bins: dict[str, np.ndarray], ece: float, path: Path) -> 
 
 
 
+@literal_text
 def overlaid(series: Sequence[tuple[str, Sequence[float], Sequence[float]]], xlabel: str, ylabel: str, title: str,
              path: Path) -> Path:  # fmt: skip
     """Several runs' curves on one axis: (label, xs, ys) each, a colour and a marker style each."""
@@ -164,5 +170,6 @@ def overlaid(series: Sequence[tuple[str, Sequence[float], Sequence[float]]], xla
         ax.plot(xs, ys, label=label, marker="o" if len(xs) < 40 else None, markersize=3, linestyle=("-", "--", ":", "-.")[i // 10 % 4])
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    lines = ax.get_lines()  # labels given, so that a run named "_x" is not left out of the legend as matplotlib's
+    ax.legend(lines, [label for label, _, _ in series], fontsize=8)  # "no legend" marker would
     return _save(fig, path)
