@@ -209,3 +209,35 @@ def test_arrayrecord_shards_on_remote_storage_are_refused_at_once(folder, tmp_pa
         data.load("memory://bucket/ar")
     assert sharded_kind("s3://bucket/data/train-*.parquet") == "parquet"
     assert sharded_kind("s3://bucket/wds/train-{0..9}.tar") == "wds" and sharded_kind("gs://bucket/packed") == "manifest"
+
+
+def test_a_killed_packs_temporary_directory_is_removed_by_the_next_pack_and_a_live_ones_is_kept(folder, tmp_path):
+    import os
+    import socket
+    import subprocess
+
+    from flaxvision.data.pack import _OWNER, pack
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale, live, foreign = (tmp_path / f".out.{tag}.tmp" for tag in ("stale", "live", "foreign"))
+    for path, host, pid in ((stale, socket.gethostname(), dead.pid), (live, socket.gethostname(), os.getpid()),
+                            (foreign, "another-host", dead.pid)):  # fmt: skip
+        path.mkdir()
+        (path / "train").mkdir()
+        (path / _OWNER).write_text(json.dumps({"host": host, "pid": pid}))
+    out = pack(str(folder), tmp_path / "out", shard_size=16 * 1024, progress=False)
+    assert not stale.exists() and live.exists() and foreign.exists()
+    assert not (out / _OWNER).exists() and (out / "manifest.json").is_file()
+
+
+def test_a_cls_value_far_beyond_any_class_count_is_refused(tmp_path):
+    from flaxvision import data
+    from tests.helpers import write_tar_shards
+
+    x, y = colour_data(4, 0)
+    y = y.astype(np.int64)
+    y[2] = 99_999_999
+    write_tar_shards(tmp_path, x, y, per_shard=4)
+    with pytest.raises(FlaxvisionError, match="has .cls 99999999, beyond 999,999 classes"):
+        data.load(str(tmp_path))

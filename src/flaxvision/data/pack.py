@@ -26,6 +26,8 @@ import json
 import multiprocessing
 import os
 import re
+import socket
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -42,6 +44,30 @@ FORMATS = ("wds", "arrayrecord")
 _SUFFIX = {"wds": ".tar", "arrayrecord": ".array_record"}
 _PIL_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tiff"}
 _CHUNK = 64  # images per task sent to a worker
+_OWNER = ".flaxvision-pack-owner.json"  # in a pack's temporary directory while it is being written: host and pid
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Remove what packs into `out` that were killed left beside it (their temporary directories, the size of the
+    dataset): those whose owner process on this host is gone. A live pack's, or another host's, are left alone."""
+    import shutil
+
+    for partial in out.parent.glob(f".{out.name}.*.tmp"):
+        try:
+            owner = json.loads((partial / _OWNER).read_text())
+        except (OSError, ValueError):
+            continue  # not a pack's, or its owner file was never written: not ours to judge
+        if owner.get("host") != socket.gethostname():
+            continue
+        try:
+            os.kill(int(owner["pid"]), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except (PermissionError, KeyError, ValueError, TypeError):
+            continue
+        print(f"flaxvision: removing {partial}, left by a pack into {out} that was killed", file=sys.stderr)
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def parse_size(text: str) -> int:
@@ -224,7 +250,9 @@ def pack(source: str, out: str | os.PathLike, *, kind: str = "wds", shard_size: 
     class_names = raw[chosen[0]].class_names
     total = sum(len(raw[s].labels) for s in chosen)
     started = time.perf_counter()
+    _remove_stale_partials(out)
     with files.atomic_directory(out, overwrite=overwrite) as tmp:
+        (tmp / _OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
         manifest: dict[str, Any] = {"format": shards.MANIFEST_FORMAT, "version": 1, "kind": kind,
                                     "class_names": list(class_names), "source": source, "resize": resize,
                                     "quality": quality if resize else None, "order_seed": seed, "splits": {}, "skipped": {}}  # fmt: skip
@@ -236,6 +264,7 @@ def pack(source: str, out: str | os.PathLike, *, kind: str = "wds", shard_size: 
         finally:
             bar.close()
         manifest["seconds"] = round(time.perf_counter() - started, 2)
+        (tmp / _OWNER).unlink()
         files.write_atomic(tmp / shards.MANIFEST, json.dumps(manifest, indent=1))
     return out
 

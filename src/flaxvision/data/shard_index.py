@@ -25,6 +25,8 @@ from flaxvision.data.shards import (
 )
 from flaxvision.errors import FlaxvisionError
 
+MAX_CLASSES = 1_000_000  # .cls values from 0 to this (ImageNet-21k has 21,843 classes)
+
 # --------------------------------------------------------------------------------------------------------------
 # Indexes: from a pack manifest, or by reading tar headers / parquet footers
 
@@ -141,8 +143,13 @@ def scan_tars(paths: list[str], class_names: tuple[str, ...] | None = None) -> t
         raise FlaxvisionError(f"no samples with an image and a .cls label in {paths[0]}{' ...' if len(paths) > 1 else ''}; "
                               "WebDataset shards hold key.jpg (or .png, .webp) + key.cls per sample")  # fmt: skip
     labels_np = np.asarray(labels, np.int64)
+    top = int(labels_np.max())
+    if top >= MAX_CLASSES:  # a class number that size is an id of something else; its name list would not fit
+        at = int(labels_np.argmax())
+        raise FlaxvisionError(f"{paths[shard[at]]}: sample {keys[at]} has .cls {top}, beyond {MAX_CLASSES - 1:,} classes; "
+                              ".cls holds the class number 0..K-1 of each sample")  # fmt: skip
     if class_names is None:
-        class_names = tuple(str(i) for i in range(int(labels_np.max()) + 1))
+        class_names = tuple(str(i) for i in range(top + 1))
     images = ShardImages("wds", paths, np.asarray(shard), np.asarray(offset), np.asarray(size), keys=keys)
     return RawSplit(images=images, labels=labels_np, class_names=class_names), warnings
 
