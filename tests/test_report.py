@@ -59,13 +59,14 @@ class Page(html.parser.HTMLParser):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Two finished tiny runs that differ in their learning rate (one epoch of colour data each), with reports."""
+    """Two finished tiny runs that differ in their learning rate (one epoch of colour data each, 4 steps), with
+    reports."""
     from flaxvision.train import fit
 
     root = tmp_path_factory.mktemp("runs")
     out = []
     for name, lr in (("fast", 3e-3), ("slow", 1e-4)):
-        fit(small_config(report=True, epochs=2, lr=lr), run_dir=root / name, **colour_fit_kwargs())
+        fit(small_config(report=True, epochs=1, lr=lr), run_dir=root / name, **colour_fit_kwargs())
         out.append(root / name)
     return out
 
