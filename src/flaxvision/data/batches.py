@@ -64,9 +64,10 @@ class BatchMaker:
         self.sharded = bool(getattr(source.images, "streaming", False))
         self.shuffle_buffer = shuffle_buffer
         self._order: tuple[int, np.ndarray] | None = None
+        self._pool: tuple[int, np.ndarray] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_order": None}
+        return {**self.__dict__, "_order": None, "_pool": None}
 
     def order(self, epoch: int) -> np.ndarray:
         """Source positions of every process's examples in `epoch` (the global order), padded with -1 to whole
@@ -93,7 +94,16 @@ class BatchMaker:
         kept = min(len(mine), len(padded))
         padded[:kept] = mine[:kept]
         self._order = (epoch, padded)
+        self._pool = (epoch, padded[padded >= 0])
         return padded
+
+    def _replacement_pool(self, epoch: int) -> np.ndarray:
+        """This process's positions of `epoch` (a sharded source's replacements for unusable training images),
+        computed once per epoch: a batch draws from it for every row."""
+        if self._pool is None or self._pool[0] != epoch:
+            self._process_order(epoch)
+        assert self._pool is not None
+        return self._pool[1]
 
     def rows(self, g: int) -> tuple[np.ndarray, int]:
         """(source positions of this process's rows of batch g, row of the first one in the global batch)."""
@@ -122,9 +132,9 @@ class BatchMaker:
             rng = np.random.default_rng([self.seed, g, first_row + row]) if self.augment is not None else None
             candidates = [position]
             if rng is not None:  # (a sharded source: replacements from this process's own examples of the epoch)
-                pool = self.order(g // self.batches_per_epoch) if self.sharded else None
-                candidates += (pool[pool >= 0][rng.integers(int((pool >= 0).sum()), size=_REPLACEMENT_TRIES)].tolist()
-                               if pool is not None else rng.integers(len(self.source), size=_REPLACEMENT_TRIES).tolist())  # fmt: skip
+                pool = self._replacement_pool(g // self.batches_per_epoch) if self.sharded else None
+                candidates += (pool[rng.integers(len(pool), size=_REPLACEMENT_TRIES)].tolist() if pool is not None
+                               else rng.integers(len(self.source), size=_REPLACEMENT_TRIES).tolist())  # fmt: skip
             for candidate in candidates:
                 try:
                     out["image"][row] = self._decode(candidate, rng)
