@@ -343,6 +343,30 @@ def cli_env() -> dict[str, str]:
     return env  # JAX's persistent compilation cache settings come from conftest, through os.environ
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def train_processes(reads: Path, args: Sequence[str], *, processes: int, devices: int,
+                    delay: float = 0.0) -> list[subprocess.Popen]:  # fmt: skip
+    """`flaxvision train ARGS` in `processes` processes of `devices` virtual CPU devices each, over a coordinator on
+    a free local port (one process: no coordinator), each through tests/distributed_child.py (which records what it
+    reads to READS.<pid>.jsonl; `delay` seconds per training batch) and in its own process group (a "host")."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]), "JAX_PLATFORMS": "cpu",
+           "FLAXVISION_TEST_BATCH_DELAY": str(delay), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}  # fmt: skip
+    command = [sys.executable, str(HERE / "distributed_child.py"), str(reads), "train", *map(str, args)]
+    pipes: dict[str, Any] = dict(env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    if processes == 1:
+        return [subprocess.Popen(command, **pipes)]
+    port = free_port()
+    return [subprocess.Popen(command + ["--coordinator", f"localhost:{port}", "--num-processes", str(processes),
+                                        "--process-id", str(i)], **pipes) for i in range(processes)]  # fmt: skip
+
+
 # ---- speed: one persistent compilation cache for the session ---------------------------------------------------
 
 def run_cli(args: Sequence[str | os.PathLike], capsys) -> tuple[int, str, str]:

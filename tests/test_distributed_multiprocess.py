@@ -8,9 +8,7 @@ process reads). The reference is the same recipe in 1 process x 4 devices: the s
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import cast
@@ -22,35 +20,18 @@ from flax import nnx
 import flaxvision
 from flaxvision.data.synthetic import write_image_folder
 from flaxvision.models.cnn import CNN
+from tests.helpers import train_processes
 
-HERE = Path(__file__).parent
 STEPS = 12  # 3 epochs of 4 global batches of 16 (64 training images); a checkpoint every 2 steps
 RECIPE = ["--model", "cnn", "--model-overrides", "{}", "--img-size", "16", "--epochs", "3", "--batch-size", "16",
           "--eval-batch-size", "8", "--optimizer", "sgd", "--lr", "0.05", "--log-every", "2", "--checkpoint-every", "2",
           "--keep-checkpoints", "10", "--no-progress", "--no-report", "--seed", "1", "--heartbeat-timeout", "10"]  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def start(dataset: Path, run_dir: Path, reads: Path, *, processes: int, devices: int, delay: float = 0.0,
           extra: tuple = ()) -> list[subprocess.Popen]:  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "JAX_PLATFORMS": "cpu", "FLAXVISION_TEST_BATCH_DELAY": str(delay),
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}  # fmt: skip
-    command = [sys.executable, str(HERE / "distributed_child.py"), str(reads), "train", "--dataset", str(dataset),
-               "--run-dir", str(run_dir), *RECIPE, *extra]  # fmt: skip
-    if processes == 1:
-        return [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
-    port = free_port()
-    return [
-        subprocess.Popen(command + ["--coordinator", f"localhost:{port}", "--num-processes", str(processes),
-                                    "--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True)  # a process group per "host", to kill one whole
-        for i in range(processes)
-    ]  # fmt: skip
+    return train_processes(reads, ["--dataset", str(dataset), "--run-dir", str(run_dir), *RECIPE, *extra],
+                           processes=processes, devices=devices, delay=delay)  # fmt: skip
 
 
 def finish(children: list[subprocess.Popen], timeout: float = 240) -> list[tuple[str, str]]:

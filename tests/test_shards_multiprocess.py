@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -14,34 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import colour_data, write_tar_shards
+from tests.helpers import colour_data, train_processes, write_tar_shards
 
-HERE = Path(__file__).parent
 PER_EPOCH = 4  # 64 training images / global batch 16
 RECIPE = ["--model", "cnn", "--img-size", "16", "--epochs", "1", "--batch-size", "16", "--eval-batch-size", "8",
           "--optimizer", "sgd", "--lr", "0.05", "--log-every", "2", "--checkpoint-every", "2", "--keep-checkpoints", "10",
           "--shuffle-buffer", "8", "--no-progress", "--no-report", "--seed", "3", "--heartbeat-timeout", "10"]  # fmt: skip
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def _start(dataset: Path, run_dir: Path, reads: Path, processes: int, devices: int, *, delay: float = 0.0,
            extra: tuple = ()) -> list[subprocess.Popen]:  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), str(HERE.parent)]),
-           "JAX_PLATFORMS": "cpu", "FLAXVISION_TEST_BATCH_DELAY": str(delay),
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}  # fmt: skip
-    command = [sys.executable, str(HERE / "distributed_child.py"), str(reads), "train", "--dataset", str(dataset),
-               "--run-dir", str(run_dir), *RECIPE, *extra]  # fmt: skip
-    port = _free_port()
-    return [subprocess.Popen(command + ["--coordinator", f"localhost:{port}", "--num-processes", str(processes),
-                                        "--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, start_new_session=True) for i in range(processes)]  # fmt: skip
+    return train_processes(reads, ["--dataset", str(dataset), "--run-dir", str(run_dir), *RECIPE, *extra],
+                           processes=processes, devices=devices, delay=delay)  # fmt: skip
 
 
 def _finish(children: list[subprocess.Popen], timeout: float = 300) -> list[str]:
