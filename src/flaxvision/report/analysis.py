@@ -4,8 +4,8 @@ most confident mistakes (kept with their images), per-class metrics and explanat
     found = validation_pass(model, stage, val_loader, keep=8)   # logits, labels, the worst mistakes' images
     rows = per_class_rows(confusion, class_names)              # precision / recall / F1 / support, worst F1 first
 
-The pass runs the model compiled, one fixed batch shape (flaxvision loaders pad the last batch and mark the padding
-in "mask"), and holds only the logits plus `keep` images on the host.
+The pass is the evaluator's (flaxvision.train.evaluation.Evaluator.logits: compiled, padded batches, masked rows
+left out) and holds only the logits plus `keep` images on the host.
 """
 
 from __future__ import annotations
@@ -33,55 +33,45 @@ class ValidationPass:
         return metrics.softmax(self.logits)
 
 
-def _as_dict(batch: Any) -> dict[str, np.ndarray]:
-    if isinstance(batch, (tuple, list)):
-        batch = {"image": batch[0], "label": batch[1]}
-    out = {k: np.asarray(v) for k, v in batch.items() if k in ("image", "label", "mask")}
-    out.setdefault("mask", np.ones(len(out["label"]), bool))
-    return out
+def _batch_size(loader: Any) -> int:
+    """Rows per batch: a flaxvision loader says it; for other re-iterable batch lists, the first batch's."""
+    size = getattr(loader, "batch_size", None)
+    if size:
+        return int(size)
+    first = next(iter(loader), None)
+    if first is None:
+        raise FlaxvisionError("the validation data yielded no batches")
+    return len(first[1] if isinstance(first, (tuple, list)) else first["label"])
 
 
 def validation_pass(model: Any, stage: Any, loader: Any, *, keep: int = 8) -> ValidationPass:
-    """The logits of every valid example of `loader` (uint8 image batches), and the `keep` most confident mistakes."""
+    """The logits of every valid example of `loader` (flaxvision.train.evaluation.Evaluator, on one device, with
+    the stage's own preprocessing if it has one), and the `keep` most confident mistakes with their images."""
     import jax
-    import jax.numpy as jnp
-    from flax import nnx
 
-    model.eval()
-    graph, state = nnx.split(model)
-
-    @jax.jit
-    def forward(state: Any, images: jax.Array) -> jax.Array:
-        return nnx.merge(graph, state)(stage.eval_inputs(images)).astype(jnp.float32)
+    from flaxvision.train.evaluation import Evaluator
 
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(0)
-    all_logits, all_labels = [], []
-    worst: dict[str, np.ndarray] | None = None
-    for raw in loader:
-        batch = _as_dict(raw)
-        mask = batch["mask"].astype(bool)
-        if not mask.any():
-            continue
-        logits = np.asarray(jax.device_get(forward(state, jnp.asarray(batch["image"]))))[mask]
-        labels, images = batch["label"][mask].astype(np.int64), batch["image"][mask]
-        all_logits.append(logits)
-        all_labels.append(labels)
+    evaluator = Evaluator(model, batch_size=_batch_size(loader), preprocess=getattr(stage, "custom", None),
+                          devices=jax.devices()[:1])  # fmt: skip
+    worst: dict[str, np.ndarray] = {"image": np.zeros((0, 1, 1, 3), np.uint8), "label": np.zeros(0, np.int64),
+                                    "pred": np.zeros(0, np.int64), "prob": np.zeros(0)}  # fmt: skip
+
+    def keep_worst(images: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> None:
+        nonlocal worst
         probs = metrics.softmax(logits)
         wrong = probs.argmax(-1) != labels
-        if wrong.any() and images.dtype == np.uint8:
-            found = {"image": images[wrong], "label": labels[wrong], "pred": probs.argmax(-1)[wrong],
-                     "prob": probs.max(-1)[wrong]}  # fmt: skip
-            if worst is not None:
-                found = {k: np.concatenate([worst[k], found[k]]) for k in found}
-            order = np.argsort(-found["prob"], kind="stable")[:keep]
-            worst = {k: v[order].copy() for k, v in found.items()}
-    if not all_labels:
-        raise FlaxvisionError("the validation data holds no usable image (every one was skipped or masked)")
-    worst = worst or {"image": np.zeros((0, 1, 1, 3), np.uint8), "label": np.zeros(0, np.int64),
-                      "pred": np.zeros(0, np.int64), "prob": np.zeros(0)}  # fmt: skip
-    return ValidationPass(np.concatenate(all_logits), np.concatenate(all_labels), worst["image"], worst["label"],
-                          worst["pred"], worst["prob"])  # fmt: skip
+        if not wrong.any() or images.dtype != np.uint8:
+            return
+        found = {"image": images[wrong], "label": labels[wrong], "pred": probs.argmax(-1)[wrong], "prob": probs.max(-1)[wrong]}
+        if len(worst["label"]):
+            found = {k: np.concatenate([worst[k], found[k]]) for k in found}
+        order = np.argsort(-found["prob"], kind="stable")[:keep]
+        worst = {k: v[order].copy() for k, v in found.items()}
+
+    logits, labels = evaluator.logits(loader, on_batch=keep_worst)
+    return ValidationPass(logits, labels, worst["image"], worst["label"], worst["pred"], worst["prob"])
 
 
 def confusion_of(found: ValidationPass, classes: int) -> np.ndarray:

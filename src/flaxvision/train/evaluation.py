@@ -76,10 +76,12 @@ class Evaluator:
     def evaluate(self, batches: Iterable) -> dict[str, Any]:
         return run_evaluation(self.eval_step, self.state, batches, self.batch_size, self.stage)
 
-    def logits(self, batches: Iterable, *, tta: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def logits(self, batches: Iterable, *, tta: str | None = None,
+               on_batch: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
         """(float32 logits (N, classes), int labels (N,)) of every valid example, on the host (this process's rows).
 
-        `tta="hflip"` averages the logits of each image and its mirror image.
+        `tta="hflip"` averages the logits of each image and its mirror image. `on_batch(images, logits, labels)`
+        sees each batch's valid rows, images included (the report keeps its worst mistakes so).
         """
         from flaxvision.train.step import merge_model
 
@@ -98,6 +100,8 @@ class Evaluator:
             mask = np.asarray(jax.device_get(batch["mask"])).astype(bool)
             kept_logits.append(np.asarray(jax.device_get(step(self.state, batch["image"])))[mask])
             kept_labels.append(np.asarray(jax.device_get(batch["label"]))[mask].astype(np.int64))
+            if on_batch is not None and mask.any():
+                on_batch(np.asarray(jax.device_get(batch["image"]))[mask], kept_logits[-1], kept_labels[-1])
         if not kept_labels or not sum(len(x) for x in kept_labels):
             raise FlaxvisionError("the validation data holds no usable image (every one was skipped or masked)")
         return np.concatenate(kept_logits), np.concatenate(kept_labels)
